@@ -1,0 +1,7 @@
+"""invdiff: imaging inverse problems with diffusion priors and swappable posterior samplers."""
+
+__version__ = "0.1.0"
+
+from . import priors, samplers  # noqa: E402
+
+__all__ = ["priors", "samplers", "__version__"]

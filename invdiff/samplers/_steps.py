@@ -1,0 +1,238 @@
+"""Shared steps of the posterior samplers, written once and imported everywhere.
+
+All samplers work in the variance-exploding (VE) parametrisation of the prior contract,
+``x = x0 + sigma * n`` with ``x0`` in ``[0, 1]``. The pieces:
+
+* schedules: :func:`karras_sigmas` (EDM, eq. 5 of Karras et al. 2022), :func:`ddpm_sigmas`
+  (the linear-beta DDPM schedule of Ho et al. 2020 mapped to VE) and :func:`ddpm_timestep`;
+* :func:`tweedie` — the denoised estimate and the score;
+* :func:`ddim_step` — the DDIM / ancestral update (Song et al. 2021, eq. 12) in VE form;
+* :func:`guidance_gradient` — the gradient of the data misfit through the denoiser,
+  ``grad_x || y - A(D(x, sigma)) ||`` (DPS, Chung et al. 2023, Alg. 1);
+* :func:`randn_like` — Gaussian noise from an explicit generator (or one per sample).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "karras_sigmas",
+    "ddpm_sigmas",
+    "ddpm_timestep",
+    "tweedie",
+    "ddim_step",
+    "guidance_gradient",
+    "operator_norm_squared",
+    "randn_like",
+    "batch_norm",
+]
+
+
+# --------------------------------------------------------------------------- schedules
+def karras_sigmas(
+    steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, dtype=torch.float64
+) -> Tensor:
+    """EDM noise levels (Karras et al. 2022, eq. 5), ``steps`` values then a final 0.
+
+    .. math:: \\sigma_i = \\big(\\sigma_{\\max}^{1/\\rho} + \\tfrac{i}{N-1}
+              (\\sigma_{\\min}^{1/\\rho} - \\sigma_{\\max}^{1/\\rho})\\big)^{\\rho}, \\quad \\sigma_N = 0
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if steps == 1:
+        return torch.tensor([sigma_max, 0.0], dtype=dtype)
+    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    sig = (hi + ramp * (lo - hi)) ** rho
+    return torch.cat([sig, sig.new_zeros(1)]).to(dtype)
+
+
+def _ddpm_alphas_cumprod(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
+    betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
+    return torch.cumprod(1 - betas, 0)
+
+
+def ddpm_sigmas(
+    steps: int | None = None, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
+    dtype=torch.float64,
+) -> Tensor:
+    """The linear-beta DDPM schedule as VE noise levels on ``[0, 1]`` images, then a final 0.
+
+    A VP state ``x_t = sqrt(abar_t) x0' + sqrt(1 - abar_t) eps`` on ``[-1, 1]`` images
+    ``x0' = 2 x0 - 1`` is the VE state ``x = (x_t / sqrt(abar_t) + 1) / 2`` at
+
+    .. math:: \\sigma_t = \\tfrac12 \\sqrt{(1 - \\bar\\alpha_t) / \\bar\\alpha_t}.
+
+    ``steps`` (default all) picks evenly spaced timesteps from ``T-1`` down to 0, as DDIM does.
+    """
+    abar = _ddpm_alphas_cumprod(num_timesteps, beta_start, beta_end)
+    sig = 0.5 * torch.sqrt((1 - abar) / abar)
+    steps = num_timesteps if steps is None else steps
+    idx = torch.linspace(num_timesteps - 1, 0, steps, dtype=torch.float64).round().long()
+    return torch.cat([sig[idx], sig.new_zeros(1)]).to(dtype)
+
+
+def ddpm_timestep(sigma: Tensor | float, num_timesteps: int = 1000, beta_start: float = 1e-4,
+                  beta_end: float = 0.02) -> Tensor:
+    """Continuous DDPM timestep ``t`` whose VE noise level (see :func:`ddpm_sigmas`) is ``sigma``.
+
+    Linear interpolation in ``log sigma`` between the discrete timesteps; clamped to
+    ``[0, T-1]``; ``sigma = 0`` maps to ``-1`` (one step below the first timestep), so
+    ``ddpm_timestep(s_i) - ddpm_timestep(s_{i+1})`` counts the DDPM steps a step spans.
+    """
+    abar = _ddpm_alphas_cumprod(num_timesteps, beta_start, beta_end)
+    log_sig = torch.log(0.5 * torch.sqrt((1 - abar) / abar))
+    s = torch.as_tensor(sigma, dtype=torch.float64)
+    ls = torch.log(s.clamp_min(1e-30))
+    idx = torch.searchsorted(log_sig, ls.clamp(log_sig[0], log_sig[-1]).reshape(-1)).clamp(1, num_timesteps - 1)
+    lo, hi = log_sig[idx - 1], log_sig[idx]
+    t = (idx - 1) + (ls.reshape(-1) - lo) / (hi - lo)
+    t = t.clamp(0, num_timesteps - 1)
+    t = torch.where(s.reshape(-1) <= 0, torch.full_like(t, -1.0), t)
+    return t.reshape(s.shape)
+
+
+# --------------------------------------------------------------------------- steps
+def tweedie(denoise: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigma: Tensor | float) -> tuple[Tensor, Tensor]:
+    """Denoised estimate and score at ``x``: ``x0 = D(x, sigma)``, ``score = (x0 - x) / sigma^2``."""
+    x0 = denoise(x, sigma)
+    return x0, (x0 - x) / torch.as_tensor(sigma, dtype=x.dtype, device=x.device) ** 2
+
+
+def ddim_step(x: Tensor, x0: Tensor, sigma: float, sigma_next: float, eta: float, noise: Tensor | None) -> Tensor:
+    """One DDIM step from noise level ``sigma`` to ``sigma_next`` in VE form (Song et al. 2021, eq. 12).
+
+    .. math::
+
+        c = \\eta\\, \\sigma_{i+1} \\sqrt{1 - \\sigma_{i+1}^2 / \\sigma_i^2}, \\qquad
+        x_{i+1} = \\hat x_0 + \\sqrt{\\sigma_{i+1}^2 - c^2}\\, \\frac{x_i - \\hat x_0}{\\sigma_i} + c\\, z.
+
+    ``eta = 1`` is the ancestral DDPM step (the posterior ``q(x_{i+1} | x_i, x0)``),
+    ``eta = 0`` the deterministic DDIM / probability-flow step; ``sigma_next = 0`` returns ``x0``.
+    """
+    if sigma_next <= 0:
+        return x0
+    c = eta * sigma_next * math.sqrt(max(0.0, 1 - sigma_next**2 / sigma**2))
+    out = x0 + math.sqrt(max(0.0, sigma_next**2 - c**2)) / sigma * (x - x0)
+    if c > 0:
+        if noise is None:
+            raise ValueError("ddim_step needs noise when eta > 0")
+        out = out + c * noise
+    return out
+
+
+def batch_norm(r: Tensor) -> Tensor:
+    """Euclidean norm of each batch element, shape ``(B, 1, ..., 1)``."""
+    return r.reshape(r.shape[0], -1).norm(dim=1).reshape(-1, *([1] * (r.ndim - 1)))
+
+
+def guidance_gradient(
+    denoise: Callable[[Tensor, Tensor], Tensor],
+    x: Tensor,
+    sigma: float,
+    y: Tensor,
+    physics,
+    misfit: str = "norm",
+    weight: Tensor | float | None = None,
+    clip: tuple[float, float] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Denoise ``x`` and differentiate the data misfit through the denoiser (DPS, Alg. 1).
+
+    With ``x0 = D(x, sigma)``, ``r = y - A(x0)`` and ``W = weight`` (1 when ``None``;
+    a number or a tensor broadcastable against ``r``), returns ``(x0, grad, ||r||)``:
+
+    * ``misfit="norm"``:    ``grad = grad_x ||sqrt(W) r||_2`` (the official DPS code uses the
+      norm, not its square; with ``W = 1/|y|`` this is DPS's Poisson variant);
+    * ``misfit="squared"``: ``grad = grad_x ||sqrt(W) r||_2^2 / 2`` (a Gaussian log-likelihood
+      with precision ``W``).
+
+    The vector-Jacobian product of the operator goes through ``physics.A_vjp`` (the adjoint
+    for linear operators); only the denoiser is differentiated by autograd, so no graph is
+    built through ``A``. Norms are per batch element. ``clip`` clamps ``x0`` before the
+    misfit (the reference code clips ``x0`` to the data range); its gradient is zero
+    outside the range.
+    """
+    if misfit not in ("norm", "squared"):
+        raise ValueError(f"unknown misfit {misfit!r}: use 'norm' or 'squared'")
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_(True)
+        x0 = denoise(xg, sigma)
+        x0c = x0.clamp(*clip) if clip is not None else x0
+        x0d = x0c.detach()
+        r = y - physics.A(x0d)
+        wr = r if weight is None else r * weight
+        norm = batch_norm(r)
+        if misfit == "norm":
+            wnorm = norm if weight is None else batch_norm(r * torch.sqrt(torch.as_tensor(weight)))
+            v = wr / wnorm.clamp_min(torch.finfo(r.dtype).tiny)
+        else:
+            v = wr
+        g0 = -physics.A_vjp(x0d, v)  # d misfit / d x0
+        (grad,) = torch.autograd.grad(x0c, xg, grad_outputs=g0.to(x0c.dtype))
+    return x0c.detach(), grad.detach(), norm.detach()
+
+
+def operator_norm_squared(physics, image_shape: Sequence[int], device=None, dtype=torch.float32,
+                          iterations: int = 30, generator: torch.Generator | None = None) -> float:
+    """Largest eigenvalue of ``A^T A`` by power iteration (with ``A_vjp`` / adjoint).
+
+    For a nonlinear operator, the Jacobian at the origin is not meaningful, so 1 is
+    returned (the scale of an orthonormal transform); pass your own value where it matters.
+    """
+    from deepinv.physics import LinearPhysics
+
+    if not isinstance(physics, LinearPhysics):
+        return 1.0
+    gen = generator if generator is not None else torch.Generator(device=device or "cpu").manual_seed(0)
+    x = torch.randn(1, *image_shape, generator=gen, device=device, dtype=dtype)
+    x = x / x.norm()
+    lam = 0.0
+    for _ in range(iterations):
+        z = physics.A_adjoint(physics.A(x))
+        new = float((z * x).sum())
+        x = z / z.norm().clamp_min(1e-30)
+        if abs(new - lam) <= 1e-4 * abs(new):
+            lam = new
+            break
+        lam = new
+    return max(lam, 1e-12)
+
+
+# --------------------------------------------------------------------------- randomness
+def randn_like(x: Tensor, generator: torch.Generator | Sequence[torch.Generator] | None) -> Tensor:
+    """Standard normal noise shaped like ``x`` from ``generator``.
+
+    A list of generators gives one per batch element (as diffusers does), so sample ``b``
+    of a batch is reproducible on its own.
+    """
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != x.shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {x.shape[0]}")
+        return torch.stack(
+            [torch.randn(x.shape[1:], generator=g, device=x.device, dtype=x.dtype) for g in generator]
+        )
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+# --------------------------------------------------------------------------- noise models
+def measurement_noise(physics) -> tuple[str, float]:
+    """``(kind, level)`` of a deepinv noise model: ``("gaussian", sigma)``, ``("poisson", gain)``
+    or ``("none", 0.0)``. Other noise models raise ``ValueError`` (give the level explicitly)."""
+    from deepinv.physics import GaussianNoise, PoissonNoise, ZeroNoise
+
+    model = getattr(physics, "noise_model", None)
+    if model is None or isinstance(model, ZeroNoise):
+        return "none", 0.0
+    if isinstance(model, GaussianNoise):
+        sigma = torch.as_tensor(model.sigma)
+        if sigma.numel() != 1:
+            raise ValueError("per-image Gaussian noise levels are not supported; pass noise_sigma explicitly")
+        return "gaussian", float(sigma)
+    if isinstance(model, PoissonNoise):
+        return "poisson", float(torch.as_tensor(model.gain).reshape(-1)[0])
+    raise ValueError(f"unsupported noise model {type(model).__name__}; pass the noise level explicitly")
