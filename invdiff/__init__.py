@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from . import priors, samplers  # noqa: E402
+from . import operators, priors, samplers  # noqa: E402
 
-__all__ = ["priors", "samplers", "__version__"]
+__all__ = ["operators", "priors", "samplers", "__version__"]

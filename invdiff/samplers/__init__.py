@@ -1,6 +1,42 @@
-"""Posterior samplers: each a :class:`deepinv.models.Reconstructor` over a diffusion prior."""
+"""Posterior samplers: each a :class:`deepinv.models.Reconstructor` over a diffusion prior.
+
+``samplers.make("dps", prior, steps=100)`` builds one by name; ``samplers.available()``
+lists the names.
+"""
+
+from __future__ import annotations
 
 from .base import PosteriorSamples, RunInfo, Sampler, SamplerDivergedError
 from .dps import DPS, make_sigmas
 
-__all__ = ["Sampler", "RunInfo", "PosteriorSamples", "SamplerDivergedError", "DPS", "make_sigmas"]
+_REGISTRY: dict[str, type[Sampler]] = {"dps": DPS}
+
+
+def available() -> list[str]:
+    """Names accepted by :func:`make`."""
+    return sorted(_REGISTRY)
+
+
+def make(name: str, prior, **overrides) -> Sampler:
+    """Build the sampler called ``name`` (case-insensitive) over ``prior``.
+
+    >>> from invdiff.priors import GaussianPrior
+    >>> make("dps", GaussianPrior(0.5, 0.1, image_shape=(1, 4, 4)), steps=10).name
+    'dps'
+    """
+    key = name.lower()
+    if key not in _REGISTRY:
+        raise ValueError(f"unknown sampler {name!r}; available: {', '.join(available())}")
+    return _REGISTRY[key](prior, **overrides)
+
+
+__all__ = [
+    "Sampler",
+    "RunInfo",
+    "PosteriorSamples",
+    "SamplerDivergedError",
+    "DPS",
+    "make_sigmas",
+    "available",
+    "make",
+]

@@ -30,6 +30,8 @@ __all__ = [
     "operator_norm_squared",
     "randn_like",
     "batch_norm",
+    "conjugate_gradient",
+    "measurement_noise",
 ]
 
 
@@ -138,7 +140,7 @@ def guidance_gradient(
     y: Tensor,
     physics,
     misfit: str = "norm",
-    weight: Tensor | float | None = None,
+    weight: Tensor | float | Callable[[Tensor], Tensor] | None = None,
     clip: tuple[float, float] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Denoise ``x`` and differentiate the data misfit through the denoiser (DPS, Alg. 1).
@@ -149,7 +151,8 @@ def guidance_gradient(
     * ``misfit="norm"``:    ``grad = grad_x ||sqrt(W) r||_2`` (the official DPS code uses the
       norm, not its square; with ``W = 1/|y|`` this is DPS's Poisson variant);
     * ``misfit="squared"``: ``grad = grad_x ||sqrt(W) r||_2^2 / 2`` (a Gaussian log-likelihood
-      with precision ``W``).
+      with precision ``W``); ``weight`` may also be a callable ``r -> W r`` applying a
+      symmetric positive-definite precision (e.g. a CG solve), held fixed in the gradient.
 
     The vector-Jacobian product of the operator goes through ``physics.A_vjp`` (the adjoint
     for linear operators); only the denoiser is differentiated by autograd, so no graph is
@@ -165,7 +168,12 @@ def guidance_gradient(
         x0c = x0.clamp(*clip) if clip is not None else x0
         x0d = x0c.detach()
         r = y - physics.A(x0d)
-        wr = r if weight is None else r * weight
+        if callable(weight):
+            if misfit != "squared":
+                raise ValueError("a callable weight needs misfit='squared'")
+            wr = weight(r)
+        else:
+            wr = r if weight is None else r * weight
         norm = batch_norm(r)
         if misfit == "norm":
             wnorm = norm if weight is None else batch_norm(r * torch.sqrt(torch.as_tensor(weight)))
@@ -236,3 +244,34 @@ def measurement_noise(physics) -> tuple[str, float]:
     if isinstance(model, PoissonNoise):
         return "poisson", float(torch.as_tensor(model.gain).reshape(-1)[0])
     raise ValueError(f"unsupported noise model {type(model).__name__}; pass the noise level explicitly")
+
+
+# --------------------------------------------------------------------------- linear algebra
+def conjugate_gradient(
+    apply: Callable[[Tensor], Tensor], b: Tensor, x0: Tensor | None = None, iterations: int = 10, tol: float = 1e-5
+) -> Tensor:
+    """Solve ``apply(x) = b`` for a symmetric positive-definite ``apply``, batch-wise.
+
+    Inner products are per batch element and conjugate (``Re <a, b>`` over real views of
+    complex data), so complex MRI data is handled. Stops when every element's relative
+    residual is below ``tol``.
+    """
+    def dot(a, c):
+        return (a.conj() * c).real.reshape(a.shape[0], -1).sum(1).reshape(-1, *([1] * (a.ndim - 1)))
+
+    x = torch.zeros_like(b) if x0 is None else x0.clone()
+    r = b - apply(x) if x0 is not None else b.clone()
+    p = r.clone()
+    rs = dot(r, r)
+    b2 = dot(b, b).clamp_min(torch.finfo(b.real.dtype).tiny)
+    for _ in range(iterations):
+        if (rs <= tol**2 * b2).all():
+            break
+        ap = apply(p)
+        alpha = rs / dot(p, ap).clamp_min(torch.finfo(b.real.dtype).tiny)
+        x = x + alpha * p
+        r = r - alpha * ap
+        rs_new = dot(r, r)
+        p = r + (rs_new / rs.clamp_min(torch.finfo(b.real.dtype).tiny)) * p
+        rs = rs_new
+    return x
