@@ -1,7 +1,16 @@
-"""Diffusion priors: the denoiser contract, analytic priors, adapters and loaders."""
+"""Diffusion priors: the denoiser contract, analytic priors, checkpoint adapters and loaders.
 
+>>> from invdiff import priors
+>>> prior = priors.GaussianPrior.stationary((1, 8, 8), length_scale=2.0)
+>>> prior.image_shape
+(1, 8, 8)
+"""
+
+from .adapters import DenoiserPrior
+from .adm import ADMConfig, ADMPrior, GuidedDiffusionUNet, get_named_beta_schedule
 from .analytic import GaussianMixturePosterior, GaussianMixturePrior, GaussianPrior, operator_matrix
 from .base import DiffusionPrior, as_sigma
+from .loading import PriorFamily, available, extract_state_dict, families, load, model_card, register_family, save
 
 __all__ = [
     "DiffusionPrior",
@@ -10,4 +19,17 @@ __all__ = [
     "GaussianMixturePrior",
     "GaussianMixturePosterior",
     "operator_matrix",
+    "DenoiserPrior",
+    "ADMConfig",
+    "ADMPrior",
+    "GuidedDiffusionUNet",
+    "get_named_beta_schedule",
+    "load",
+    "save",
+    "available",
+    "model_card",
+    "families",
+    "register_family",
+    "PriorFamily",
+    "extract_state_dict",
 ]

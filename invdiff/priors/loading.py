@@ -1,0 +1,519 @@
+"""Loading and saving priors: shipped weights, invdiff safetensors files, and official
+``.pt`` checkpoints.
+
+* ``load("ct-phantom-64")`` — a prior shipped in ``invdiff/priors/weights/`` (see
+  :func:`available` and :func:`model_card`).
+* ``load("my_prior.safetensors")`` — invdiff's own format, written by :func:`save`: the
+  network's ``state_dict`` as safetensors plus metadata (``invdiff_format``, ``family``,
+  JSON ``config`` and ``options``, ``image_shape``, ``sigma_min``, ``sigma_max``, JSON
+  ``card``). A safetensors file without invdiff metadata is read as a plain state dict.
+* ``load("ffhq_10m.pt")`` — a checkpoint of a known family (guided-diffusion / ADM),
+  read with ``torch.load(path, map_location="cpu", weights_only=True)`` only. The
+  configuration is taken from ``config=`` (a preset name, a dict of official flags, or an
+  :class:`~invdiff.priors.adm.ADMConfig`) or inferred from the key names and shapes.
+
+Loading never executes code from a file and never downloads anything: a missing name or
+path raises :class:`FileNotFoundError` naming the file expected and where to put it.
+
+New checkpoint families plug in with :func:`register_family`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .adm import ADMConfig, ADMPrior, GuidedDiffusionUNet
+from .base import DiffusionPrior
+
+__all__ = [
+    "PriorFamily",
+    "WEIGHTS_DIR",
+    "available",
+    "families",
+    "load",
+    "model_card",
+    "register_family",
+    "save",
+]
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+FORMAT_VERSION = "1"
+_TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+_SUFFIXES = (".safetensors",) + _TORCH_SUFFIXES
+# wrappers around the state dict in training checkpoints, most preferred first
+_EMA_KEYS = ("ema", "ema_model", "model_ema", "ema_state_dict", "state_dict_ema")
+_MODEL_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "params")
+_STRIP_PREFIXES = ("module.", "_orig_mod.", "model.", "net.")
+_EMA_PREFIXES = ("ema.", "model_ema.", "ema_model.")
+_SHOW = 5  # keys shown per kind of mismatch
+
+
+# ----------------------------------------------------------------------------------
+# the family registry
+# ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PriorFamily:
+    """How to rebuild one kind of prior from a config, and to describe it for saving.
+
+    :param name: family name stored in the ``family`` metadata field.
+    :param prior_type: the :class:`DiffusionPrior` subclass :func:`save` accepts.
+    :param build: ``build(config, options) -> prior`` with random weights; ``config`` is
+        whatever :func:`load` got (``config=``, the file's JSON config, or the result of
+        ``infer_config``), ``options`` the adapter keywords (``image_shape``, …).
+    :param describe: ``describe(prior) -> (config, options)``, both JSON-serialisable and
+        accepted by ``build``.
+    :param network: ``network(prior) -> nn.Module`` whose ``state_dict`` is the file.
+    :param infer_config: ``infer_config(state_dict, options) -> config`` for files
+        without a config, or ``None`` if the family cannot infer one.
+    :param recognizes: ``recognizes(state_dict) -> bool``, to pick the family of a raw
+        checkpoint when ``family=`` is not given.
+    :param ignored_keys: keys other tools add to this family's state dicts that carry no
+        weights (dropped on loading).
+    """
+
+    name: str
+    prior_type: type
+    build: Callable[[Any, dict], DiffusionPrior]
+    describe: Callable[[DiffusionPrior], tuple[dict, dict]]
+    network: Callable[[DiffusionPrior], nn.Module]
+    infer_config: Callable[[Mapping[str, Tensor], dict], Any] | None = None
+    recognizes: Callable[[Mapping[str, Tensor]], bool] | None = None
+    ignored_keys: frozenset[str] = frozenset()
+
+
+_FAMILIES: dict[str, PriorFamily] = {}
+
+
+def register_family(family: PriorFamily) -> None:
+    """Make a checkpoint family known to :func:`load` and :func:`save` (replaces any
+    family of the same name)."""
+    _FAMILIES[family.name] = family
+
+
+def families() -> list[str]:
+    """Names of the registered checkpoint families."""
+    return sorted(_FAMILIES)
+
+
+def _family(name: str) -> PriorFamily:
+    if name not in _FAMILIES:
+        raise ValueError(f"unknown prior family {name!r}; known: {', '.join(families())}")
+    return _FAMILIES[name]
+
+
+# --- guided-diffusion / ADM -----------------------------------------------------------
+
+_ADM_OPTIONS = {"image_shape", "schedule", "num_timesteps", "rescale_timesteps", "clip", "sigma_data"}
+
+
+def _adm_parse(config: Any) -> tuple[ADMConfig, dict]:
+    """``config`` (ADMConfig, preset name, or dict of flags) -> (ADMConfig, options)."""
+    if isinstance(config, ADMConfig):
+        return config, {}
+    if isinstance(config, str):
+        return ADMConfig.preset(config), {}
+    if isinstance(config, Mapping):
+        net, diffusion = ADMConfig.from_flags(config)
+        if diffusion.get("predict_xstart"):
+            raise ValueError("x0-predicting ADM models (predict_xstart=True) are not supported; ADMPrior needs ε")
+        options: dict[str, Any] = {}
+        if "noise_schedule" in diffusion:
+            options["schedule"] = diffusion["noise_schedule"]
+        if "diffusion_steps" in diffusion:
+            options["num_timesteps"] = int(diffusion["diffusion_steps"])
+        if "rescale_timesteps" in diffusion:
+            options["rescale_timesteps"] = bool(diffusion["rescale_timesteps"])
+        return net, options
+    raise TypeError(f"ADM config must be an ADMConfig, a preset name or a dict, got {type(config).__name__}")
+
+
+def _adm_build(config: Any, options: dict) -> ADMPrior:
+    cfg, from_flags = _adm_parse(config)
+    options = {**from_flags, **options}
+    unknown = set(options) - _ADM_OPTIONS
+    if unknown:
+        raise TypeError(f"unknown ADMPrior options {sorted(unknown)}; known: {sorted(_ADM_OPTIONS)}")
+    image_shape = options.pop("image_shape", None)
+    return ADMPrior(GuidedDiffusionUNet(cfg), image_shape, **options)
+
+
+def _adm_describe(prior: DiffusionPrior) -> tuple[dict, dict]:
+    assert isinstance(prior, ADMPrior)
+    if not isinstance(prior.model, GuidedDiffusionUNet):
+        raise ValueError(
+            f"can only save an ADMPrior around a GuidedDiffusionUNet, not {type(prior.model).__name__}"
+        )
+    schedule: Any = prior.schedule if prior.schedule is not None else prior.betas.tolist()
+    options = dict(
+        image_shape=list(prior.image_shape),
+        schedule=schedule,
+        num_timesteps=prior.num_timesteps,
+        rescale_timesteps=prior.rescale_timesteps,
+        clip=prior.clip,
+        sigma_data=prior.sigma_data,
+    )
+    return prior.model.config.to_dict(), options
+
+
+def _adm_infer(state_dict: Mapping[str, Tensor], options: dict) -> ADMConfig:
+    given: dict[str, Any] = {}
+    shape = options.get("image_shape")
+    if shape is not None and shape[-1] == shape[-2]:
+        given["image_size"] = int(shape[-1])
+    cfg = ADMConfig.infer_from_state_dict(state_dict, **given)
+    if given and ADMConfig.infer_from_state_dict(state_dict).attention_ds != cfg.attention_ds:
+        cfg = ADMConfig.infer_from_state_dict(state_dict)  # size does not divide the ds values
+    return cfg
+
+
+def _adm_recognizes(state_dict: Mapping[str, Tensor]) -> bool:
+    return all(k in state_dict for k in ("time_embed.0.weight", "input_blocks.0.0.weight", "out.2.weight"))
+
+
+register_family(
+    PriorFamily(
+        name="adm",
+        prior_type=ADMPrior,
+        build=_adm_build,
+        describe=_adm_describe,
+        network=lambda prior: prior.model,
+        infer_config=_adm_infer,
+        recognizes=_adm_recognizes,
+        # deepinv's DiffUNet registers its schedule as buffers next to the official weights
+        ignored_keys=frozenset({"sqrt_alphas_cumprod", "sqrt_1m_alphas_cumprod"}),
+    )
+)
+
+
+# ----------------------------------------------------------------------------------
+# files
+# ----------------------------------------------------------------------------------
+
+
+def available() -> list[str]:
+    """Names of the priors shipped in ``invdiff/priors/weights/`` (for :func:`load`)."""
+    if not WEIGHTS_DIR.is_dir():
+        return []
+    return sorted(p.stem for p in WEIGHTS_DIR.glob("*.safetensors"))
+
+
+def _resolve(name_or_path: str | os.PathLike) -> Path:
+    text = os.fspath(name_or_path)
+    path = Path(text).expanduser()
+    is_path = (
+        isinstance(name_or_path, os.PathLike)
+        or "/" in text
+        or os.sep in text
+        or path.suffix.lower() in _SUFFIXES
+        or path.exists()
+    )
+    if is_path:
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"no checkpoint file at {path.resolve()}: put the .safetensors/.pt/.pth/.ckpt file there "
+                f"(invdiff never downloads weights)"
+            )
+        return path
+    shipped = WEIGHTS_DIR / f"{text}.safetensors"
+    if not shipped.is_file():
+        names = ", ".join(available()) or "none"
+        raise FileNotFoundError(
+            f"no shipped prior named {text!r}: expected {shipped} (put the .safetensors file there, "
+            f"or pass the path of your own checkpoint); shipped: {names}"
+        )
+    return shipped
+
+
+def _read_safetensors(path: Path, tensors: bool = True) -> tuple[dict[str, Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            state = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
+    except Exception as err:  # SafetensorError and friends: a corrupt or truncated file
+        raise ValueError(f"{path}: corrupt or truncated safetensors file ({err})") from err
+    return state, metadata
+
+
+def _read_torch(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        refused = re.search(r"Unsupported global|Unsupported class|GLOBAL |unrecognized function", str(err))
+        if "weights only load failed" in str(err).lower() and refused:
+            reason = next((ln.strip() for ln in str(err).splitlines() if "Unsupported global" in ln), "")
+            raise ValueError(
+                f"{path}: refused to load: the checkpoint holds pickled Python objects, not only tensors"
+                f"{' (' + reason + ')' if reason else ''}. invdiff reads .pt files only with "
+                f"torch.load(weights_only=True) and never unpickles code; re-save the bare state dict "
+                f"(torch.save(model.state_dict(), path)) or convert it to .safetensors"
+            ) from err
+        raise ValueError(f"{path}: corrupt or truncated checkpoint ({err})") from err
+    except Exception as err:
+        raise ValueError(f"{path}: corrupt or truncated checkpoint ({type(err).__name__}: {err})") from err
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, Tensor) for v in obj.values())
+
+
+def extract_state_dict(obj: Any, ema: bool = True) -> dict[str, Tensor]:
+    """The weights of a training checkpoint as a flat ``{key: tensor}`` dict.
+
+    Unwraps ``{"state_dict": ...}``, ``{"model": ...}``, … (an EMA copy — ``"ema"``,
+    ``"model_ema"``, … or ``ema.``-prefixed keys — is preferred when ``ema``), drops
+    non-tensor entries and strips ``module.`` / ``_orig_mod.`` / ``model.`` prefixes that
+    every key shares.
+    """
+    for _ in range(4):
+        if not isinstance(obj, Mapping) or _is_state_dict(obj):
+            break
+        keys = (_EMA_KEYS if ema else ()) + _MODEL_KEYS
+        inner = next((obj[k] for k in keys if isinstance(obj.get(k), Mapping) and obj[k]), None)
+        if inner is None:
+            break
+        obj = inner
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"expected a state dict (a mapping of tensors), found {type(obj).__name__}")
+    state = {str(k): v for k, v in obj.items() if isinstance(v, Tensor)}
+    if not state:
+        raise ValueError("the checkpoint holds no tensors")
+    for prefix in _EMA_PREFIXES:  # flat dicts with an EMA copy next to the raw weights
+        copy = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if copy and len(copy) < len(state):
+            state = copy if ema else {k: v for k, v in state.items() if not k.startswith(prefix)}
+            state = {k: v for k, v in state.items() if v.is_floating_point()}  # drop decay/num_updates
+            break
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _STRIP_PREFIXES:
+            if all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix) :]: v for k, v in state.items()}
+                changed = True
+    return state
+
+
+def _check_state_dict(model: nn.Module, state: Mapping[str, Tensor], source: str, what: str) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if not (missing or unexpected or shapes):
+        return
+
+    def listing(label: str, items: list[str]) -> str:
+        more = f", ... ({len(items) - _SHOW} more)" if len(items) > _SHOW else ""
+        return f"\n  {len(items)} {label}: {', '.join(items[:_SHOW])}{more}"
+
+    text = f"{source}: the weights do not match {what}:"
+    if missing:
+        text += listing("missing keys", missing)
+    if unexpected:
+        text += listing("unexpected keys", unexpected)
+    if shapes:
+        text += listing("shape mismatches", shapes)
+    text += "\nPass the checkpoint's config= (a preset name or a dict of flags), or check family=."
+    raise ValueError(text)
+
+
+def _metadata_json(metadata: Mapping[str, str], key: str, path: Path, default: Any = None) -> Any:
+    if key not in metadata:
+        return default
+    try:
+        return json.loads(metadata[key])
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: metadata field {key!r} is not valid JSON ({err})") from err
+
+
+# ----------------------------------------------------------------------------------
+# public API
+# ----------------------------------------------------------------------------------
+
+
+def load(
+    name_or_path: str | os.PathLike,
+    *,
+    family: str | None = None,
+    config: Any = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    ema: bool = True,
+    **kwargs: Any,
+) -> DiffusionPrior:
+    """Load a prior by shipped name or from a file; never downloads, never unpickles code.
+
+    :param name_or_path: a name from :func:`available`, or the path of a ``.safetensors``
+        file (invdiff's format, or a bare state dict) or a ``.pt``/``.pth``/``.ckpt``
+        checkpoint (read with ``torch.load(weights_only=True)``).
+    :param family: checkpoint family (``"adm"``, see :func:`families`); read from the
+        file's metadata or recognised from the key names when not given.
+    :param config: the network configuration: for ``"adm"`` a preset name
+        (``"ffhq_10m"``, ``"imagenet256_uncond"``), a dict of official flags (diffusion
+        flags such as ``noise_schedule`` included) or an ``ADMConfig``. By default the
+        file's own config, else inferred from the weights (ADM: number of attention heads
+        assumed 64 channels per head, see :meth:`ADMConfig.infer_from_state_dict`).
+    :param device: where the prior lives.
+    :param dtype: dtype the network runs in (inputs and outputs of ``denoise`` keep
+        theirs).
+    :param ema: prefer the EMA weights of a training checkpoint that holds both.
+    :param kwargs: adapter options, overriding the file's (ADM: ``image_shape``,
+        ``schedule``, ``num_timesteps``, ``rescale_timesteps``, ``clip``, ``sigma_data``).
+    :raises FileNotFoundError: unknown name or missing path (the message names the file
+        expected and where to put it).
+    :raises ValueError: corrupt or truncated file, a pickle with arbitrary objects, or
+        weights that do not match the configuration (missing / unexpected keys and shape
+        mismatches are listed).
+
+    Example::
+
+        >>> from invdiff.priors import load                        # doctest: +SKIP
+        >>> prior = load("ffhq_10m.pt", config="ffhq_10m")         # doctest: +SKIP
+        >>> prior = load("aapm_ct.pt", image_shape=(1, 256, 256))  # doctest: +SKIP
+    """
+    path = _resolve(name_or_path)
+    metadata: dict[str, str] = {}
+    if path.suffix.lower() == ".safetensors":
+        state, metadata = _read_safetensors(path)
+    else:
+        state = _read_torch(path)
+    if metadata.get("invdiff_format"):
+        if metadata["invdiff_format"] != FORMAT_VERSION:
+            raise ValueError(
+                f"{path}: invdiff format version {metadata['invdiff_format']} is not supported "
+                f"(this invdiff reads version {FORMAT_VERSION})"
+            )
+        family = family or metadata.get("family")
+        options = {**_metadata_json(metadata, "options", path, {}), **kwargs}
+        if config is None:
+            config = _metadata_json(metadata, "config", path)
+    else:
+        try:
+            state = extract_state_dict(state, ema=ema)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from err
+        options = dict(kwargs)
+    if family is None:
+        family = next((f.name for f in _FAMILIES.values() if f.recognizes and f.recognizes(state)), None)
+        if family is None:
+            raise ValueError(
+                f"{path}: cannot tell which model family these weights belong to; pass family= "
+                f"(one of {', '.join(families())})"
+            )
+    fam = _family(family)
+    state = {k: v for k, v in state.items() if k not in fam.ignored_keys}
+    if config is None:
+        if fam.infer_config is None:
+            raise ValueError(f"{path}: no config in the file and family {family!r} cannot infer one; pass config=")
+        try:
+            config = fam.infer_config(state, options)
+        except (ValueError, KeyError) as err:
+            raise ValueError(f"{path}: cannot infer the {family} configuration from the weights ({err})") from err
+    if "image_shape" in options and options["image_shape"] is not None:
+        options["image_shape"] = tuple(int(s) for s in options["image_shape"])
+    try:
+        with torch.device("meta"):  # skip random initialisation; weights come from the file
+            prior = fam.build(config, options)
+    except ValueError as err:
+        raise ValueError(
+            f"{path}: cannot build the {family} model ({err}); pass the checkpoint's config= "
+            f"(e.g. its num_heads / num_head_channels)"
+        ) from err
+    network = fam.network(prior)
+    _check_state_dict(network, state, str(path), f"the {family} model of config {config!r}")
+    network.to_empty(device="cpu")
+    network.load_state_dict(state, strict=True)
+    prior.to(device)
+    if dtype != torch.float32:
+        network.to(dtype)
+    return prior.eval()
+
+
+def save(prior: DiffusionPrior, path: str | os.PathLike, card: Mapping[str, Any] | None = None) -> Path:
+    """Write ``prior`` as an invdiff ``.safetensors`` file that :func:`load` reads back.
+
+    The network's ``state_dict`` is stored (in its dtype, on the CPU) with metadata:
+    ``invdiff_format``, ``family``, JSON ``config`` and ``options``, ``image_shape``,
+    ``sigma_min``, ``sigma_max`` and the free-form model ``card`` (JSON; e.g. data,
+    size, training steps, loss, the command that trained it). The file is written to a
+    temporary file in the same folder and moved into place with :func:`os.replace`, so a
+    crash never leaves a half-written file under ``path``.
+
+    :returns: the path written.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"save writes .safetensors files; got {path.name}")
+    fam = next((f for f in _FAMILIES.values() if isinstance(prior, f.prior_type)), None)
+    if fam is None:
+        raise ValueError(
+            f"no registered family saves {type(prior).__name__} (families: {', '.join(families())}); "
+            f"see register_family"
+        )
+    config, options = fam.describe(prior)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in fam.network(prior).state_dict().items()}
+    metadata = {
+        "invdiff_format": FORMAT_VERSION,
+        "family": fam.name,
+        "config": json.dumps(config),
+        "options": json.dumps(options),
+        "image_shape": json.dumps(list(prior.image_shape)),
+        "sigma_min": repr(prior.sigma_min),
+        "sigma_max": repr(prior.sigma_max),
+        "card": json.dumps(dict(card or {})),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def model_card(name_or_path: str | os.PathLike) -> dict[str, Any]:
+    """The model card of a shipped prior (or of an invdiff ``.safetensors`` file).
+
+    Returns the card saved with the weights, plus ``family``, ``image_shape``,
+    ``sigma_min``, ``sigma_max`` and ``file`` where the card does not set them. Only the
+    file header is read.
+    """
+    path = _resolve(name_or_path)
+    if path.suffix.lower() != ".safetensors":
+        raise ValueError(f"{path}: only invdiff .safetensors files carry a model card")
+    _, metadata = _read_safetensors(path, tensors=False)
+    if not metadata.get("invdiff_format"):
+        raise ValueError(f"{path}: not an invdiff prior file (no invdiff_format metadata)")
+    card = dict(_metadata_json(metadata, "card", path, {}))
+    card.setdefault("family", metadata.get("family"))
+    card.setdefault("image_shape", _metadata_json(metadata, "image_shape", path))
+    if "sigma_min" in metadata:
+        card.setdefault("sigma_min", float(metadata["sigma_min"]))
+    if "sigma_max" in metadata:
+        card.setdefault("sigma_max", float(metadata["sigma_max"]))
+    card.setdefault("file", str(path))
+    return card
+
