@@ -34,17 +34,18 @@ class Counting(dinv.models.Denoiser):
         return self.inner(x, sigma)
 
 
-def forward_backward_time(prior, shape, repeats: int = 20) -> float:
-    """Median seconds of one ``denoise`` forward + backward w.r.t. its input (what DPS does)."""
+def forward_backward_time(prior, shape, calls: int) -> float:
+    """Seconds per call of a bare loop of ``calls`` denoiser forward + backward passes w.r.t.
+    the input (exactly what DPS needs per step), at noise levels spread like a schedule.
+    Timed right before each sampler run so both see the same machine state."""
     g = torch.Generator().manual_seed(0)
-    times = []
-    for i in range(repeats + 3):
-        x = torch.randn(1, *shape, generator=g).requires_grad_(True)
-        start = time.perf_counter()
-        out = prior.denoise(x, 0.5 + 0.1 * i)
-        (grad,) = torch.autograd.grad(out, x, grad_outputs=torch.ones_like(out))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[3:])
+    x = torch.randn(1, *shape, generator=g)
+    start = time.perf_counter()
+    for i in range(calls):
+        xg = x.detach().requires_grad_(True)
+        out = prior.denoise(xg, 80.0 * 0.8**i + 0.002)
+        (grad,) = torch.autograd.grad(out, xg, grad_outputs=torch.ones_like(out))
+    return (time.perf_counter() - start) / calls
 
 
 def main() -> None:
@@ -64,34 +65,37 @@ def main() -> None:
     problems = {name: operators.make(name, shape, seed=0) for name in ("inpaint-random-70", "ct-sparse-30")}
     measurements = {name: p(x_true, seed=1) for name, p in problems.items()}
 
+    forward_backward_time(prior, shape, 5)  # warm-up
     rows = []
     for rep in range(args.repeats):
-        t_fb = forward_backward_time(prior, shape)
         for name, physics in problems.items():
             y = measurements[name]
             for label, sampler in [
                 ("invdiff DPS (likelihood, default)", DPS(prior, steps=args.steps)),
                 ("invdiff DPS (paper rule)", DPS(prior, steps=args.steps, weighting="paper")),
             ]:
+                t_fb = forward_backward_time(prior, shape, args.steps)
                 sampler(y, physics, generator=torch.Generator().manual_seed(rep))
                 info = sampler.last_run
-                rows.append((name, label, info.wall_time / (info.nfe * t_fb), info.nfe, info.wall_time))
+                rows.append((name, label, info.wall_time / (info.nfe * t_fb), info.nfe, info.wall_time, t_fb))
             counting = Counting(prior)
             theirs = dinv.sampling.DPS(counting, num_steps=args.steps, dtype=torch.float32)
+            t_fb = forward_backward_time(prior, shape, args.steps)
             start = time.perf_counter()
             theirs(y, physics, seed=rep)
             wall = time.perf_counter() - start
-            rows.append((name, "deepinv DPS", wall / (counting.calls * t_fb), counting.calls, wall))
+            rows.append((name, "deepinv DPS", wall / (counting.calls * t_fb), counting.calls, wall, t_fb))
         print(f"repeat {rep + 1}/{args.repeats}: one forward+backward = {1000 * t_fb:.1f} ms", flush=True)
 
     print(f"\nDPS overhead, {args.steps} steps, batch 1, CPU x{args.threads}, ADM U-Net 64x64 "
           f"({sum(p.numel() for p in prior.parameters()) / 1e6:.2f} M params); median over {args.repeats} repeats")
-    print("| task | sampler | NFE | wall s | wall / (NFE x fwd+bwd) |\n|---|---|---|---|---|")
+    print("| task | sampler | NFE | wall s | fwd+bwd ms | wall / (NFE x fwd+bwd) |\n|---|---|---|---|---|---|")
     keys = dict.fromkeys((r[0], r[1]) for r in rows)
     for task, label in keys:
         sel = [r for r in rows if r[0] == task and r[1] == label]
         ratio = statistics.median(r[2] for r in sel)
-        print(f"| {task} | {label} | {sel[0][3]} | {statistics.median(r[4] for r in sel):.2f} | {ratio:.3f} |")
+        print(f"| {task} | {label} | {sel[0][3]} | {statistics.median(r[4] for r in sel):.2f} "
+              f"| {1000 * statistics.median(r[5] for r in sel):.1f} | {ratio:.3f} |")
 
 
 if __name__ == "__main__":
