@@ -22,7 +22,6 @@ fully sampled centre, remaining columns uniformly at random) or
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch

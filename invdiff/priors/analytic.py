@@ -60,15 +60,9 @@ def operator_matrix(physics, image_shape: Sequence[int], dtype=torch.float64, ch
         stop = min(d, start + chunk)
         basis = torch.zeros(stop - start, d, dtype=dtype)
         basis[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
-        out = physics.A(basis.reshape(stop - start, *image_shape).to(_physics_dtype(physics, dtype)))
+        out = physics.A(basis.reshape(stop - start, *image_shape))
         cols.append(out.reshape(stop - start, -1).to(dtype))
     return torch.cat(cols).T.contiguous()
-
-
-def _physics_dtype(physics, dtype):
-    # Operators with float32 buffers (masks, kernels) accept float64 input in deepinv;
-    # callers wanting float32 pass it explicitly.
-    return dtype
 
 
 def stationary_covariance(

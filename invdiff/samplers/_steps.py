@@ -149,7 +149,8 @@ def guidance_gradient(
     a number or a tensor broadcastable against ``r``), returns ``(x0, grad, ||r||)``:
 
     * ``misfit="norm"``:    ``grad = grad_x ||sqrt(W) r||_2`` (the official DPS code uses the
-      norm, not its square; with ``W = 1/|y|`` this is DPS's Poisson variant);
+      norm, not its square; ``W = 1/|y|`` gives the norm of the Pearson residual, used for
+      Poisson noise);
     * ``misfit="squared"``: ``grad = grad_x ||sqrt(W) r||_2^2 / 2`` (a Gaussian log-likelihood
       with precision ``W``); ``weight`` may also be a callable ``r -> W r`` applying a
       symmetric positive-definite precision (e.g. a CG solve), held fixed in the gradient.

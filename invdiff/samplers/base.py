@@ -9,7 +9,6 @@ reads like the paper's algorithm and calls :meth:`Sampler.denoise` for the netwo
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
@@ -230,7 +229,3 @@ class Sampler(Reconstructor):
 
     def extra_repr(self) -> str:
         return f"prior={type(self.prior).__name__}{self.prior.image_shape}"
-
-
-def _as_float(s) -> float:
-    return float(s) if not isinstance(s, Tensor) else float(s.item())

@@ -85,7 +85,9 @@ class DPS(Sampler):
     (paper rule 41.3, FBP 32.4); Gaussian deblur 23.9 vs 24.5 (paper rule 23.6).
 
     ``weighting="paper"``: the official code's rule, :math:`\\mathcal L = \\|y - A\\hat x_0\\|_2`
-    (the norm, not squared; Poisson: residual weighted by ``1/|y|``) with ``zeta`` the
+    (the norm, not squared; for Poisson noise the norm of the Pearson residual
+    :math:`r/\\sqrt{|y|}` — the official code divides the norm by ``|y|`` entry-wise and averages,
+    which is not a likelihood and is not reproduced) with ``zeta`` the
     paper's :math:`\\zeta` (0.3 SR/deblur, 0.5 inpainting, 1.0 phase retrieval) defined on
     ``[-1, 1]`` images in VP coordinates over 1000 DDPM steps. In invdiff's ``[0, 1]`` VE
     coordinates the same update is
@@ -174,12 +176,11 @@ class DPS(Sampler):
         sigmas = self.sigmas.tolist()
         shape = (y.shape[0], *self.prior.image_shape)
         dtype = y.real.dtype
+        kind, level = measurement_noise(physics) if self.noise_sigma is None else ("gaussian", self.noise_sigma)
         if self.weighting == "paper":
-            kind, level = measurement_noise(physics) if self.noise_sigma is None else ("gaussian", self.noise_sigma)
-            misfit, base_weight = "norm", (1.0 / y.abs().clamp_min(1e-3) if kind == "poisson" else None)
+            base_weight = 1.0 / y.abs().clamp_min(1e-3) if kind == "poisson" else None  # Pearson residual r / sqrt|y|
             paper_scale = self._paper_scale()
         else:
-            kind, level = measurement_noise(physics) if self.noise_sigma is None else ("gaussian", self.noise_sigma)
             noise_var = level * y.abs().clamp_min(level) if kind == "poisson" else level**2
             norm_a = self.operator_norm
             if norm_a is None and (self.cg_iterations == 0 or not isinstance(physics, LinearPhysics)):
