@@ -1,0 +1,111 @@
+"""One contract every sampler in ``samplers.available()`` must pass, over a set of operators.
+
+Each sampler is built with ``samplers.make(name, prior, steps=...)`` (every sampler takes
+``steps``). The prior is wrapped so the test counts the real network calls and compares them
+with ``last_run``; a prior that starts returning NaN checks the divergence guard.
+"""
+
+import math
+
+import deepinv as dinv
+import pytest
+import torch
+
+from invdiff import operators, samplers
+from invdiff.priors import DiffusionPrior, GaussianPrior
+from invdiff.samplers import SamplerDivergedError
+
+SHAPE = (1, 16, 16)
+STEPS = 8
+LINEAR_TASKS = ["inpaint-random-70", "deblur-gauss", "ct-sparse-30", "mri-4x"]
+
+
+class CountingPrior(DiffusionPrior):
+    """Delegates to ``inner``; counts calls, calls with a graph, and can turn to NaN."""
+
+    def __init__(self, inner: DiffusionPrior, nan_below: float | None = None):
+        super().__init__(inner.image_shape, inner.sigma_min, inner.sigma_max, inner.sigma_data)
+        self.inner, self.nan_below = inner, nan_below
+        self.calls = self.grad_calls = 0
+
+    def _denoise(self, x, sigma):
+        self.calls += 1
+        self.grad_calls += int(x.requires_grad)
+        out = self.inner._denoise(x, sigma)
+        if self.nan_below is not None and float(sigma.max()) < self.nan_below:
+            out = out * float("nan")
+        return out
+
+
+@pytest.fixture(scope="module")
+def base_prior():
+    return GaussianPrior.stationary(SHAPE, length_scale=2.0, variance=0.02, mean=0.5)
+
+
+@pytest.fixture(scope="module")
+def truth(base_prior):
+    return base_prior.sample(2, torch.Generator().manual_seed(0)).float().clamp(0, 1)
+
+
+def _make(name, prior):
+    return samplers.make(name, prior, steps=STEPS)
+
+
+def _nonlinear_ok(sampler) -> bool:
+    return getattr(sampler, "supports_nonlinear", True)
+
+
+@pytest.mark.parametrize("task", LINEAR_TASKS + ["phase-retrieval"])
+@pytest.mark.parametrize("name", samplers.available())
+def test_contract(name, task, base_prior, truth):
+    prior = CountingPrior(base_prior)
+    sampler = _make(name, prior)
+    physics = operators.make(task, img_size=SHAPE, seed=0)
+    if not isinstance(physics, dinv.physics.LinearPhysics) and not _nonlinear_ok(sampler):
+        pytest.skip(f"{name} needs a linear operator")
+    y = physics(truth, seed=1)
+    a = sampler(y, physics, generator=torch.Generator().manual_seed(3))
+    info = sampler.last_run
+    # shape, finiteness, a sane range
+    assert a.shape == truth.shape and torch.isfinite(a).all()
+    assert a.min() > -1.0 and a.max() < 2.0
+    # NFE accounting matches the network calls actually made
+    assert info.sampler == name and info.nfe == prior.calls and info.nfe_backward == prior.grad_calls
+    assert info.nfe >= 1 and info.steps >= 1 and info.wall_time > 0 and info.batch == truth.shape[0]
+    # determinism under a seed
+    b = sampler(y, physics, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", samplers.available())
+def test_divergence_guard(name, base_prior, truth):
+    prior = CountingPrior(base_prior, nan_below=1.0)
+    sampler = _make(name, prior)
+    physics = operators.make("inpaint-random-70", img_size=SHAPE, seed=0)
+    with pytest.raises(SamplerDivergedError, match=rf"{name}: diverged at step \d+ \(sigma="):
+        sampler(physics(truth, seed=1), physics, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("name", samplers.available())
+def test_inside_deepinv_test(name, base_prior, truth):
+    sampler = _make(name, base_prior)
+    physics = operators.make("inpaint-random-70", img_size=SHAPE, seed=0)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(truth, torch.zeros(2)), batch_size=2)
+    metrics = dinv.test(sampler, loader, physics, metrics=[dinv.metric.PSNR()], online_measurements=True,
+                        device="cpu", verbose=False, plot_images=False)
+    assert math.isfinite(metrics["PSNR"])
+
+
+@pytest.mark.parametrize("name", samplers.available())
+def test_global_rng_untouched_and_sample_batches(name, base_prior, truth):
+    prior = CountingPrior(base_prior)
+    sampler = _make(name, prior)
+    physics = operators.make("inpaint-random-70", img_size=SHAPE, seed=0)
+    y = physics(truth[:1], seed=1)
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    post = sampler.sample(y, physics, n=3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(state, torch.get_rng_state())
+    assert post.samples.shape == (3, 1, *SHAPE) and post.mean.shape == (1, *SHAPE)
+    # the three samples went through the network together: calls per run, not per sample
+    assert sampler.last_run.batch == 3 and prior.calls == sampler.last_run.nfe
