@@ -19,19 +19,20 @@ def _cmd_list(args: argparse.Namespace) -> int:
     if what in ("operators", "all"):
         print("operators (invdiff.operators.make):")
         for name in operators.available():
-            print(f"  {name:24s} {operators.describe(name)}")
+            print(f"  {operators.describe(name)}")
     if what in ("samplers", "all"):
         print("samplers (invdiff.samplers.make):")
         for name in samplers.available():
-            doc = (samplers.make.__globals__["_REGISTRY"][name].__doc__ or "").strip().splitlines()[0]
-            print(f"  {name:24s} {doc}")
+            doc = (samplers.get(name).__doc__ or "").strip().splitlines()[0]
+            print(f"  {name}: {doc}")
     if what in ("priors", "all"):
         print("priors (invdiff.priors.load):")
-        shipped = priors.available() if hasattr(priors, "available") else []
+        shipped = priors.available()
         if not shipped:
             print("  (no shipped weights yet; analytic priors: GaussianPrior, GaussianMixturePrior)")
         for name in shipped:
-            print(f"  {name}")
+            card = priors.model_card(name)
+            print(f"  {name}: {card.get('description', '') if isinstance(card, dict) else card}")
     return 0
 
 

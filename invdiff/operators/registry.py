@@ -233,7 +233,8 @@ def describe(name: str) -> str:
     """One-line description of a task (a concrete name or a pattern from :func:`available`)."""
     for task in _TASKS:
         if name == task.pattern:
-            return f"{task.pattern}: " + task.description.replace("{n}", task.pattern.split("-")[-1])
+            placeholder = re.search(r"<\w+>", task.pattern)
+            return f"{task.pattern}: " + task.description.replace("{n}", placeholder.group(0) if placeholder else "")
     task, n = _lookup(name)
     return f"{name}: " + task.description.format(n=n)
 

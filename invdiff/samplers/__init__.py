@@ -17,6 +17,14 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def get(name: str) -> type[Sampler]:
+    """The sampler class called ``name`` (case-insensitive)."""
+    key = name.lower()
+    if key not in _REGISTRY:
+        raise ValueError(f"unknown sampler {name!r}; available: {', '.join(available())}")
+    return _REGISTRY[key]
+
+
 def make(name: str, prior, **overrides) -> Sampler:
     """Build the sampler called ``name`` (case-insensitive) over ``prior``.
 
@@ -24,10 +32,7 @@ def make(name: str, prior, **overrides) -> Sampler:
     >>> make("dps", GaussianPrior(0.5, 0.1, image_shape=(1, 4, 4)), steps=10).name
     'dps'
     """
-    key = name.lower()
-    if key not in _REGISTRY:
-        raise ValueError(f"unknown sampler {name!r}; available: {', '.join(available())}")
-    return _REGISTRY[key](prior, **overrides)
+    return get(name)(prior, **overrides)
 
 
 __all__ = [
@@ -38,5 +43,6 @@ __all__ = [
     "DPS",
     "make_sigmas",
     "available",
+    "get",
     "make",
 ]
