@@ -7,9 +7,13 @@ lists the names.
 from __future__ import annotations
 
 from .base import PosteriorSamples, RunInfo, Sampler, SamplerDivergedError
+from .daps import DAPS
+from .dds import DDS
+from .diffpir import DiffPIR
 from .dps import DPS, make_sigmas
+from .reddiff import REDDiff
 
-_REGISTRY: dict[str, type[Sampler]] = {"dps": DPS}
+_REGISTRY: dict[str, type[Sampler]] = {"dps": DPS, "dds": DDS, "diffpir": DiffPIR, "reddiff": REDDiff, "daps": DAPS}
 
 
 def available() -> list[str]:
@@ -41,6 +45,10 @@ __all__ = [
     "PosteriorSamples",
     "SamplerDivergedError",
     "DPS",
+    "DDS",
+    "DiffPIR",
+    "REDDiff",
+    "DAPS",
     "make_sigmas",
     "available",
     "get",

@@ -31,6 +31,7 @@ __all__ = [
     "randn_like",
     "batch_norm",
     "conjugate_gradient",
+    "proximal_least_squares",
     "measurement_noise",
 ]
 
@@ -260,6 +261,8 @@ def conjugate_gradient(
     def dot(a, c):
         return (a.conj() * c).real.reshape(a.shape[0], -1).sum(1).reshape(-1, *([1] * (a.ndim - 1)))
 
+    if not torch.isfinite(b).all():  # let the caller's divergence check see it
+        return torch.full_like(b, float("nan"))
     x = torch.zeros_like(b) if x0 is None else x0.clone()
     r = b - apply(x) if x0 is not None else b.clone()
     p = r.clone()
@@ -276,3 +279,32 @@ def conjugate_gradient(
         p = r + (rs_new / rs.clamp_min(torch.finfo(b.real.dtype).tiny)) * p
         rs = rs_new
     return x
+
+
+def proximal_least_squares(
+    physics, z: Tensor, y: Tensor, gamma: float | None, iterations: int, tol: float = 1e-6
+) -> Tensor:
+    """A few warm-started CG steps on the proximal least-squares problem around ``z``.
+
+    .. math::
+
+        \\gamma < \\infty:\\quad (I + \\gamma A^\\top A)\\, x = z + \\gamma A^\\top y, \\qquad
+        \\gamma = \\infty \\;(\\text{``None``}):\\quad A^\\top A\\, x = A^\\top y,
+
+    both started from :math:`x = z`, so that few iterations stay close to ``z`` (the
+    Krylov subspace acts as the regulariser, DDS Sec. 3.2). Only ``A`` and ``A_adjoint``
+    are called (one each per iteration); a non-finite right-hand side gives NaN (so the
+    sampler's divergence check names the step); complex data are handled by
+    :func:`conjugate_gradient`. Used by DDS and DiffPIR.
+    """
+    if gamma is None:
+        def apply(v: Tensor) -> Tensor:
+            return physics.A_adjoint(physics.A(v))
+
+        rhs = physics.A_adjoint(y)
+    else:
+        def apply(v: Tensor) -> Tensor:
+            return v + gamma * physics.A_adjoint(physics.A(v))
+
+        rhs = z + gamma * physics.A_adjoint(y)
+    return conjugate_gradient(apply, rhs.to(z.dtype), x0=z, iterations=iterations, tol=tol)

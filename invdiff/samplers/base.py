@@ -80,6 +80,9 @@ class Sampler(Reconstructor):
     """
 
     name = "sampler"
+    #: False for methods that need ``A_adjoint`` (CG / proximal data steps); they refuse a
+    #: nonlinear operator with a clear error instead of failing inside the loop.
+    supports_nonlinear = True
 
     def __init__(self, prior: DiffusionPrior, verbose: bool = False) -> None:
         super().__init__()
@@ -207,6 +210,13 @@ class Sampler(Reconstructor):
 
     # --- checks -------------------------------------------------------------------------
     def _check_measurement(self, y: Tensor, physics) -> Tensor:
+        from deepinv.physics import LinearPhysics
+
+        if not self.supports_nonlinear and not isinstance(physics, LinearPhysics):
+            raise TypeError(
+                f"{self.name}: needs a linear operator (a deepinv LinearPhysics with A_adjoint), "
+                f"got {type(physics).__name__}"
+            )
         if not isinstance(y, Tensor):
             raise TypeError(f"{self.name}: y must be a torch.Tensor, got {type(y).__name__}")
         if not torch.isfinite(y).all():

@@ -1,0 +1,220 @@
+r"""RED-Diff: regularisation by denoising diffusion.
+
+Mardani, Song, Kautz, Vahdat, "A Variational Perspective on Solving Inverse Problems with
+Diffusion Models", ICLR 2024 (arXiv:2305.04391); official code NVlabs/RED-diff
+(``algos/reddiff.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..priors.base import DiffusionPrior
+from ._steps import measurement_noise, randn_like
+from .base import Sampler
+from .dps import make_sigmas
+
+__all__ = ["REDDiff", "snr_weight"]
+
+#: noise std on ``[0, 1]`` images at which the paper's unnormalised data term holds
+#: (its sigma_y = 0.05 on ``[-1, 1]``); see :class:`REDDiff`.
+REFERENCE_NOISE = 0.025
+
+
+def snr_weight(sigma: float, kind: str = "linear") -> float:
+    r"""The paper's SNR-based weights of the denoising term, as functions of the VE noise level.
+
+    On ``[-1, 1]`` images in VP coordinates the official code uses
+    :math:`\mathrm{snr}^{-1/2}_t = \sqrt{1 - \bar\alpha_t} / \sqrt{\bar\alpha_t}`, which on
+    ``[0, 1]`` VE images is exactly :math:`2\sigma` (see
+    :func:`~invdiff.samplers._steps.ddpm_sigmas`). ``kind``: ``"linear"``
+    (:math:`2\sigma`, the paper's default), ``"sqrt"`` (:math:`\sqrt{2\sigma}`),
+    ``"square"`` (:math:`4\sigma^2`), ``"const"`` (1).
+    """
+    s = 2.0 * sigma
+    if kind == "linear":
+        return s
+    if kind == "sqrt":
+        return math.sqrt(s)
+    if kind == "square":
+        return s * s
+    if kind == "const":
+        return 1.0
+    raise ValueError(f"unknown weighting {kind!r}: use 'linear', 'sqrt', 'square' or 'const'")
+
+
+class REDDiff(Sampler):
+    r"""RED-Diff (Mardani et al., ICLR 2024, Algorithm 1): variational optimisation, not sampling.
+
+    The posterior is approximated by :math:`q = \mathcal N(\mu, 0)` and :math:`\mu` is
+    optimised with Adam, starting from the pseudo-inverse :math:`A^\dagger y`, while the
+    noise level goes from high to low. Each step draws :math:`\epsilon \sim \mathcal N(0, I)`
+    and takes an Adam step on
+
+    .. math::
+
+        x_t = \mu + \sigma_t \epsilon, \qquad
+        \hat\epsilon = \frac{x_t - D(x_t, \sigma_t)}{\sigma_t}, \qquad
+        \ell(\mu) = w_t\, \big\langle \mathrm{sg}(\hat\epsilon - \epsilon),\ \mu \big\rangle
+            + v\, \frac{c}{2 s^2}\, \big\| y - A(\mu) \big\|^2,
+
+    (eq. 11-12 of the paper; :math:`\mathrm{sg}` = stop-gradient), the VE form of the
+    official :math:`x_t = \sqrt{\bar\alpha_t}\mu + \sqrt{1 - \bar\alpha_t}\epsilon`. The
+    gradient of the first term is :math:`w_t(\hat\epsilon - \epsilon)` — the network is
+    evaluated once per step and **never differentiated** (``nfe_backward == 0``); the data
+    term's gradient is :math:`A^\top(A\mu - y)` through ``physics.A_vjp`` (so nonlinear
+    operators work too).
+
+    **Conversion to invdiff's coordinates.** The paper works on ``[-1, 1]`` images over the
+    1000-step linear-beta DDPM schedule, with
+    ``loss = w_t mean(sg(eps_hat - eps) * mu') + v mean((y' - A mu')^2) / 2``,
+    :math:`w_t = \lambda\sqrt{1-\bar\alpha_t}/\sqrt{\bar\alpha_t}` ("linear"),
+    :math:`\lambda = 0.25`, ``lr = 0.1``, ``v = 1``. With :math:`\mu' = 2\mu - 1`, the same
+    Adam iterates on ``[0, 1]`` images need (exactly, up to Adam's ``eps``):
+
+    * :math:`w_t = \lambda \cdot 2\sigma_t` (:func:`snr_weight`; Adam is invariant to the
+      common factor the means and the chain rule put on both terms);
+    * the data term :math:`2v\,(N/M)\,\tfrac12\|y - A\mu\|^2` on :math:`N` pixels and
+      :math:`M` measurements;
+    * learning rate ``lr / 2`` (``0.05``).
+
+    **Departure: a scale-aware data term.** The paper's data weight ignores the noise level
+    and the scale of ``A``; Adam normalises the *sum* of the two gradients, so their ratio
+    decides the answer, and on CT (:math:`\|A\|^2 \approx 900` at 32x32) the data term
+    swamps the prior. invdiff uses the Gaussian log-likelihood,
+    :math:`\tfrac{c}{2s^2}\|y - A\mu\|^2` with :math:`s` the measurement noise std (read from
+    ``physics.noise_model``, or ``noise_sigma``; floored at ``min_noise`` for noiseless
+    data) and :math:`c = 2 s_\mathrm{ref}^2`, :math:`s_\mathrm{ref} = 0.025` (the paper's
+    sigma_y = 0.05 on ``[-1, 1]``): with :math:`s = s_\mathrm{ref}` and :math:`M = N` it is
+    the paper's term, and it scales correctly with the noise and with ``A`` (rescaling
+    ``A``, ``y`` and ``s`` together leaves the iterates unchanged). ``weighting="paper"``
+    keeps the paper's :math:`2v(N/M)` instead.
+
+    **Departure: λ = 0.05, not 0.25.** With the likelihood term above, the paper's 0.25
+    over-regularises the demo problems: Gaussian deblur 21.8 dB, below the Wiener baseline's
+    22.2 (λ = 0.05: 23.6; 0.01: 24.4, but inpainting and MRI prefer 0.05). Inpainting is
+    insensitive to λ (Adam normalises each pixel, and unobserved pixels only see the
+    regulariser).
+
+    Other departures: the official ``sigma_x0`` (extra noise on :math:`\mu`, 0 by default)
+    is left out; the schedule is :func:`~invdiff.samplers._steps.ddpm_sigmas` (timesteps
+    ``linspace(999, 0, steps)``, the official code uses ``range(0, 1000, 1000 // steps)``
+    reversed); the default is 100 steps (the paper's README example; its experiments use
+    up to 1000). ``clip`` clamps the initial :math:`A^\dagger y` and the returned
+    :math:`\mu` (the official code clips when saving images).
+
+    RED-Diff returns a **point estimate** (a regularised MAP-like solution), not a posterior
+    sample: :meth:`sample` runs ``n`` optimisations with different :math:`\epsilon` draws,
+    and their spread is optimisation noise, not posterior uncertainty. Measured on the
+    32x32 Gaussian-prior demo problems (one run, defaults, 100 NFE, < 0.5 s), against the
+    exact posterior mean and the classical baseline: CT 30 views 38.7 dB (44.8, FBP 32.4),
+    MRI 4x 22.7 (22.8, zero-filled 22.0), inpainting 70 % 25.2 (31.8, 7.4), Gaussian
+    deblur 23.6 (24.5, Wiener 22.2). A smaller ``lr`` (0.02) gives CT 42.6 but slows
+    inpainting, whose unobserved pixels must travel from 0.
+
+    Cost: ``steps`` network calls, no backward pass; one ``A`` and one ``A_vjp`` per step.
+
+    :param prior: the diffusion prior.
+    :param steps: number of optimisation steps (= network calls).
+    :param lam: :math:`\lambda`, the weight of the denoising regulariser (paper: 0.25; default 0.05, see above).
+    :param lr: Adam learning rate on ``[0, 1]`` images (paper: 0.1 on ``[-1, 1]`` = 0.05 here).
+    :param v: weight of the data term (paper: 1).
+    :param weighting: SNR weighting of :func:`snr_weight` (paper default ``"linear"``).
+    :param data_weighting: ``"likelihood"`` (default, scale-aware, see above) or ``"paper"``.
+    :param schedule: ``"ddpm"`` (the paper's) or ``"karras"``; or pass ``sigmas``
+        (decreasing, ending at 0; the final 0 is not used).
+    :param noise_sigma: measurement noise std; read from ``physics.noise_model`` when ``None``.
+    :param min_noise: floor of the noise std in the likelihood (noiseless measurements).
+    :param clip: range of the initialisation and of the output, ``None`` for none.
+    :param verbose: tqdm progress bar.
+
+    Example::
+
+        >>> import torch, deepinv as dinv
+        >>> from invdiff.priors import GaussianPrior
+        >>> from invdiff.samplers.reddiff import REDDiff
+        >>> prior = GaussianPrior.stationary((1, 8, 8), length_scale=2.0)
+        >>> physics = dinv.physics.Inpainting((1, 8, 8), mask=0.5,
+        ...     noise_model=dinv.physics.GaussianNoise(0.05), rng=torch.Generator().manual_seed(0))
+        >>> g = torch.Generator().manual_seed(0)
+        >>> y = physics(prior.sample(1, g).float())
+        >>> x_hat = REDDiff(prior, steps=50)(y, physics, generator=g)
+        >>> x_hat.shape
+        torch.Size([1, 1, 8, 8])
+    """
+
+    name = "reddiff"
+
+    def __init__(
+        self,
+        prior: DiffusionPrior,
+        steps: int = 100,
+        lam: float = 0.05,
+        lr: float = 0.05,
+        v: float = 1.0,
+        weighting: str = "linear",
+        data_weighting: str = "likelihood",
+        schedule: str = "ddpm",
+        sigmas: Tensor | None = None,
+        noise_sigma: float | None = None,
+        min_noise: float = 1e-3,
+        clip: tuple[float, float] | None = (0.0, 1.0),
+        verbose: bool = False,
+    ) -> None:
+        super().__init__(prior, verbose=verbose)
+        snr_weight(1.0, weighting)  # validate
+        if data_weighting not in ("likelihood", "paper"):
+            raise ValueError(f"data_weighting must be 'likelihood' or 'paper', got {data_weighting!r}")
+        self.sigmas = make_sigmas(prior, steps, schedule, sigmas)
+        self.lam, self.lr, self.v = float(lam), float(lr), float(v)
+        self.weighting, self.data_weighting = weighting, data_weighting
+        self.noise_sigma, self.min_noise = noise_sigma, float(min_noise)
+        self.clip = clip
+
+    def _data_weight(self, y: Tensor, physics, n_pixels: int) -> float:
+        """The factor in front of ``||y - A mu||^2 / 2`` (see the class docstring)."""
+        if self.data_weighting == "paper":
+            return 2.0 * self.v * n_pixels / y[0].numel()
+        if self.noise_sigma is not None:
+            s = float(self.noise_sigma)
+        else:
+            kind, s = measurement_noise(physics)
+            if kind == "poisson":
+                raise ValueError("reddiff: Poisson noise needs an explicit noise_sigma (an equivalent Gaussian std)")
+        s = max(s, self.min_noise)
+        return self.v * 2.0 * REFERENCE_NOISE**2 / s**2
+
+    def _run(self, y: Tensor, physics, x_init: Tensor | None, generator, callback: Callable | None) -> Tensor:
+        sigmas = self.sigmas.tolist()[:-1]
+        shape = (y.shape[0], *self.prior.image_shape)
+        dtype = y.real.dtype
+        data_weight = self._data_weight(y, physics, math.prod(self.prior.image_shape))
+        # Alg. 1 line 1: mu initialised at the pseudo-inverse (or the given start)
+        mu = x_init.to(dtype) if x_init is not None else physics.A_dagger(y).to(dtype).reshape(shape)
+        if self.clip is not None:
+            mu = mu.clamp(*self.clip)
+        mu = mu.clone().requires_grad_(True)  # a leaf for Adam; gradients are set by hand
+        optimizer = torch.optim.Adam([mu], lr=self.lr, betas=(0.9, 0.99))
+        for i in self.progress(range(len(sigmas))):
+            sigma = sigmas[i]
+            # Alg. 1 lines 3-4: x_t = mu + sigma eps, eps_hat from the network (no backprop)
+            eps = randn_like(mu, generator)
+            x_t = mu.detach() + sigma * eps
+            x0 = self.denoise(x_t, sigma)
+            eps_hat = (x_t - x0) / sigma
+            # eq. 12: grad = w_t sg(eps_hat - eps) + v A^T (A mu - y) * data weight
+            w_t = self.lam * snr_weight(sigma, self.weighting)
+            residual = physics.A(mu.detach()) - y
+            grad_data = physics.A_vjp(mu.detach(), residual).real.to(dtype)
+            mu.grad = w_t * (eps_hat - eps) + data_weight * grad_data
+            optimizer.step()  # Alg. 1 line 5
+            self.check_finite(mu, i, sigma)
+            self._info.steps += 1
+            if callback is not None:
+                callback(dict(i=i, sigma=sigma, x=mu.detach(), x0=x0))
+        out = mu.detach()
+        return out.clamp(*self.clip) if self.clip is not None else out
