@@ -39,8 +39,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    names = tuple(n.strip() for n in args.samplers.split(",") if n.strip()) if args.samplers else None
     run_demo(out=Path(args.out), size=args.size, steps=args.steps, samples=args.samples,
-             device=args.device, seed=args.seed, verbose=args.verbose)
+             device=args.device, seed=args.seed, verbose=args.verbose, sampler_names=names)
     return 0
 
 
@@ -51,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="reconstruct built-in test problems offline and write a figure")
     p.add_argument("--out", default="invdiff-demo", help="output folder (default: ./invdiff-demo)")
     p.add_argument("--size", type=int, default=32, help="image side (default 32)")
-    p.add_argument("--steps", type=int, default=200, help="sampler steps (default 200)")
+    p.add_argument("--steps", type=int, default=None, help="override every sampler's steps (default: each sampler's own)")
+    p.add_argument("--samplers", default=None, help="comma-separated sampler names (default: all)")
     p.add_argument("--samples", type=int, default=8, help="posterior samples per image (default 8)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)

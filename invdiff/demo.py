@@ -4,7 +4,8 @@ Until the shipped CT / MRI priors exist, the demo runs on an analytic prior whos
 posterior is known: a smooth stationary Gaussian image prior. Ground-truth images are
 drawn from it with held-out seeds, measured with each task's operator, and reconstructed
 with the classical baseline (``physics.A_dagger``: FBP, zero-filled IFFT, Wiener, ...),
-with DPS (the mean of a few posterior samples, and their per-pixel std), and with the
+with every registered sampler (the mean of a few posterior samples, and their per-pixel
+std), and with the
 exact posterior mean, the best any sampler can do on average.
 """
 
@@ -43,86 +44,104 @@ def _save_png_atomic(fig, path: Path) -> None:
 def run_demo(
     out: Path = Path("invdiff-demo"),
     size: int = 32,
-    steps: int = 200,
+    steps: int | None = None,
     samples: int = 8,
     device: str = "cpu",
     seed: int = 0,
     verbose: bool = False,
     tasks: tuple[str, ...] = DEMO_TASKS,
+    sampler_names: tuple[str, ...] | None = None,
 ) -> list[dict]:
-    """Run the demo and return its table rows (one dict per task)."""
+    """Run the demo; return one row per (task, sampler) with PSNR/SSIM, seconds and NFE.
+
+    :param steps: overrides every sampler's ``steps`` (each sampler's own default otherwise).
+    :param sampler_names: samplers to run (default: all of ``samplers.available()``).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from . import operators
+    from . import operators, samplers
     from .priors import GaussianPrior
-    from .samplers import DPS
 
     if size < 16:
         raise ValueError(f"--size must be at least 16, got {size}")
+    names = tuple(sampler_names) if sampler_names else tuple(sorted(samplers.available(), key=lambda n: n != "dps"))
+    for name in names:
+        samplers.get(name)  # unknown names fail before any work
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.device(device)
     shape = (1, size, size)
-    prior = GaussianPrior.stationary(shape, length_scale=size / 12, variance=0.02, mean=0.5)
+    prior = GaussianPrior.stationary(shape, length_scale=size / 12, variance=0.02, mean=0.5).to(dev)
     truth = prior.sample(1, torch.Generator().manual_seed(10_000 + seed)).float()  # held-out seed
-    sampler = DPS(prior.to(dev), steps=steps, clip=None, verbose=verbose)
+    overrides = {} if steps is None else {"steps": steps}
+    runners = {name: samplers.make(name, prior, verbose=verbose, **overrides) for name in names}
 
-    rows, panels = [], []
     print(f"invdiff demo: Gaussian prior {size}x{size} (analytic; exact posterior known), "
-          f"DPS {steps} steps x {samples} samples, device {device}")
+          f"samplers {', '.join(names)}, mean of {samples} samples, device {device}")
+    rows, panels = [], []
     for task in tasks:
         physics = operators.make(task, img_size=shape, seed=seed)
         y = physics(truth, seed=seed + 1)  # reproducible measurement noise
         start = time.perf_counter()
         baseline = physics.A_dagger(y)
         t_base = time.perf_counter() - start
-        physics_dev = physics.to(dev)
-        post = sampler.sample(y.to(dev), physics_dev, n=samples, generator=torch.Generator(dev).manual_seed(seed))
-        info = sampler.last_run
-        kind_sigma = float(getattr(physics.noise_model, "sigma", 0.0))
-        exact = prior.posterior(y, physics.to("cpu"), kind_sigma) if kind_sigma > 0 else None
-        row = dict(task=task, baseline=_metrics(baseline, truth), dps=_metrics(post.mean.cpu(), truth),
-                   exact=_metrics(exact.mean, truth) if exact is not None else (float("nan"),) * 2,
-                   baseline_s=t_base, dps_s=info.wall_time, nfe=info.nfe)
-        rows.append(row)
-        panels.append((task, baseline, post, exact))
+        noise_sigma = float(getattr(physics.noise_model, "sigma", 0.0))
+        exact = prior.posterior(y, physics, noise_sigma) if noise_sigma > 0 else None
+        results = {}
+        for name, sampler in runners.items():
+            post = sampler.sample(y.to(dev), physics.to(dev), n=samples, generator=torch.Generator(dev).manual_seed(seed))
+            info = sampler.last_run
+            results[name] = post
+            rows.append(dict(task=task, sampler=name, psnr_ssim=_metrics(post.mean.cpu(), truth),
+                             seconds=info.wall_time, nfe=info.nfe))
+        rows.append(dict(task=task, sampler="baseline", psnr_ssim=_metrics(baseline, truth), seconds=t_base, nfe=0))
+        if exact is not None:
+            rows.append(dict(task=task, sampler="exact", psnr_ssim=_metrics(exact.mean, truth), seconds=0.0, nfe=0))
+        panels.append((task, baseline, results, exact))
 
-    header = ("| task | baseline PSNR / SSIM | DPS PSNR / SSIM | exact posterior mean | DPS s (NFE) |\n"
-              "|---|---|---|---|---|")
-    lines = [header] + [
-        f"| {r['task']} | {r['baseline'][0]:.2f} / {r['baseline'][1]:.3f} | {r['dps'][0]:.2f} / {r['dps'][1]:.3f} "
-        f"| {r['exact'][0]:.2f} / {r['exact'][1]:.3f} | {r['dps_s']:.1f} ({r['nfe']}) |"
-        for r in rows
-    ]
+    columns = ["baseline", *names, "exact"]
+    cell = {(r["task"], r["sampler"]): r for r in rows}
+    header = "| task | baseline (A_dagger) | " + " | ".join(names) + " | exact posterior mean |"
+    lines = [header, "|" + "---|" * (len(columns) + 1)]
+    for task in tasks:
+        parts = []
+        for c in columns:
+            r = cell.get((task, c))
+            parts.append("n/a" if r is None else f"{r['psnr_ssim'][0]:.2f} / {r['psnr_ssim'][1]:.3f}")
+        lines.append(f"| {task} | " + " | ".join(parts) + " |")
+    lines.append("")
+    lines.append("PSNR (dB) / SSIM of the mean of the samples. Seconds (NFE) per task for all samples: "
+                 + "; ".join(f"{n} {sum(r['seconds'] for r in rows if r['sampler'] == n) / len(tasks):.1f} s "
+                             f"({cell[(tasks[0], n)]['nfe']})" for n in names))
     table = "\n".join(lines)
     print(table)
 
-    cols = ["ground truth", "baseline (A_dagger)", f"DPS mean of {samples}", "|DPS - truth|", "DPS std",
-            "exact posterior std"]
-    fig, axes = plt.subplots(len(panels), len(cols), figsize=(2.1 * len(cols), 2.2 * len(panels)), squeeze=False)
-    for r, (task, baseline, post, exact) in enumerate(panels):
-        mean = post.mean.cpu()
-        std = post.std.cpu()
-        imgs = [truth, baseline, mean, (mean - truth).abs(), std,
-                exact.std if exact is not None else torch.zeros_like(std)]
-        vmax_std = float(max(std.max(), imgs[-1].max(), 1e-6))
+    cols = ["ground truth", "baseline"] + [f"{n} mean" for n in names] + [f"{names[0]} std", "exact std"]
+    fig, axes = plt.subplots(len(panels), len(cols), figsize=(1.9 * len(cols), 2.0 * len(panels)), squeeze=False)
+    for r, (task, baseline, results, exact) in enumerate(panels):
+        first = results[names[0]]
+        std = first.std.cpu()
+        exact_std = exact.std.float() if exact is not None else torch.zeros_like(std)
+        imgs = [truth, baseline] + [results[n].mean.cpu() for n in names] + [std, exact_std]
+        vmax_std = float(max(std.max(), exact_std.max(), 1e-6))
         for c, img in enumerate(imgs):
             ax = axes[r, c]
-            lim = (0, 1) if c < 3 else (0, vmax_std if c >= 4 else 0.3)
-            ax.imshow(img[0, 0].float().cpu().numpy(), cmap="gray" if c < 3 else "magma", vmin=lim[0], vmax=lim[1])
+            is_std = c >= len(cols) - 2
+            ax.imshow(img[0, 0].float().cpu().numpy(), cmap="magma" if is_std else "gray",
+                      vmin=0, vmax=vmax_std if is_std else 1)
             ax.set_xticks([]), ax.set_yticks([])
             if r == 0:
                 ax.set_title(cols[c], fontsize=8)
+            label = ("baseline" if c == 1 else names[c - 2]) if 1 <= c < len(cols) - 2 else None
+            if label is not None:
+                ax.text(1, 1, f"{cell[(task, label)]['psnr_ssim'][0]:.1f} dB", color="yellow", fontsize=7, va="top")
         axes[r, 0].set_ylabel(task, fontsize=8)
-        axes[r, 1].text(1, 1, f"{rows[r]['baseline'][0]:.1f} dB", color="yellow", fontsize=7, va="top")
-        axes[r, 2].text(1, 1, f"{rows[r]['dps'][0]:.1f} dB", color="yellow", fontsize=7, va="top")
     fig.tight_layout()
     _save_png_atomic(fig, out / "demo.png")
     plt.close(fig)
     (out / "demo.md").write_text(table + "\n")
     print(f"wrote {out / 'demo.png'} and {out / 'demo.md'}")
     return rows
-
