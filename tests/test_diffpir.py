@@ -1,5 +1,3 @@
-import math
-
 import deepinv as dinv
 import pytest
 import torch
@@ -7,8 +5,6 @@ from conftest import gaussian_inpainting_problem
 
 from invdiff import operators
 from invdiff.priors import GaussianPrior
-from invdiff.priors.base import DiffusionPrior
-from invdiff.samplers import SamplerDivergedError
 from invdiff.samplers.diffpir import DiffPIR, has_closed_form_prox, quad_sigmas
 
 
@@ -98,49 +94,12 @@ def test_same_seed_same_output_and_nfe_accounting():
     assert sampler.last_run.nfe == 20 and sampler.last_run.batch == 3 and (out.std > 0).all()
 
 
-def test_global_rng_untouched():
-    prior, physics, x, y = gaussian_inpainting_problem(shape=(1, 8, 8))
-    torch.manual_seed(123)
-    before = torch.get_rng_state()
-    DiffPIR(prior, steps=5)(y, physics, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(before, torch.get_rng_state())
-
-
-class _NaNBelow(DiffusionPrior):
-    """A prior whose denoiser returns NaN below a noise level (a broken network)."""
-
-    def __init__(self, inner, threshold):
-        super().__init__(inner.image_shape, sigma_data=inner.sigma_data)
-        self.inner, self.threshold = inner, threshold
-
-    def _denoise(self, x, sigma):
-        out = self.inner.denoise(x, sigma)
-        return out * float("nan") if float(sigma.max()) < self.threshold else out
-
-
-def test_divergence_names_the_step():
-    prior, physics, x, y = gaussian_inpainting_problem(shape=(1, 8, 8))
-    sampler = DiffPIR(_NaNBelow(prior, 1.0), steps=10, clip=None)
-    with pytest.raises(SamplerDivergedError, match=r"diffpir: diverged at step \d+ \(sigma=0\.\d+"):
-        sampler(y, physics, generator=torch.Generator().manual_seed(0))
-    assert 1 < sampler.last_run.nfe < 10
-
-
 def test_bad_arguments():
     prior, physics, x, y = gaussian_inpainting_problem(shape=(1, 8, 8))
     with pytest.raises(ValueError, match="zeta"):
         DiffPIR(prior, zeta=2.0)
     with pytest.raises(ValueError, match="data_solver"):
         DiffPIR(prior, data_solver="magic")
-
-
-def test_diffpir_inside_deepinv_test():
-    prior, physics, x, y = gaussian_inpainting_problem(shape=(1, 8, 8))
-    images = prior.sample(4, torch.Generator().manual_seed(5)).float()
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, torch.zeros(4)), batch_size=2)
-    metrics = dinv.test(DiffPIR(prior, steps=20), loader, physics, metrics=[dinv.metric.PSNR()],
-                        online_measurements=True, device="cpu", verbose=False, plot_images=False)
-    assert math.isfinite(metrics["PSNR"]) and metrics["PSNR"] > metrics["PSNR no learning"]
 
 
 @pytest.mark.slow
