@@ -27,3 +27,23 @@ def gaussian_inpainting_problem(shape=(1, 16, 16), noise_sigma=0.05, seed=0, mis
         shape, mask=mask, noise_model=dinv.physics.GaussianNoise(noise_sigma, rng=torch.Generator().manual_seed(seed + 1))
     )
     return prior, physics, x, physics(x)
+
+
+def gaussian_blur_problem(prior, x, noise_sigma=0.05, seed=4):
+    """Gaussian blur (std 1, circular BlurFFT) with seeded Gaussian noise, and its measurement of ``x``."""
+    physics = dinv.physics.BlurFFT(
+        prior.image_shape,
+        filter=dinv.physics.functional.blur.gaussian_blur(sigma=1.0),
+        noise_model=dinv.physics.GaussianNoise(noise_sigma, rng=torch.Generator().manual_seed(seed)),
+    )
+    return physics, physics(x)
+
+
+def rel_err(est, exact, ref):
+    """``||est - exact|| / ||ref - exact||``: 0 is exact, 1 is no better than ``ref``."""
+    return ((est - exact).norm() / (ref - exact).norm()).item()
+
+
+def psnr(a, b):
+    """PSNR in dB for images on [0, 1]."""
+    return (10 * torch.log10(1 / ((a - b) ** 2).mean())).item()

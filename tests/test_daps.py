@@ -1,16 +1,12 @@
 import deepinv as dinv
 import pytest
 import torch
-from conftest import gaussian_inpainting_problem
+from conftest import gaussian_blur_problem, gaussian_inpainting_problem, rel_err
 
 from invdiff import operators
 from invdiff.priors import GaussianPrior
 from invdiff.samplers import SamplerDivergedError
 from invdiff.samplers.daps import DAPS, ode_x0
-
-
-def _rel_err(est, exact, ref):
-    return ((est - exact).norm() / (ref - exact).norm()).item()
 
 
 @pytest.mark.parametrize("operator", ["inpainting", "blur"])
@@ -23,14 +19,11 @@ def test_daps_recovers_gaussian_posterior(operator):
     """
     prior, physics, x, y = gaussian_inpainting_problem()
     if operator == "blur":
-        kernel = dinv.physics.functional.blur.gaussian_blur(sigma=1.0)
-        physics = dinv.physics.BlurFFT(prior.image_shape, filter=kernel,
-                                       noise_model=dinv.physics.GaussianNoise(0.05, rng=torch.Generator().manual_seed(4)))
-        y = physics(x)
+        physics, y = gaussian_blur_problem(prior, x)
     post = prior.posterior(y, physics, 0.05)
     out = DAPS(prior, clip=None).sample(y, physics, n=16, generator=torch.Generator().manual_seed(2))
     prior_mean = prior.means.reshape(1, *prior.image_shape).float()
-    err = _rel_err(out.mean, post.mean.float(), prior_mean)
+    err = rel_err(out.mean, post.mean.float(), prior_mean)
     ratio = (out.std.mean() / post.std.mean()).item()
     assert err < 0.13, f"relative error of the posterior mean {err:.3f}"
     assert 1.0 < ratio < 2.0, f"std ratio {ratio:.3f}"

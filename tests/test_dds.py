@@ -1,26 +1,12 @@
 import deepinv as dinv
 import pytest
 import torch
-from conftest import gaussian_inpainting_problem
+from conftest import gaussian_blur_problem, gaussian_inpainting_problem, psnr, rel_err
 
 from invdiff import operators
 from invdiff.priors import GaussianPrior
 from invdiff.samplers._steps import proximal_least_squares
 from invdiff.samplers.dds import DDS
-
-
-def _rel_err(est, exact, ref):
-    return ((est - exact).norm() / (ref - exact).norm()).item()
-
-
-def _psnr(a, b):
-    return (10 * torch.log10(1 / ((a - b) ** 2).mean())).item()
-
-
-def _blur_problem(prior, x):
-    physics = dinv.physics.BlurFFT(prior.image_shape, filter=dinv.physics.functional.blur.gaussian_blur(sigma=1.0),
-                                   noise_model=dinv.physics.GaussianNoise(0.05, rng=torch.Generator().manual_seed(4)))
-    return physics, physics(x)
 
 
 @pytest.mark.parametrize("operator, tol", [("inpainting", 0.12), pytest.param("blur", 0.17, marks=pytest.mark.slow)])
@@ -34,22 +20,22 @@ def test_dds_estimate_near_gaussian_posterior_mean(operator, tol):
     """
     prior, physics, x, y = gaussian_inpainting_problem()
     if operator == "blur":
-        physics, y = _blur_problem(prior, x)
+        physics, y = gaussian_blur_problem(prior, x)
     post = prior.posterior(y, physics, 0.05)
     out = DDS(prior, clip=None).sample(y, physics, n=32, generator=torch.Generator().manual_seed(2))
     prior_mean = prior.means.reshape(1, *prior.image_shape).float()
-    err = _rel_err(out.mean, post.mean.float(), prior_mean)
+    err = rel_err(out.mean, post.mean.float(), prior_mean)
     ratio = (out.std.mean() / post.std.mean()).item()
     assert err < tol, f"relative error of the posterior mean {err:.3f}"
     assert 0.4 < ratio < 1.1, f"std ratio {ratio:.3f}"
-    assert _rel_err(physics.A_adjoint(y), post.mean.float(), prior_mean) > 2 * err
+    assert rel_err(physics.A_adjoint(y), post.mean.float(), prior_mean) > 2 * err
 
 
 def test_converged_cg_data_step_solves_the_proximal_equations():
     """The CG data step with many iterations solves (I + gamma A^T A) x = z + gamma A^T y
     exactly (checked against a dense solve with the operator's matrix)."""
     prior, physics, x, y = gaussian_inpainting_problem(shape=(1, 8, 8))
-    blur, yb = _blur_problem(prior, x)
+    blur, yb = gaussian_blur_problem(prior, x)
     z = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     ybd = yb.double()
     sol = proximal_least_squares(blur, z, ybd, 7.0, iterations=200, tol=1e-12)
@@ -109,4 +95,4 @@ def test_dds_beats_the_baseline_on_ct_and_mri(task):
     physics = operators.make(task, img_size=(1, 32, 32), seed=0)
     y = physics(truth, seed=1)
     out = DDS(prior).sample(y, physics, n=8, generator=torch.Generator().manual_seed(0))
-    assert _psnr(out.mean, truth) > _psnr(physics.A_dagger(y), truth) + 0.3
+    assert psnr(out.mean, truth) > psnr(physics.A_dagger(y), truth) + 0.3

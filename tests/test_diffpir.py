@@ -1,25 +1,10 @@
-import deepinv as dinv
 import pytest
 import torch
-from conftest import gaussian_inpainting_problem
+from conftest import gaussian_blur_problem, gaussian_inpainting_problem, psnr, rel_err
 
 from invdiff import operators
 from invdiff.priors import GaussianPrior
 from invdiff.samplers.diffpir import DiffPIR, has_closed_form_prox, quad_sigmas
-
-
-def _rel_err(est, exact, ref):
-    return ((est - exact).norm() / (ref - exact).norm()).item()
-
-
-def _psnr(a, b):
-    return (10 * torch.log10(1 / ((a - b) ** 2).mean())).item()
-
-
-def _blur_problem(prior, x):
-    physics = dinv.physics.BlurFFT(prior.image_shape, filter=dinv.physics.functional.blur.gaussian_blur(sigma=1.0),
-                                   noise_model=dinv.physics.GaussianNoise(0.05, rng=torch.Generator().manual_seed(4)))
-    return physics, physics(x)
 
 
 @pytest.mark.parametrize("operator, kwargs, tol, ratio_range", [
@@ -38,11 +23,11 @@ def test_diffpir_recovers_gaussian_posterior(operator, kwargs, tol, ratio_range)
     """
     prior, physics, x, y = gaussian_inpainting_problem()
     if operator == "blur":
-        physics, y = _blur_problem(prior, x)
+        physics, y = gaussian_blur_problem(prior, x)
     post = prior.posterior(y, physics, 0.05)
     out = DiffPIR(prior, clip=None, **kwargs).sample(y, physics, n=32, generator=torch.Generator().manual_seed(2))
     prior_mean = prior.means.reshape(1, *prior.image_shape).float()
-    err = _rel_err(out.mean, post.mean.float(), prior_mean)
+    err = rel_err(out.mean, post.mean.float(), prior_mean)
     ratio = (out.std.mean() / post.std.mean()).item()
     assert err < tol, f"relative error of the posterior mean {err:.3f}"
     assert ratio_range[0] < ratio < ratio_range[1], f"std ratio {ratio:.3f}"
@@ -115,4 +100,4 @@ def test_diffpir_beats_the_baseline_on_ct_and_mri(task):
     physics = operators.make(task, img_size=(1, 32, 32), seed=0)
     y = physics(truth, seed=1)
     out = DiffPIR(prior).sample(y, physics, n=8, generator=torch.Generator().manual_seed(0))
-    assert _psnr(out.mean, truth) > _psnr(physics.A_dagger(y), truth) + 0.3
+    assert psnr(out.mean, truth) > psnr(physics.A_dagger(y), truth) + 0.3

@@ -3,15 +3,11 @@ import math
 import deepinv as dinv
 import pytest
 import torch
-from conftest import gaussian_inpainting_problem
+from conftest import gaussian_blur_problem, gaussian_inpainting_problem, rel_err
 
 from invdiff.priors import GaussianMixturePrior, GaussianPrior
 from invdiff.samplers import DPS, SamplerDivergedError
 from invdiff.samplers._steps import ddpm_sigmas
-
-
-def _rel_err(est, exact, ref):
-    return ((est - exact).norm() / (ref - exact).norm()).item()
 
 
 @pytest.mark.parametrize("operator", ["inpainting", "blur"])
@@ -24,21 +20,18 @@ def test_dps_recovers_gaussian_posterior(operator):
     """
     prior, physics, x, y = gaussian_inpainting_problem()
     if operator == "blur":
-        shape = prior.image_shape
-        physics = dinv.physics.BlurFFT(shape, filter=dinv.physics.functional.blur.gaussian_blur(sigma=1.0),
-                                       noise_model=dinv.physics.GaussianNoise(0.05, rng=torch.Generator().manual_seed(4)))
-        y = physics(x)
+        physics, y = gaussian_blur_problem(prior, x)
     s = float(physics.noise_model.sigma)
     post = prior.posterior(y, physics, s)
     sampler = DPS(prior, steps=100, clip=None)
     out = sampler.sample(y, physics, n=32, generator=torch.Generator().manual_seed(2))
     prior_mean = prior.means.reshape(1, *prior.image_shape).float()
-    err = _rel_err(out.mean, post.mean.float(), prior_mean)
+    err = rel_err(out.mean, post.mean.float(), prior_mean)
     ratio = (out.std.mean() / post.std.mean()).item()
     assert err < 0.2, f"relative error of the posterior mean {err:.3f}"
     assert 0.7 < ratio < 1.5, f"std ratio {ratio:.3f}"
     # and far better than the trivial estimates
-    assert _rel_err(physics.A_adjoint(y), post.mean.float(), prior_mean) > 2 * err
+    assert rel_err(physics.A_adjoint(y), post.mean.float(), prior_mean) > 2 * err
 
 
 def test_dps_on_gaussian_mixture_picks_the_mode():

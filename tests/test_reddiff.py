@@ -3,23 +3,13 @@ import math
 import deepinv as dinv
 import pytest
 import torch
-from conftest import gaussian_inpainting_problem
+from conftest import gaussian_blur_problem, gaussian_inpainting_problem, rel_err
 
 from invdiff import operators
 from invdiff.priors import GaussianPrior
 from invdiff.samplers import SamplerDivergedError
 from invdiff.samplers.reddiff import REDDiff, snr_weight
 from invdiff.samplers._steps import ddpm_sigmas
-
-
-def _rel_err(est, exact, ref):
-    return ((est - exact).norm() / (ref - exact).norm()).item()
-
-
-def _blur_problem(prior, x):
-    physics = dinv.physics.BlurFFT(prior.image_shape, filter=dinv.physics.functional.blur.gaussian_blur(sigma=1.0),
-                                   noise_model=dinv.physics.GaussianNoise(0.05, rng=torch.Generator().manual_seed(4)))
-    return physics, physics(x)
 
 
 @pytest.mark.parametrize("operator", ["inpainting", "blur"])
@@ -32,14 +22,14 @@ def test_reddiff_point_estimate_near_gaussian_posterior_mean(operator):
     """
     prior, physics, x, y = gaussian_inpainting_problem()
     if operator == "blur":
-        physics, y = _blur_problem(prior, x)
+        physics, y = gaussian_blur_problem(prior, x)
     post = prior.posterior(y, physics, 0.05)
     prior_mean = prior.means.reshape(1, *prior.image_shape).float()
     sampler = REDDiff(prior, clip=None)
     mu = sampler(y, physics, generator=torch.Generator().manual_seed(2))
-    err = _rel_err(mu, post.mean.float(), prior_mean)
+    err = rel_err(mu, post.mean.float(), prior_mean)
     assert err < 0.3, f"relative error of the point estimate {err:.3f}"
-    assert _rel_err(physics.A_dagger(y), post.mean.float(), prior_mean) > 2 * err
+    assert rel_err(physics.A_dagger(y), post.mean.float(), prior_mean) > 2 * err
 
 
 def test_snr_weight_is_the_paper_linear_weight_in_ve():
