@@ -6,10 +6,16 @@ Every command exits non-zero with a one-line ``invdiff: error: ...`` message on 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
-__all__ = ["main"]
+__all__ = ["main", "build_parser"]
+
+#: Modules that add their own subcommands: each defines ``register(subparsers)``, which adds
+#: its parsers with ``set_defaults(func=...)``. Keep their top-level imports light (import
+#: torch-heavy code inside the command functions) so ``invdiff --help`` stays fast.
+COMMAND_MODULES: tuple[str, ...] = ()
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -63,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="list operators, samplers and priors")
     p.add_argument("what", nargs="?", default="all", choices=["all", "operators", "samplers", "priors"])
     p.set_defaults(func=_cmd_list)
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
     return parser
 
 
