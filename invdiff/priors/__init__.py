@@ -10,6 +10,7 @@ from .adapters import DenoiserPrior
 from .adm import ADMConfig, ADMPrior, GuidedDiffusionUNet, get_named_beta_schedule
 from .analytic import GaussianMixturePosterior, GaussianMixturePrior, GaussianPrior, operator_matrix
 from .base import DiffusionPrior, as_sigma
+from .edm import EDMPrior, small_unet_config
 from .loading import PriorFamily, available, extract_state_dict, families, load, model_card, register_family, save
 
 __all__ = [
@@ -24,6 +25,8 @@ __all__ = [
     "ADMPrior",
     "GuidedDiffusionUNet",
     "get_named_beta_schedule",
+    "EDMPrior",
+    "small_unet_config",
     "load",
     "save",
     "available",

@@ -1,0 +1,1 @@
+"""Training diffusion priors (EDM denoiser loss) on your own images or the built-in generators."""

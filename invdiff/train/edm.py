@@ -1,0 +1,440 @@
+"""Train an :class:`~invdiff.priors.EDMPrior` with the EDM denoising loss.
+
+The loss of Karras et al. (2022, eq. 2 and table 1), on ``[0, 1]`` images:
+
+.. math::
+
+    \\mathcal{L} = \\mathbb{E}_{x_0, \\sigma, n}\\Big[\\lambda(\\sigma)\\,
+        \\big\\| D_\\theta(x_0 + \\sigma n, \\sigma) - x_0 \\big\\|^2\\Big], \\qquad
+    \\ln \\sigma \\sim \\mathcal{N}(P_\\text{mean}, P_\\text{std}^2), \\qquad
+    \\lambda(\\sigma) = \\frac{\\sigma^2 + \\sigma_d^2}{(\\sigma \\sigma_d)^2},
+
+with ``P_mean = -1.2 + ln(1/2)`` and ``P_std = 1.2`` (EDM's values on ``[-1, 1]`` moved
+to ``[0, 1]``, where every noise level is halved), Adam with a linear learning-rate
+warm-up, gradient clipping, and an exponential moving average of the weights with EDM's
+half-life rule (``ema_halflife`` images, ramped up as ``ema_rampup`` x images seen).
+Augmentations (random flips, 90-degree rotations, small rotations through kornia) are
+drawn from the run's own generator.
+
+Every random draw (batch indices, augmentations, noise levels, noise) comes from one
+``torch.Generator`` seeded by ``seed`` whose state is saved in each checkpoint, so a run
+resumed from a checkpoint continues exactly as if it had not stopped.
+
+On CUDA the network runs under bf16 autocast in ``channels_last`` layout.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import shlex
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from ..priors.adm import GuidedDiffusionUNet
+from ..priors.edm import EDMPrior, small_unet_config
+from ..priors.loading import save
+
+__all__ = ["TrainConfig", "TrainResult", "train", "training_images", "denoising_psnr", "AUGMENTATIONS"]
+
+#: Augmentations accepted in :attr:`TrainConfig.augment`.
+AUGMENTATIONS = ("hflip", "vflip", "rot90", "rotate")
+
+_DESCRIPTIONS = {
+    "ct-phantom": "procedural anatomical CT slices (invdiff.data.phantoms.ct, seed 0, stream 0), "
+                  "HU window [-1000, 1000] -> [0, 1]",
+    "mri-brain": "MNI152 T1 template slices shipped by nilearn (axial, coronal, sagittal; "
+                 "held-out slices and a 3 mm guard band excluded), 99.5th percentile -> 1",
+}
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a training run (saved in checkpoints and model cards).
+
+    :param data: ``"ct-phantom"``, ``"mri-brain"`` or a folder of images (PNG/TIFF,
+        DICOM, NIfTI; read with :func:`invdiff.io.read_image_folder`).
+    :param size: image side; folder images are resized (anti-aliased) to it.
+    :param channels: image channels.
+    :param width: base width of the U-Net (:func:`~invdiff.priors.small_unet_config`).
+    :param patch: pixel-unshuffle factor of the network input (see :class:`~invdiff.priors.EDMPrior`).
+    :param steps: optimisation steps.
+    :param batch: images per step.
+    :param lr: Adam learning rate (after ``warmup`` steps of linear warm-up).
+    :param ema_halflife: EMA half-life in images (EDM: 500k at batch 512; short runs need
+        less).
+    :param ema_rampup: EDM's EMA ramp-up ratio (half-life at most ``rampup`` x images seen).
+    :param p_mean, p_std: log-normal noise-level distribution.
+    :param augment: subset of :data:`AUGMENTATIONS`; ``rotate`` draws angles in
+        ``[-rotate_degrees, rotate_degrees]``.
+    :param n_images: size of the training pool for generated data (phantoms).
+    :param seed: seed of every random draw.
+    """
+
+    data: str = "ct-phantom"
+    size: int = 64
+    channels: int = 1
+    width: int = 32
+    patch: int = 2
+    steps: int = 2000
+    batch: int = 16
+    lr: float = 5e-4
+    warmup: int = 100
+    grad_clip: float = 1.0
+    ema_halflife: float = 5_000.0
+    ema_rampup: float = 0.1
+    p_mean: float = -1.2 + math.log(0.5)
+    p_std: float = 1.2
+    augment: tuple[str, ...] = ("hflip",)
+    rotate_degrees: float = 8.0
+    n_images: int = 4096
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.augment = tuple(self.augment)
+        bad = set(self.augment) - set(AUGMENTATIONS)
+        if bad:
+            raise ValueError(f"unknown augmentations {sorted(bad)}; choose from {', '.join(AUGMENTATIONS)}")
+        if self.size < 8 or self.size & (self.size - 1):
+            raise ValueError(f"size must be a power of two >= 8, got {self.size}")
+        if self.steps < 1 or self.batch < 1:
+            raise ValueError(f"steps and batch must be positive, got {self.steps}, {self.batch}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["augment"] = list(self.augment)
+        return d
+
+    def same_run(self, other: "TrainConfig") -> list[str]:
+        """Fields (other than ``steps``) in which two configs differ."""
+        a, b = self.to_dict(), other.to_dict()
+        return [k for k in a if k != "steps" and a[k] != b[k]]
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns."""
+
+    prior: EDMPrior
+    path: Path | None
+    card: dict[str, Any]
+    losses: list[float] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------
+# data
+# ----------------------------------------------------------------------------------
+
+
+def training_images(config: TrainConfig) -> Tensor:
+    """The training pool ``(N, C, size, size)`` in ``[0, 1]`` for ``config.data``."""
+    from .. import data as builtin
+
+    if config.data in builtin.DATASETS:
+        n = config.n_images if config.data == "ct-phantom" else None
+        x = builtin.training(config.data, n, size=config.size)
+    else:
+        folder = Path(config.data)
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"training data {config.data!r} is neither a built-in dataset "
+                f"({', '.join(builtin.DATASETS)}) nor a folder"
+            )
+        from ..io import read_image_folder
+
+        items = read_image_folder(folder)
+        if not items:
+            raise ValueError(f"{folder}: no readable images")
+        resized = []
+        for ident, img in items:
+            if img.shape[0] != config.channels:
+                raise ValueError(f"{folder}/{ident}: {img.shape[0]} channels, expected {config.channels}")
+            resized.append(torch.nn.functional.interpolate(img[None].float(), size=(config.size, config.size),
+                                                           mode="bilinear", antialias=True, align_corners=False)[0])
+        x = torch.stack(resized).clamp(0, 1)
+    if x.shape[1] != config.channels:
+        raise ValueError(f"{config.data}: images have {x.shape[1]} channels, config says {config.channels}")
+    return x.contiguous()
+
+
+def _augment(x: Tensor, config: TrainConfig, g: torch.Generator) -> Tensor:
+    b = x.shape[0]
+    if "hflip" in config.augment:
+        flip = torch.rand(b, generator=g) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    if "vflip" in config.augment:
+        flip = torch.rand(b, generator=g) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-2), x)
+    if "rot90" in config.augment:
+        k = torch.randint(0, 4, (b,), generator=g)
+        x = torch.stack([torch.rot90(xi, int(ki), dims=(-2, -1)) for xi, ki in zip(x, k)])
+    if "rotate" in config.augment:
+        from kornia.geometry.transform import rotate
+
+        angle = (torch.rand(b, generator=g) * 2 - 1) * config.rotate_degrees
+        x = rotate(x, angle.to(x.dtype), padding_mode="zeros").clamp(0, 1)
+    return x
+
+
+# ----------------------------------------------------------------------------------
+# checkpoints
+# ----------------------------------------------------------------------------------
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same message
+        raise ValueError(f"{path}: not a readable invdiff training checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != "invdiff-train-checkpoint":
+        raise ValueError(f"{path}: not an invdiff training checkpoint")
+    return ckpt
+
+
+# ----------------------------------------------------------------------------------
+# evaluation
+# ----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def denoising_psnr(prior: EDMPrior, images: Tensor, sigma: float, seed: int = 0, batch: int = 32) -> float:
+    """Mean PSNR (dB, peak 1) of ``prior.denoise(x + sigma n, sigma)`` against ``x``."""
+    g = torch.Generator().manual_seed(seed)
+    device = next(prior.parameters()).device
+    vals = []
+    for chunk in images.split(batch):
+        noise = torch.randn(chunk.shape, generator=g)
+        out = prior.denoise((chunk + sigma * noise).to(device), sigma).clamp(0, 1).cpu()
+        mse = (out - chunk).square().flatten(1).mean(1)
+        vals.append(-10 * torch.log10(mse))
+    return float(torch.cat(vals).mean())
+
+
+# ----------------------------------------------------------------------------------
+# the loop
+# ----------------------------------------------------------------------------------
+
+
+def _ema_beta(config: TrainConfig, images_seen: int) -> float:
+    halflife = min(config.ema_halflife, images_seen * config.ema_rampup) if config.ema_rampup else config.ema_halflife
+    return 0.5 ** (config.batch / max(halflife, 1e-8))
+
+
+def train(
+    config: TrainConfig,
+    out: str | os.PathLike | None = None,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 500,
+    resume: bool = False,
+    device: str | torch.device = "cpu",
+    time_limit: float | None = None,
+    name: str | None = None,
+    command: str | None = None,
+    progress: bool = True,
+    images: Tensor | None = None,
+) -> TrainResult:
+    """Train an EDM prior; write it to ``out`` (``.safetensors`` + ``.md`` model card).
+
+    :param config: the run (see :class:`TrainConfig`).
+    :param out: where to write the trained prior (the EMA weights); ``None`` to only return it.
+    :param checkpoint: training checkpoint file (default ``<out>.ckpt``), written every
+        ``checkpoint_every`` steps and at the end (``torch.save`` of tensors only, read
+        back with ``weights_only=True``).
+    :param resume: continue from ``checkpoint``; its config must match ``config`` except
+        ``steps`` (an error lists the differing fields).
+    :param device: ``"cpu"`` or ``"cuda"``.
+    :param time_limit: stop (cleanly, with a checkpoint and an output file) after this
+        many minutes; the card records the steps actually done.
+    :param name: prior name for the card (default: the file stem).
+    :param command: the command line recorded in the card (default: ``sys.argv``); ``{steps}``
+        in it is replaced by the number of steps trained.
+    :param images: training images to use instead of :func:`training_images` (tests).
+    :raises ValueError: mismatched or unreadable checkpoint, bad data.
+    """
+    out_path = Path(out) if out is not None else None
+    if out_path is not None and out_path.suffix != ".safetensors":
+        raise ValueError(f"the trained prior is written as .safetensors; got {out_path.name}")
+    ckpt_path = Path(checkpoint) if checkpoint is not None else (
+        out_path.with_suffix(".ckpt") if out_path is not None else None)
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+
+    x_all = training_images(config) if images is None else images
+    sigma_data = float(x_all.std())
+    data_mean = float(x_all.mean())
+    with torch.random.fork_rng(devices=[]):  # initial weights from the run's seed, global RNG untouched
+        torch.manual_seed(config.seed)
+        net = GuidedDiffusionUNet(small_unet_config(config.size, config.channels, config.width, config.patch))
+    prior = EDMPrior(net, (config.channels, config.size, config.size), sigma_data=sigma_data, data_mean=data_mean,
+                     sigma_min=0.002, sigma_max=40.0, patch=config.patch).to(device)
+    ema = copy.deepcopy(prior)
+    g = torch.Generator().manual_seed(config.seed)
+    ema.requires_grad_(False)
+    if cuda:
+        prior.to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(prior.parameters(), lr=config.lr, betas=(0.9, 0.999), eps=1e-8)
+    step, elapsed, losses, loss_avg = 0, 0.0, [], None
+
+    if resume:
+        if ckpt_path is None or not ckpt_path.is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+        ckpt = _load_checkpoint(ckpt_path)
+        saved = TrainConfig(**{**json.loads(ckpt["config"]), "augment": tuple(json.loads(ckpt["config"])["augment"])})
+        diff = saved.same_run(config)
+        if diff:
+            raise ValueError(f"{ckpt_path}: checkpoint was trained with different {', '.join(diff)}; "
+                             f"resume with the same settings (only --steps may change)")
+        prior.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        g.set_state(ckpt["generator"])
+        step, elapsed = int(ckpt["step"]), float(ckpt["elapsed"])
+        losses = [float(v) for v in ckpt["losses"].tolist()]
+        loss_avg = losses[-1] if losses else None
+
+    def write_checkpoint() -> None:
+        if ckpt_path is None:
+            return
+        _atomic_torch_save({
+            "kind": "invdiff-train-checkpoint", "config": json.dumps(config.to_dict()), "step": step,
+            "elapsed": elapsed, "model": prior.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+            "generator": g.get_state(), "losses": torch.tensor(losses, dtype=torch.float64),
+        }, ckpt_path)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=config.steps, initial=step, disable=not progress, desc=f"train {config.data}", unit="step",
+               dynamic_ncols=True)
+    start, start_step = time.perf_counter(), step
+    sd2 = sigma_data**2
+    prior.train()
+    while step < config.steps:
+        idx = torch.randint(0, x_all.shape[0], (config.batch,), generator=g)
+        x0 = _augment(x_all[idx], config, g)
+        sigma = (torch.randn(config.batch, 1, 1, 1, generator=g) * config.p_std + config.p_mean).exp()
+        noise = torch.randn(x0.shape, generator=g) * sigma
+        x0, sigma, noise = x0.to(device), sigma.to(device), noise.to(device)
+        if cuda:
+            x0, noise = x0.contiguous(memory_format=torch.channels_last), noise.contiguous(memory_format=torch.channels_last)
+        for group in opt.param_groups:
+            group["lr"] = config.lr * min(1.0, (step + 1) / max(config.warmup, 1))
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=cuda):
+            denoised = prior._denoise(x0 + noise, sigma)
+        weight = (sigma**2 + sd2) / (sigma * sigma_data) ** 2
+        loss = (weight * (denoised.float() - x0).square()).mean()
+        if not torch.isfinite(loss):
+            write_checkpoint()
+            raise RuntimeError(f"training diverged at step {step} (loss {loss.item()}); "
+                               f"last good state kept in {ckpt_path}; lower --lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(prior.parameters(), config.grad_clip)
+        opt.step()
+        step += 1
+        beta = _ema_beta(config, step * config.batch)
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), prior.parameters()):
+                pe.lerp_(pm.detach(), 1 - beta)
+        value = float(loss.detach())
+        loss_avg = value if loss_avg is None else 0.98 * loss_avg + 0.02 * value
+        losses.append(loss_avg)
+        now = time.perf_counter()
+        rate = (step - start_step) / max(now - start, 1e-9)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_avg:.4f}", steps_per_s=f"{rate:.2f}", refresh=False)
+        if step % checkpoint_every == 0:
+            write_checkpoint()
+        if time_limit is not None and elapsed + (now - start) > time_limit * 60:
+            break
+    bar.close()
+    elapsed += time.perf_counter() - start
+    rate = (step - start_step) / max(time.perf_counter() - start, 1e-9)
+    write_checkpoint()
+    ema.eval()
+
+    card = _model_card(config, ema, step, loss_avg, rate, elapsed, device, name or (out_path.stem if out_path else None),
+                       command, x_all.shape[0])
+    if out_path is not None:
+        save(ema, out_path, card=card)
+        _write_markdown(card, out_path.with_suffix(".md"))
+    return TrainResult(prior=ema, path=out_path, card=card, losses=losses)
+
+
+def _model_card(config: TrainConfig, prior: EDMPrior, step: int, loss: float | None, rate: float, elapsed: float,
+                device: torch.device, name: str | None, command: str | None, n_images: int) -> dict[str, Any]:
+    from .. import __version__
+
+    card: dict[str, Any] = {
+        "name": name,
+        "description": f"EDM denoiser on {config.data} at {config.size}x{config.size}",
+        "data": config.data,
+        "data_description": _DESCRIPTIONS.get(config.data, f"images from the folder {config.data}"),
+        "training_images": int(n_images),
+        "image_size": config.size,
+        "channels": config.channels,
+        "parameters": int(sum(p.numel() for p in prior.parameters())),
+        "network": "GuidedDiffusionUNet " + json.dumps(prior.model.config.to_dict()),
+        "steps": int(step),
+        "final_loss": None if loss is None else round(float(loss), 5),
+        "steps_per_second": round(rate, 3),
+        "train_seconds": round(elapsed, 1),
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "cpu_threads": torch.get_num_threads(),
+        "sigma_data": prior.sigma_data,
+        "data_mean": prior.data_mean,
+        "config": config.to_dict(),
+        "invdiff_version": __version__,
+        "torch_version": torch.__version__,
+        "command": (command if command is not None else "invdiff " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+        .replace("{steps}", str(step)),
+    }
+    if config.data == "ct-phantom":
+        card["value_range"] = "HU window [-1000, 1000] mapped to [0, 1]"
+    elif config.data == "mri-brain":
+        card["value_range"] = "template intensity / its 99.5th percentile, clipped to [0, 1]"
+    if config.data in ("ct-phantom", "mri-brain"):
+        from ..data import heldout
+
+        held = heldout(config.data, 16, size=config.size)
+        card["heldout_denoising_psnr"] = {f"sigma={s}": round(denoising_psnr(prior, held.to(torch.float32), s), 2)
+                                          for s in (0.1, 0.5)}
+    return card
+
+
+def _write_markdown(card: dict[str, Any], path: Path) -> None:
+    lines = [f"# {card.get('name') or 'invdiff prior'}", "", card["description"], "",
+             "| field | value |", "|---|---|"]
+    for key in ("data_description", "training_images", "image_size", "channels", "parameters", "steps", "final_loss",
+                "steps_per_second", "train_seconds", "device", "cpu_threads", "heldout_denoising_psnr",
+                "value_range", "invdiff_version", "torch_version"):
+        if key in card:
+            lines.append(f"| {key} | {card[key]} |")
+    lines += ["", "Reproduce with:", "", "```", card["command"], "```", ""]
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        fh.write("\n".join(lines))
+    os.replace(tmp, path)

@@ -1,0 +1,65 @@
+"""Built-in data: the CT phantom generator and the MNI152 slices (train / held-out split)."""
+
+import numpy as np
+import pytest
+import torch
+
+from invdiff.data import heldout, mni, phantoms, training
+
+
+def test_phantoms_are_seeded_deterministic_and_index_stable():
+    a = phantoms.ct(3, size=32, generator=7)
+    assert a.shape == (3, 1, 32, 32) and a.dtype == torch.float32
+    assert torch.equal(a, phantoms.ct(3, size=32, generator=torch.Generator().manual_seed(7)))
+    assert torch.equal(a[2], phantoms.ct(1, size=32, generator=7, start=2)[0])  # slice k depends on (seed, k) only
+    b = phantoms.ct(3, size=32, generator=8)
+    assert not torch.equal(a, b)
+    # no two slices alike
+    d = torch.cdist(a.flatten(1), a.flatten(1)) + torch.eye(3) * 1e9
+    assert d.min() > 1.0
+
+
+def test_phantom_anatomy_in_hounsfield_units():
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        hu = phantoms.ct_hu(64, rng)
+        assert hu.min() >= -1000 and hu.max() <= 1100
+        assert np.allclose(hu[:2, :2], -1000)  # air outside the body
+        body = hu > -950
+        assert 0.25 < body.mean() < 0.85
+        assert ((hu > 500) & body).sum() > 10  # bone: vertebra, ribs
+        assert ((hu > -150) & (hu < -60)).sum() > 20  # subcutaneous fat layer
+        assert ((hu > 20) & (hu < 90)).sum() > 200  # soft tissue
+    x = phantoms.ct(1, 32, 0)
+    assert x.min() >= 0 and x.max() <= 1
+    assert torch.allclose(phantoms.hu_to_unit(torch.tensor([-1000.0, 0.0, 1000.0])), torch.tensor([0.0, 0.5, 1.0]))
+
+
+def test_heldout_phantoms_are_a_disjoint_stream():
+    held = heldout("ct-phantom", 8, size=32)
+    train = training("ct-phantom", 64, size=32)
+    assert torch.equal(held, heldout("ct-phantom", 8, size=32))
+    assert torch.cdist(held.flatten(1), train.flatten(1)).min() > 1.0
+
+
+def test_mni_heldout_slices_are_disjoint_from_training_with_guard_band():
+    pytest.importorskip("nilearn")
+    train_idx, held_idx = mni.slice_indices("train"), mni.slice_indices("heldout")
+    n_sag = mni.load_template().shape[0]
+    for orient in mni.ORIENTATIONS:
+        held = np.asarray(held_idx[orient])
+        if orient == "sagittal":  # the template is symmetric: mirrors count as duplicates
+            held = np.concatenate([held, n_sag - 1 - held])
+        dist = np.abs(np.asarray(train_idx[orient])[:, None] - held[None]).min(1)
+        assert dist.min() > mni.GUARD, orient
+        assert len(train_idx[orient]) > 40
+    held_img = heldout("mri-brain", 16, size=32)
+    train_img = training("mri-brain", size=32)
+    assert held_img.shape == (16, 1, 32, 32) and len(train_img) > 200
+    assert 0 <= held_img.min() and held_img.max() <= 1
+    both = torch.cat([train_img, train_img.flip(-1)]).flatten(1)
+    assert torch.cdist(held_img.flatten(1), both).min() > 0.5  # no near-copy, even flipped
+    with pytest.raises(ValueError, match="16 held-out slices"):
+        heldout("mri-brain", 17)
+    with pytest.raises(ValueError, match="unknown dataset"):
+        heldout("xray", 2)
