@@ -15,7 +15,7 @@ __all__ = ["main", "build_parser"]
 #: Modules that add their own subcommands: each defines ``register(subparsers)``, which adds
 #: its parsers with ``set_defaults(func=...)``. Keep their top-level imports light (import
 #: torch-heavy code inside the command functions) so ``invdiff --help`` stays fast.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("invdiff.train.cli",)
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -43,11 +43,15 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import run_analytic_demo, run_demo
 
     names = tuple(n.strip() for n in args.samplers.split(",") if n.strip()) if args.samplers else None
-    run_demo(out=Path(args.out), size=args.size, steps=args.steps, samples=args.samples,
-             device=args.device, seed=args.seed, verbose=args.verbose, sampler_names=names)
+    if args.analytic:
+        run_analytic_demo(out=Path(args.out), size=args.size or 32, steps=args.steps, samples=args.samples or 8,
+                          device=args.device, seed=args.seed, verbose=args.verbose, sampler_names=names)
+    else:
+        run_demo(out=Path(args.out), size=args.size or 64, steps=args.steps or 25, samples=args.samples or 2,
+                 images=args.images, device=args.device, seed=args.seed, verbose=args.verbose, sampler_names=names)
     return 0
 
 
@@ -55,12 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="invdiff", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="reconstruct built-in test problems offline and write a figure")
+    p = sub.add_parser("demo", help="reconstruct held-out CT and MRI images with the shipped priors, offline")
     p.add_argument("--out", default="invdiff-demo", help="output folder (default: ./invdiff-demo)")
-    p.add_argument("--size", type=int, default=32, help="image side (default 32)")
-    p.add_argument("--steps", type=int, default=None, help="override every sampler's steps (default: each sampler's own)")
+    p.add_argument("--size", type=int, default=None, help="image side (default 64; --analytic: 32)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="every sampler's steps (default 25, for a demo in minutes on a CPU; --analytic: each sampler's own)")
     p.add_argument("--samplers", default=None, help="comma-separated sampler names (default: all)")
-    p.add_argument("--samples", type=int, default=8, help="posterior samples per image (default 8)")
+    p.add_argument("--samples", type=int, default=None, help="posterior samples per image (default 2; --analytic: 8)")
+    p.add_argument("--images", type=int, default=2, help="held-out images per task (default 2)")
+    p.add_argument("--analytic", action="store_true",
+                   help="use an analytic Gaussian prior and compare with the exact posterior mean")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-v", "--verbose", action="store_true", help="show the sampler's progress bar")
@@ -78,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by commands that log provenance
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as err:

@@ -486,12 +486,19 @@ def save(prior: DiffusionPrior, path: str | os.PathLike, card: Mapping[str, Any]
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; a weights file is world-readable like any other
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def model_card(name_or_path: str | os.PathLike) -> dict[str, Any]:

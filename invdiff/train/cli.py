@@ -27,7 +27,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         flags = dict(data=args.data, size=args.size, channels=args.channels, width=args.width, patch=args.patch,
                      steps="{steps}", batch=args.batch, lr=args.lr, ema_halflife=args.ema_halflife,
                      augment=args.augment, n_images=args.n_images, seed=args.seed, out=args.out)
-        command = "invdiff train " + " ".join(f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in flags.items())
+        command = "invdiff train " + " ".join(
+            f"--{k.replace('_', '-')} {v if k == 'steps' else shlex.quote(str(v))}" for k, v in flags.items())
     else:
         command = args.command
     result = train(config, args.out, checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,

@@ -409,8 +409,8 @@ def _model_card(config: TrainConfig, prior: EDMPrior, step: int, loss: float | N
         "config": config.to_dict(),
         "invdiff_version": __version__,
         "torch_version": torch.__version__,
-        "command": (command if command is not None else "invdiff " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
-        .replace("{steps}", str(step)),
+        "command": (command if command is not None
+                    else "invdiff " + " ".join(shlex.quote(a) for a in sys.argv[1:])).replace("{steps}", str(step)),
     }
     if config.data == "ct-phantom":
         card["value_range"] = "HU window [-1000, 1000] mapped to [0, 1]"
@@ -437,4 +437,7 @@ def _write_markdown(card: dict[str, Any], path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as fh:
         fh.write("\n".join(lines))
+    from ..priors.loading import _umask
+
+    os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
