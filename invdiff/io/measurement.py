@@ -1,0 +1,251 @@
+r"""Measurement files: the data of a (simulated or acquired) scan with everything needed to
+rebuild its operator and to write the reconstruction back in the source's format.
+
+An HDF5 file (``.h5``, h5py) with attribute ``invdiff_format = "invdiff-measurement/1"``:
+
+==================  =====================================================================
+``y``               float32 ``(N, ...)``: one measurement per slice, as ``physics(x)`` gives
+``attrs["task"]``   JSON: the operator's full record (``physics.task``: name, ``img_size``,
+                    seed, noise and every task parameter) — ``operators.make(**task)``
+                    rebuilds it exactly; ``{"name": "acquired-mri", ...}`` for fastMRI data
+``attrs["noise_seed"]``  seed of the simulated noise (``physics(x, seed=noise_seed)``); -1 if acquired
+``attrs["value_map"]``  JSON :class:`~invdiff.io.intensity.ValueMap` (source units <-> [0, 1])
+``attrs["source"]``  JSON: kind, path, slice identifiers, modality, units, pixel spacing, bit depth
+``attrs["resample"]``  JSON: ``factor`` (rows, columns), ``source_shape``, ``shape``, ``method``
+``dicom_headers``   DICOM sources: one JSON string per slice (``Dataset.to_json_dict``, pixel
+                    data and private tags removed), enough to write a derived series
+``nifti_affine``, ``nifti_header``  NIfTI sources: the affine and the raw header bytes
+``mask``, ``coil_maps``  acquired MRI: ``(H, W)`` mask and ``(N, coils, H, W)`` complex maps;
+                    simulated multi-coil with user maps: ``(coils, H, W)``
+==================  =====================================================================
+
+The ground truth is **not** stored: a measurement file is what a reconstruction method
+may see. Files are written to a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ._atomic import atomic_file
+from .intensity import ValueMap
+
+__all__ = ["Measurement", "save_measurement", "load_measurement", "FORMAT", "ACQUIRED_MRI"]
+
+FORMAT = "invdiff-measurement/1"
+ACQUIRED_MRI = "acquired-mri"
+
+
+@dataclass
+class Measurement:
+    """Measurements of ``N`` slices and their provenance (see the module docstring).
+
+    :ivar y: ``(N, ...)`` measurements.
+    :ivar task: the operator record.
+    :ivar noise_seed: seed of the simulated noise, ``None`` for acquired data.
+    :ivar value_map: source units <-> [0, 1].
+    :ivar source: description of the source (kind, path, identifiers, modality, ...).
+    :ivar resample: ``{"factor": [fh, fw], "source_shape": [H, W], "shape": [h, w], "method": ...}``.
+    :ivar headers: DICOM datasets, one per slice, or ``None``.
+    :ivar affine: NIfTI affine or ``None``.
+    :ivar nifti_header: NIfTI header bytes or ``None``.
+    :ivar mask: acquired MRI mask ``(H, W)``.
+    :ivar coil_maps: coil maps ``(N, coils, H, W)`` (acquired) or ``(coils, H, W)`` (user maps).
+    :ivar attrs: other attributes (creation time, version, file path).
+    """
+
+    y: Tensor
+    task: dict
+    noise_seed: int | None
+    value_map: ValueMap
+    source: dict
+    resample: dict
+    headers: list | None = None
+    affine: np.ndarray | None = None
+    nifti_header: bytes | None = None
+    mask: Tensor | None = None
+    coil_maps: Tensor | None = None
+    attrs: dict = field(default_factory=dict)
+    _physics: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def img_size(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of the images the operator takes."""
+        return tuple(int(s) for s in self.task["img_size"])
+
+    @property
+    def n_slices(self) -> int:
+        return int(self.y.shape[0])
+
+    @property
+    def per_slice_operator(self) -> bool:
+        """True when each slice has its own operator (acquired MRI with per-slice coil maps)."""
+        return self.coil_maps is not None and self.coil_maps.ndim == 4
+
+    def physics(self, k: int = 0, device: torch.device | str = "cpu"):
+        """The operator of slice ``k`` (rebuilt from :attr:`task`; cached per device)."""
+        key = (k if self.per_slice_operator else 0, str(device))
+        if key not in self._physics:
+            self._physics[key] = self._build(key[0], device)
+        return self._physics[key]
+
+    def _build(self, k: int, device):
+        from .. import operators
+
+        where = self.attrs.get("path", "measurement")
+        if self.task.get("name") == ACQUIRED_MRI:
+            from deepinv.physics import GaussianNoise
+
+            if self.mask is None or self.coil_maps is None:
+                raise ValueError(f"{where}: acquired MRI data needs 'mask' and 'coil_maps'")
+            maps = self.coil_maps[k] if self.coil_maps.ndim == 4 else self.coil_maps
+            physics = operators.MultiCoilMRIOperator(self.mask, maps, img_size=self.img_size, device=device)
+            physics.noise_model = GaussianNoise(float(self.task.get("noise_sigma", 0.0)))
+            physics.task = dict(self.task)
+            return physics
+        task = dict(self.task)
+        if task.get("coil_maps") == "user":
+            if self.coil_maps is None:
+                raise ValueError(f"{where}: the task uses user coil maps but the file has no 'coil_maps'")
+            task["coil_maps"] = self.coil_maps
+        try:
+            return operators.make(**task, device=device)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{where}: cannot rebuild the operator from its task record: {err}") from None
+
+    def check(self) -> None:
+        """Raise ``ValueError`` unless every slice's measurement has the shape its operator
+        gives and the file's per-slice records agree with ``N``."""
+        where = self.attrs.get("path", "measurement")
+        n = self.n_slices
+        for name, records in (("dicom_headers", self.headers), ("source identifiers", self.source.get("identifiers"))):
+            if records is not None and len(records) != n:
+                raise ValueError(f"{where}: {len(records)} {name} for {n} measured slices")
+        if self.per_slice_operator and self.coil_maps.shape[0] != n:
+            raise ValueError(f"{where}: coil maps for {self.coil_maps.shape[0]} slices, {n} measured")
+        physics = self.physics(0)
+        probe = torch.zeros(1, *self.img_size)
+        expected = tuple(physics.A(probe).shape[1:])
+        if tuple(self.y.shape[1:]) != expected:
+            raise ValueError(
+                f"{where}: measurement y has shape {tuple(self.y.shape)} but the operator "
+                f"{self.task.get('name')} for images {self.img_size} gives (N, {', '.join(map(str, expected))}); "
+                "the measurement and operator records do not match"
+            )
+        if not torch.isfinite(self.y).all():
+            raise ValueError(f"{where}: measurement y has NaN/Inf values")
+
+
+def _json_attr(f, key: str, path: Path, required: bool = True, default=None):
+    if key not in f.attrs:
+        if required:
+            raise ValueError(f"{path}: measurement file lacks the '{key}' attribute")
+        return default
+    value = f.attrs[key]
+    if isinstance(value, bytes):
+        value = value.decode()
+    try:
+        return json.loads(value)
+    except (TypeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: attribute '{key}' is not valid JSON ({err})") from None
+
+
+def save_measurement(path: str | os.PathLike, m: Measurement, overwrite: bool = False) -> Path:
+    """Write ``m`` to ``path`` (HDF5; temporary file, then rename).
+
+    :raises FileExistsError: ``path`` exists and ``overwrite`` is False.
+    """
+    import h5py
+
+    from .. import __version__
+    from .dicom import headers_to_json
+
+    path = Path(path)
+    with atomic_file(path, overwrite) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["invdiff_format"] = FORMAT
+            f.attrs["invdiff_version"] = __version__
+            f.attrs["created"] = datetime.datetime.now().isoformat(timespec="seconds")
+            f.attrs["task"] = json.dumps(m.task)
+            f.attrs["noise_seed"] = -1 if m.noise_seed is None else int(m.noise_seed)
+            f.attrs["value_map"] = m.value_map.to_json()
+            f.attrs["source"] = json.dumps(m.source)
+            f.attrs["resample"] = json.dumps(m.resample)
+            f.create_dataset("y", data=m.y.detach().cpu().float().numpy(), compression="gzip", compression_opts=4)
+            if m.headers is not None:
+                f.create_dataset("dicom_headers", data=headers_to_json(m.headers), dtype=h5py.string_dtype())
+            if m.affine is not None:
+                f.create_dataset("nifti_affine", data=np.asarray(m.affine, np.float64))
+            if m.nifti_header is not None:
+                f.create_dataset("nifti_header", data=np.void(m.nifti_header))
+            if m.mask is not None:
+                f.create_dataset("mask", data=m.mask.cpu().numpy().astype(np.float32))
+            if m.coil_maps is not None:
+                f.create_dataset("coil_maps", data=m.coil_maps.cpu().numpy().astype(np.complex64))
+    return path
+
+
+def load_measurement(path: str | os.PathLike, check: bool = True) -> Measurement:
+    """Read a measurement file written by :func:`save_measurement`.
+
+    :param check: verify the measurement against the rebuilt operator (:meth:`Measurement.check`).
+    :raises FileNotFoundError: no such file.
+    :raises ValueError: not HDF5, not an invdiff measurement (a fastMRI file gets a hint),
+        missing or invalid records, or a measurement that does not match its operator.
+    """
+    import h5py
+
+    from .dicom import headers_from_json
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such measurement file")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise ValueError(f"{path}: not a readable HDF5 measurement file ({err})") from None
+    with f:
+        fmt = f.attrs.get("invdiff_format")
+        fmt = fmt.decode() if isinstance(fmt, bytes) else fmt
+        if fmt != FORMAT:
+            if "kspace" in f:
+                raise ValueError(f"{path}: a fastMRI k-space file, not an invdiff measurement; "
+                                 "reconstruct it directly (invdiff.workflows.fastmri_measurement)")
+            raise ValueError(f"{path}: not an invdiff measurement file (invdiff_format {fmt!r}, expected {FORMAT!r})")
+        if "y" not in f:
+            raise ValueError(f"{path}: measurement file has no 'y' dataset")
+        try:
+            y = torch.from_numpy(np.asarray(f["y"][()], dtype=np.float32))
+            headers = [h.decode() if isinstance(h, bytes) else h for h in f["dicom_headers"][()]] if "dicom_headers" in f else None
+            affine = np.asarray(f["nifti_affine"][()]) if "nifti_affine" in f else None
+            nifti_header = f["nifti_header"][()].tobytes() if "nifti_header" in f else None
+            mask = torch.from_numpy(np.asarray(f["mask"][()])) if "mask" in f else None
+            maps = torch.from_numpy(np.asarray(f["coil_maps"][()])) if "coil_maps" in f else None
+        except OSError as err:
+            raise ValueError(f"{path}: corrupt measurement file ({err})") from None
+        task = _json_attr(f, "task", path)
+        if not isinstance(task, dict) or "name" not in task or "img_size" not in task:
+            raise ValueError(f"{path}: the task record must be a dict with 'name' and 'img_size', got {task!r}")
+        noise_seed = int(f.attrs.get("noise_seed", -1))
+        value_map = ValueMap.from_dict(_json_attr(f, "value_map", path))
+        source = _json_attr(f, "source", path)
+        resample = _json_attr(f, "resample", path, required=False, default={})
+        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()
+                 if k in ("invdiff_version", "created")}
+    attrs["path"] = str(path)
+    m = Measurement(
+        y=y, task=task, noise_seed=None if noise_seed < 0 else noise_seed, value_map=value_map, source=source,
+        resample=resample, headers=headers_from_json(headers) if headers is not None else None,
+        affine=affine, nifti_header=nifti_header, mask=mask, coil_maps=maps, attrs=attrs,
+    )
+    if check:
+        m.check()
+    return m

@@ -1,0 +1,556 @@
+r"""Medical workflows from Python: simulate measurements from scans, reconstruct them slice
+by slice with a diffusion prior and a posterior sampler, and write the result in the
+source's format with its provenance. The ``invdiff simulate`` and ``invdiff reconstruct``
+commands are thin wrappers around these functions.
+
+Study design (retrospective simulation, as in the medical papers): a clean image or
+series is read in its units, mapped to [0, 1] by a recorded :class:`~invdiff.io.ValueMap`
+(CT: HU window ``[-1000, 1000]``), optionally resampled to the prior's grid (the factor
+is recorded), and measured with a named operator, ``y = physics(x, seed=seed)``. The
+measurement file keeps the operator's full record and the seed, never the clean image.
+
+Reconstruction: every slice ``k`` is sampled with its own generator seeded
+``seed + k``; ``samples = K > 1`` draws K posterior samples per slice (batched through
+the network) and keeps their mean and per-pixel standard deviation, the uncertainty map,
+written as a second series/volume. Images whose size differs from the prior's are never
+resized silently: ``resize=True`` resamples them (antialiased, :func:`kornia` ``resize``)
+and records the factor; k-space is cropped centrally (same field of view, coarser
+pixels). Tiled reconstruction is not offered: CT and MRI operators are global (every
+measurement mixes all pixels), so patches cannot be measured independently.
+
+>>> from invdiff.workflows import parse_size
+>>> parse_size("64"), parse_size("48x64")
+((64, 64), (48, 64))
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .io import (
+    ImageStack,
+    Measurement,
+    ValueMap,
+    atomic_dir,
+    check_new_path,
+    read,
+    read_fastmri,
+    save_measurement,
+    load_measurement,
+    write_dicom_series,
+    write_image,
+    write_nifti,
+    write_png,
+)
+from .io.fastmri import estimate_coil_maps, is_fastmri_file
+from .io.intensity import HU_WINDOW, ROBUST_PERCENTILE
+from .io.measurement import ACQUIRED_MRI
+
+__all__ = [
+    "parse_size",
+    "resample",
+    "simulate",
+    "simulate_to_file",
+    "fastmri_measurement",
+    "open_measurement",
+    "Reconstruction",
+    "reconstruct",
+    "write_reconstruction",
+    "load_prior",
+]
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def parse_size(text: str | int | tuple[int, int]) -> tuple[int, int]:
+    """``"64"`` -> ``(64, 64)``, ``"48x64"`` -> ``(48, 64)`` (rows x columns)."""
+    if isinstance(text, int):
+        size = (text, text)
+    elif isinstance(text, tuple):
+        size = tuple(int(s) for s in text)
+    else:
+        parts = str(text).lower().replace("*", "x").split("x")
+        try:
+            size = tuple(int(p) for p in parts)
+        except ValueError:
+            raise ValueError(f"image size must be N or HxW, got {text!r}") from None
+        size = size * 2 if len(size) == 1 else size
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"image size must be N or HxW with positive sides, got {text!r}")
+    return size
+
+
+def resample(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Antialiased bilinear resampling of ``(B, C, H, W)`` to ``size`` (kornia), pixel-area
+    aligned (``align_corners=False``): pixel centres of a grid coarser by :math:`f` sit at
+    :math:`(f-1)/2` source pixels from the first, as the written geometry records."""
+    from kornia.geometry.transform import resize
+
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return resize(x, size, interpolation="bilinear", align_corners=False, antialias=True)
+
+
+def _resample_record(source_shape, shape, method: str) -> dict:
+    (H, W), (h, w) = source_shape, shape
+    return {"factor": [H / h, W / w], "source_shape": [int(H), int(W)], "shape": [int(h), int(w)],
+            "method": method if (H, W) != (h, w) else "none"}
+
+
+def load_prior(name_or_path: str | os.PathLike, device: torch.device | str = "cpu"):
+    """``invdiff.priors.load`` on ``device``, in eval mode."""
+    from . import priors
+
+    return priors.load(name_or_path).to(device).eval()
+
+
+def _source_record(stack: ImageStack) -> dict:
+    return {"kind": stack.kind, "path": str(stack.source), "identifiers": list(stack.identifiers),
+            "modality": stack.modality, "units": stack.units,
+            "spacing": list(stack.spacing) if stack.spacing else None, "bits": stack.bits,
+            "info": {k: v for k, v in stack.info.items() if isinstance(v, (str, int, float, bool, type(None)))}}
+
+
+# ---------------------------------------------------------------------------- simulate
+
+
+def simulate(
+    source: str | os.PathLike | ImageStack,
+    task: str,
+    *,
+    size: tuple[int, int] | str | int | None = None,
+    seed: int = 0,
+    noise: str = "gaussian",
+    noise_sigma: float | None = None,
+    window: tuple[float, float] = HU_WINDOW,
+    percentile: float = ROBUST_PERCENTILE,
+    modality: str = "auto",
+    params: dict | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[Measurement, Tensor]:
+    """Retrospective measurements of a clean image or series.
+
+    :param source: a DICOM file or series folder, NIfTI volume, PNG/TIFF, or an :class:`ImageStack`.
+    :param task: operator name (``"ct-sparse-60"``, ``"mri-4x"``, ...; see ``operators.available()``).
+    :param size: resample the slices to this size first (factor recorded); default: native.
+    :param seed: seed of the operator's random parts (mask, ...) and of the noise.
+    :param noise: ``"gaussian"``, ``"poisson"`` or ``"none"``.
+    :param noise_sigma: noise std in the [0, 1] image's measurement units (task default if None).
+    :param window: HU window mapped to [0, 1] for CT.
+    :param percentile: percentile mapped to 1 for non-CT images.
+    :param modality: for NIfTI sources (``"CT"``, ``"MR"``, ``"auto"``).
+    :param params: task parameters (``operators.make`` keyword overrides).
+    :returns: the measurement (with the operator's record and seed) and the clean slices
+        ``(N, C, h, w)`` in [0, 1] (the reference; not part of the measurement).
+    """
+    from . import operators
+
+    stack = source if isinstance(source, ImageStack) else read(source, modality)
+    value_map = stack.value_map(window, percentile)
+    x = stack.to_unit(value_map)
+    H, W = x.shape[-2:]
+    h, w = (H, W) if size is None else parse_size(size)
+    x = resample(x, (h, w)).clamp(0, 1)
+    physics = operators.make(task, img_size=(x.shape[1], h, w), seed=seed, noise=noise,
+                             noise_sigma=noise_sigma, device=device, **(params or {}))
+    with torch.no_grad():
+        y = physics(x.to(device), seed=seed).cpu()
+    m = Measurement(
+        y=y, task=dict(physics.task), noise_seed=int(seed), value_map=value_map, source=_source_record(stack),
+        resample=_resample_record((H, W), (h, w), "antialiased bilinear (kornia resize)"),
+        headers=stack.headers, affine=stack.affine, nifti_header=stack.nifti_header,
+        attrs={"path": f"simulated from {stack.source}"},
+    )
+    if isinstance(params, dict) and isinstance(params.get("coil_maps"), Tensor):
+        m.coil_maps = params["coil_maps"]
+    return m, x
+
+
+def simulate_to_file(source, task: str, out: str | os.PathLike, overwrite: bool = False, **kwargs) -> Measurement:
+    """:func:`simulate`, then :func:`invdiff.io.save_measurement` to ``out`` (checked
+    before any work: an existing ``out`` is an error unless ``overwrite``)."""
+    check_new_path(out, overwrite)
+    m, _ = simulate(source, task, **kwargs)
+    save_measurement(out, m, overwrite=overwrite)
+    m.attrs["path"] = str(out)
+    return m
+
+
+# ----------------------------------------------------------------------------- fastMRI
+
+
+def _noise_std_kspace(kspace: np.ndarray, mask: np.ndarray) -> float:
+    """Robust noise std of k-space (per real/imaginary part) from the outer 1/16 of rows
+    at each end of the readout (sampled columns): ``1.4826 * MAD``."""
+    H = kspace.shape[-2]
+    band = max(1, H // 16)
+    cols = mask.max(0) > 0
+    edge = np.concatenate([kspace[..., :band, :][..., cols], kspace[..., H - band:, :][..., cols]], axis=-1)
+    parts = np.concatenate([edge.real.ravel(), edge.imag.ravel()])
+    if parts.size == 0:
+        return 0.0
+    return float(1.4826 * np.median(np.abs(parts - np.median(parts))))
+
+
+def fastmri_measurement(
+    path: str | os.PathLike,
+    img_size: tuple[int, int, int],
+    *,
+    resize: bool = False,
+    noise_sigma: float | None = None,
+    percentile: float = ROBUST_PERCENTILE,
+) -> Measurement:
+    r"""A fastMRI ``.h5`` file as a :class:`Measurement` for images of ``img_size``.
+
+    k-space is cropped centrally to the image grid when ``resize`` (same field of view,
+    pixels coarser by the recorded factor); coil maps are the file's or estimated from
+    the ACS region (:func:`invdiff.io.estimate_coil_maps`, per slice); k-space is divided
+    by the 99.5th percentile of the zero-filled coil-combined magnitude (the recorded
+    value map, so the output is in the file's units); the noise std is estimated from
+    the outer k-space rows (``1.4826 MAD``) unless ``noise_sigma`` (on the [0, 1] scale)
+    is given. The operator of slice :math:`k` is :math:`y_c = M F S_{k,c} x`.
+    """
+    kd = read_fastmri(path)
+    S, C, H, W = kd.kspace.shape
+    ch, h, w = (int(s) for s in img_size)
+    kspace, mask, maps = kd.kspace, kd.mask, kd.coil_maps
+    if (H, W) != (h, w):
+        if not resize:
+            raise ValueError(
+                f"{path}: k-space is {H}x{W} but the prior takes {h}x{w} images; pass --resize to crop "
+                f"k-space centrally (pixels {H / h:.3g}x{W / w:.3g} coarser, same field of view; recorded)"
+            )
+        if h > H or w > W:
+            raise ValueError(f"{path}: k-space {H}x{W} is smaller than the prior's {h}x{w}; cannot crop")
+    sigma_k = _noise_std_kspace(kspace, mask)
+    r0, c0 = H // 2 - h // 2, W // 2 - w // 2  # keeps the DC sample at (h // 2, w // 2)
+    kspace = kspace[..., r0 : r0 + h, c0 : c0 + w]
+    mask = mask[r0 : r0 + h, c0 : c0 + w]
+    if maps is not None:
+        maps = maps[..., r0 : r0 + h, c0 : c0 + w]
+        if (H, W) != (h, w):  # image-domain maps do not crop like k-space: re-estimate
+            maps = None
+    mask_t = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))
+    k_t = torch.from_numpy(np.ascontiguousarray(kspace)) * mask_t
+    if maps is None:
+        maps_t = torch.stack([estimate_coil_maps(k_t[s], mask_t) for s in range(S)])
+        maps_kind = "acs-lowres"
+    else:
+        from .operators import normalize_coil_maps
+
+        maps_t = torch.stack([normalize_coil_maps(torch.from_numpy(maps[s])) for s in range(S)])
+        maps_kind = "file"
+    coil_images = torch.fft.fftshift(torch.fft.ifft2(torch.fft.ifftshift(k_t, dim=(-2, -1)), norm="ortho"), dim=(-2, -1))
+    combined = (maps_t.conj() * coil_images).sum(1).abs()
+    scale = float(np.percentile(combined.numpy(), percentile)) or 1.0
+    y = torch.stack([(k_t / scale).real, (k_t / scale).imag], dim=1).float()  # (S, 2, C, h, w)
+    sampled = float(mask_t.max(0).values.sum())
+    task = {
+        "name": ACQUIRED_MRI, "img_size": [ch, h, w], "noise": "gaussian",
+        "noise_sigma": float(noise_sigma) if noise_sigma is not None else sigma_k / scale,
+        "noise_sigma_rule": "given" if noise_sigma is not None else "1.4826 MAD of the outer k-space rows",
+        "n_coils": int(C), "multicoil": bool(kd.multicoil), "mask": kd.mask_source, "coil_maps": maps_kind,
+        "acceleration": w / sampled, "kspace_shape": [int(H), int(W)],
+    }
+    name = Path(path).name
+    return Measurement(
+        y=y, task=task, noise_seed=None,
+        value_map=ValueMap(0.0, scale, "intensity", f"k-space / {percentile:g}th percentile of the zero-filled magnitude"),
+        source={"kind": "fastmri", "path": str(path), "identifiers": [f"{name}:{s}" for s in range(S)],
+                "modality": "MR", "units": "intensity", "spacing": None, "bits": None,
+                "info": {k: v for k, v in kd.attrs.items() if isinstance(v, (str, int, float, bool))}},
+        resample=_resample_record((H, W), (h, w), "central k-space crop"),
+        mask=mask_t, coil_maps=maps_t, attrs={"path": str(path)},
+    )
+
+
+def open_measurement(path: str | os.PathLike, img_size: tuple[int, int, int] | None = None,
+                     resize: bool = False, noise_sigma: float | None = None) -> Measurement:
+    """An invdiff measurement file, or a fastMRI k-space file (which needs ``img_size``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such measurement file")
+    if is_fastmri_file(path):
+        if img_size is None:
+            raise ValueError(f"{path}: a fastMRI file needs the prior's image size")
+        return fastmri_measurement(path, img_size, resize=resize, noise_sigma=noise_sigma)
+    return load_measurement(path)
+
+
+# -------------------------------------------------------------------------- reconstruct
+
+
+@dataclass
+class Reconstruction:
+    """Per-slice posterior mean and standard deviation, in [0, 1] image units.
+
+    :ivar mean: ``(N, C, H, W)``; for complex (2-channel) images, of the magnitude ``(N, 1, H, W)``.
+    :ivar std: same shape, or ``None`` when one sample was drawn.
+    :ivar baseline: the operator's ``A_dagger`` (FBP, zero-filled IFFT, ...), same shape.
+    :ivar runs: ``sampler.last_run`` of each slice.
+    :ivar metrics: PSNR/SSIM against a reference, when one was given.
+    :ivar info: sampler name and options, prior, samples, seeds, device.
+    """
+
+    mean: Tensor
+    std: Tensor | None
+    baseline: Tensor
+    runs: list[dict]
+    metrics: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+
+def _display(x: Tensor) -> Tensor:
+    """Images to output: 1 channel as is, complex (2 channels) as magnitude."""
+    return x.pow(2).sum(1, keepdim=True).sqrt() if x.shape[1] == 2 else x
+
+
+def _metrics(estimates: dict[str, Tensor], reference: Tensor) -> dict:
+    import deepinv as dinv
+
+    psnr, ssim = dinv.metric.PSNR(max_pixel=1.0), None
+    if min(reference.shape[-2:]) >= 11:
+        ssim = dinv.metric.SSIM(max_pixel=1.0)
+    out = {}
+    for name, est in estimates.items():
+        est = est.clamp(0, 1)
+        out[name] = {"psnr": float(psnr(est, reference).mean())}
+        if ssim is not None:
+            out[name]["ssim"] = float(ssim(est, reference).mean())
+    return out
+
+
+def reconstruct(
+    measurement: Measurement,
+    prior,
+    sampler: str = "dps",
+    *,
+    samples: int = 1,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    steps: int | None = None,
+    options: dict | None = None,
+    progress: bool = False,
+    reference: Tensor | None = None,
+    prior_name: str | None = None,
+) -> Reconstruction:
+    """Reconstruct every slice of ``measurement`` with ``sampler`` over ``prior``.
+
+    :param samples: posterior samples per slice (``> 1`` gives the std map).
+    :param seed: slice ``k`` uses ``torch.Generator(device).manual_seed(seed + k)``.
+    :param steps: the sampler's number of steps (its default if ``None``).
+    :param options: other sampler keyword arguments.
+    :param progress: a tqdm bar over slices (stderr).
+    :param reference: clean slices ``(N, C, H, W)`` in [0, 1] for PSNR/SSIM (simulations).
+    :raises ValueError: the prior's image shape is not the measurement's.
+    """
+    from tqdm.auto import tqdm
+
+    from . import samplers
+
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    shape = tuple(int(s) for s in prior.image_shape)
+    if shape != measurement.img_size:
+        where = measurement.attrs.get("path", "the measurement")
+        raise ValueError(
+            f"{where}: measured images are {measurement.img_size} (C, H, W) but the prior takes {shape}; "
+            f"simulate with --size {shape[1]}x{shape[2]} or use a prior of that size"
+        )
+    device = torch.device(device)
+    prior = prior.to(device).eval()
+    kwargs = dict(options or {})
+    if steps is not None:
+        kwargs["steps"] = int(steps)
+    method = samplers.make(sampler, prior, **kwargs)
+    means, stds, baselines, runs = [], [], [], []
+    bar = tqdm(range(measurement.n_slices), desc=f"reconstruct ({method.name})", unit="slice",
+               disable=not progress, file=sys.stderr)
+    for k in bar:
+        physics = measurement.physics(k, device)
+        y = measurement.y[k : k + 1].to(device)
+        g = torch.Generator(device=device).manual_seed(int(seed) + k)
+        post = method.sample(y, physics, n=samples, generator=g)
+        shown = _display(post.samples.reshape(-1, *post.samples.shape[2:])).reshape(samples, 1, -1, *shape[1:])
+        means.append(shown.mean(0).cpu())
+        stds.append(shown.std(0, unbiased=True).cpu() if samples > 1 else None)
+        with torch.no_grad():
+            baselines.append(_display(physics.A_dagger(y)).cpu())
+        run = method.last_run.as_dict()
+        run["slice"], run["seed"] = k, int(seed) + k
+        runs.append(run)
+    mean = torch.cat(means)
+    std = torch.cat(stds) if samples > 1 else None
+    baseline = torch.cat(baselines)
+    metrics = {}
+    if reference is not None:
+        ref = _display(reference.float())
+        metrics = _metrics({"baseline": baseline, method.name: mean}, ref)
+    info = {
+        "sampler": method.name, "sampler_options": {k: v for k, v in kwargs.items() if isinstance(v, (int, float, str, bool))},
+        "samples": int(samples), "seed": int(seed), "slice_seeds": "seed + slice index", "device": str(device),
+        "prior": prior_name, "prior_image_shape": list(shape),
+    }
+    return Reconstruction(mean, std, baseline, runs, metrics, info)
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def _description(rec: Reconstruction, m: Measurement, what: str) -> str:
+    k = rec.info["samples"]
+    base = f"invdiff {rec.info['sampler']} {what}" + (f" K={k}" if k > 1 else "")
+    return f"{base} {m.task.get('name', '')}"[:64]
+
+
+def _derivation(rec: Reconstruction, m: Measurement, what: str) -> str:
+    task = {k: v for k, v in m.task.items() if k in ("name", "noise", "noise_sigma", "seed")}
+    return (
+        f"{what} of {rec.info['samples']} posterior sample(s); sampler {rec.info['sampler']} "
+        f"{json.dumps(rec.info['sampler_options'])}; prior {rec.info['prior']}; operator {json.dumps(task)}; "
+        f"noise seed {m.noise_seed}; sampler seed {rec.info['seed']} (+slice); values: {m.value_map.rule}; "
+        f"resampled by {m.resample.get('factor', [1, 1])}"
+    )
+
+
+def _output_format(m: Measurement, fmt: str) -> str:
+    kind = m.source.get("kind")
+    if fmt == "auto":
+        return {"dicom": "dicom", "nifti": "nifti", "png": "png", "tiff": "tiff"}.get(kind, "h5")
+    if fmt == "dicom" and m.headers is None:
+        raise ValueError(f"DICOM output needs a DICOM source (this measurement's source is {kind})")
+    if fmt == "nifti" and m.affine is None:
+        raise ValueError(f"NIfTI output needs a NIfTI source (this measurement's source is {kind}); use h5 or png")
+    if fmt not in ("dicom", "nifti", "png", "tiff", "h5"):
+        raise ValueError(f"unknown output format {fmt!r}; use auto, dicom, nifti, png, tiff or h5")
+    return fmt
+
+
+def write_reconstruction(
+    out: str | os.PathLike,
+    rec: Reconstruction,
+    m: Measurement,
+    *,
+    fmt: str = "auto",
+    png: bool = False,
+    overwrite: bool = False,
+    extra: dict | None = None,
+) -> dict[str, Any]:
+    """Write ``rec`` into the new folder ``out`` (built under a temporary name, renamed
+    when complete; an existing ``out`` is an error unless ``overwrite``).
+
+    Contents by source: DICOM -> ``mean/`` and ``std/`` derived series; NIfTI ->
+    ``mean.nii.gz``, ``std.nii.gz`` with the source affine; PNG/TIFF -> ``mean_<name>``,
+    ``std_<name>`` at the source's bit depth (``fmt="png"`` for another source: 16-bit PNGs
+    of the [0, 1] images, i.e. the value map's window; ``fmt="tiff"``: float TIFFs in the
+    source's units); fastMRI -> ``reconstruction.h5`` (the fastMRI
+    submission layout: ``reconstruction`` and ``std``, ``(N, H, W)``). Always
+    ``provenance.json``. The mean is clipped to the prior's range [0, 1] (the value map's
+    window) before it is mapped back. With ``png``, quick looks ``png/mean_0001.png`` (the
+    value map's [0, 1] range) and ``png/std_0001.png`` (0 to the series' maximum std, recorded).
+
+    :returns: the provenance record written.
+    """
+    from . import __version__
+
+    fmt = _output_format(m, fmt)
+    vm = m.value_map
+    factor = tuple(float(f) for f in m.resample.get("factor", [1.0, 1.0]))
+    mean_src = vm.from_unit(rec.mean.clamp(0, 1).double().numpy())  # the prior's range
+    std_src = vm.std_from_unit(rec.std.double().numpy()) if rec.std is not None else None
+    files: dict[str, list[str]] = {}
+    with atomic_dir(out, overwrite) as tmp:
+        if fmt == "dicom":
+            if m.headers is None:
+                raise ValueError("DICOM output needs the source's DICOM headers")
+            (tmp / "mean").mkdir()
+            written = write_dicom_series(tmp / "mean", mean_src[:, 0], m.headers,
+                                         description=_description(rec, m, "mean"),
+                                         derivation=_derivation(rec, m, "posterior mean"), factor=factor)
+            files["mean"] = [f"mean/{p.name}" for p in written]
+            if std_src is not None:
+                (tmp / "std").mkdir()
+                top = float(np.percentile(std_src, 99)) or 1.0
+                first = int(m.headers[0].get("SeriesNumber", 0) or 0)
+                written = write_dicom_series(tmp / "std", std_src[:, 0], m.headers,
+                                             description=_description(rec, m, "std"),
+                                             derivation=_derivation(rec, m, "per-pixel standard deviation"),
+                                             factor=factor, series_number=first + 1001, window=(top / 2, top))
+                files["std"] = [f"std/{p.name}" for p in written]
+        elif fmt == "nifti":
+            dtype = (m.source.get("info") or {}).get("dtype")
+            write_nifti(tmp / "mean.nii.gz", mean_src[:, 0], m.affine, m.nifti_header, dtype=dtype, factor=factor)
+            files["mean"] = ["mean.nii.gz"]
+            if std_src is not None:
+                write_nifti(tmp / "std.nii.gz", std_src[:, 0], m.affine, m.nifti_header, dtype=None, factor=factor)
+                files["std"] = ["std.nii.gz"]
+        elif fmt in ("png", "tiff"):
+            same_kind = m.source.get("kind") in ("png", "tiff")
+            suffix = ".png" if fmt == "png" else ".tif"
+            if same_kind:  # the source's units and bit depth (16-bit PNG for a float TIFF source)
+                bits = m.source.get("bits") or (16 if fmt == "png" else None)
+                scale = 1.0
+            else:  # HU and other signed units do not fit a PNG: the value map's [0, 1] as 16 bits
+                bits, scale = (16, 65535.0) if fmt == "png" else (None, 1.0)
+            ids = [str(i).replace(":", "_").rsplit(".", 1)[0] for i in m.source.get("identifiers", [])]
+            ids = ids if len(ids) == m.n_slices else [f"{k + 1:04d}" for k in range(m.n_slices)]
+            unit_mean = rec.mean.clamp(0, 1).double().numpy()
+            for what, values in (("mean", mean_src if same_kind or fmt == "tiff" else unit_mean),
+                                 ("std", std_src if same_kind or fmt == "tiff" or std_src is None
+                                  else rec.std.double().numpy())):
+                if values is None:
+                    continue
+                files[what] = []
+                for k, name in enumerate(ids):
+                    target = tmp / f"{what}_{name}{suffix}"
+                    write_image(target, values[k] * scale, bits=bits)
+                    files[what].append(target.name)
+        else:  # fastMRI submission layout
+            import h5py
+
+            with h5py.File(tmp / "reconstruction.h5", "w") as f:
+                f.create_dataset("reconstruction", data=mean_src[:, 0].astype(np.float32))
+                if std_src is not None:
+                    f.create_dataset("std", data=std_src[:, 0].astype(np.float32))
+                f.attrs["invdiff_version"] = __version__
+                f.attrs["value_map"] = vm.to_json()
+            files["mean"] = ["reconstruction.h5"]
+        std_max = None
+        if png:
+            (tmp / "png").mkdir()
+            files["png"] = []
+            std_max = float(rec.std.max()) if rec.std is not None else None
+            for k in range(m.n_slices):
+                write_png(tmp / "png" / f"mean_{k + 1:04d}.png", rec.mean[k].numpy())
+                files["png"].append(f"png/mean_{k + 1:04d}.png")
+                if rec.std is not None:
+                    write_png(tmp / "png" / f"std_{k + 1:04d}.png", rec.std[k].numpy(), vmax=std_max or 1.0)
+                    files["png"].append(f"png/std_{k + 1:04d}.png")
+        record = {
+            "invdiff_version": __version__,
+            "created": datetime.datetime.now().isoformat(timespec="seconds"),
+            **(extra or {}),
+            "reconstruction": rec.info,
+            "measurement": {"path": m.attrs.get("path"), "task": m.task, "noise_seed": m.noise_seed,
+                            "value_map": vm.as_dict(), "resample": m.resample,
+                            "source": {k: v for k, v in m.source.items() if k != "identifiers"},
+                            "slices": m.source.get("identifiers")},
+            "format": fmt,
+            "files": files,
+            "png_std_max": std_max,
+            "metrics": rec.metrics,
+            "runs": rec.runs,
+        }
+        (tmp / "provenance.json").write_text(json.dumps(record, indent=2, default=str))
+    return record
