@@ -15,7 +15,7 @@ __all__ = ["main", "build_parser"]
 #: Modules that add their own subcommands: each defines ``register(subparsers)``, which adds
 #: its parsers with ``set_defaults(func=...)``. Keep their top-level imports light (import
 #: torch-heavy code inside the command functions) so ``invdiff --help`` stays fast.
-COMMAND_MODULES: tuple[str, ...] = ("invdiff.train.cli", "invdiff.io.cli")
+COMMAND_MODULES: tuple[str, ...] = ("invdiff.train.cli", "invdiff.bench.cli", "invdiff.io.cli")
 
 
 def _cmd_list(args: argparse.Namespace) -> int:

@@ -1,0 +1,348 @@
+r"""The benchmark grid: task, sampler and prior specifications, cells, and their seeds.
+
+A grid is the product ``priors x tasks x images x seeds x samplers``; each element is a
+:class:`Cell`. Specifications come from the command line
+(``"ct-sparse-30:noise_sigma=0.02"`` — a registry name, then ``:key=value`` overrides whose
+values are read as TOML literals) or from a TOML file (tables with ``name``, an optional
+``label`` and the overrides).
+
+**Identity.** A cell's ``cell_id`` is the first 20 hex digits of the SHA-256 of the
+canonical JSON of everything that determines its numbers: the prior's hash, the task's
+full parameter record (``physics.task``), the sampler's name and full parameters (its
+constructor defaults merged with the overrides), the image id and the SHA-256 of the image
+tensor, and the seed. Re-running the same command therefore finds the same ids, and a
+changed parameter gives new cells instead of silently reusing old numbers.
+
+**Seeds.** With :math:`h(\cdot)` the SHA-256 of canonical JSON read as an integer modulo
+:math:`2^{63}`:
+
+.. math::
+
+    s_\text{measure} = h(\text{"measurement"}, \text{task record}, \text{image id}, s),
+    \qquad
+    s_\text{sampler} = h(\text{"sampler"}, s).
+
+The measurement noise depends on the task, the image and the seed but not on the sampler
+or the prior, so every sampler is scored on identical measurements; it is drawn on the CPU
+(``physics(x, seed=s_measure)``), so it is the same on every device and rank. The sampler's
+generator depends on the seed only ("common random numbers": every sampler starts each
+task and image from the same random state), which is what lets
+:class:`~invdiff.bench.SeededSampler` reproduce a bench cell inside ``deepinv.test``.
+
+>>> parse_spec("ct-sparse-30:noise_sigma=0.02:fbp_filter=hann")
+('ct-sparse-30', {'noise_sigma': 0.02, 'fbp_filter': 'hann'})
+>>> split_list("dps,ct-sparse-30:angles=[1, 2],mri-4x")
+['dps', 'ct-sparse-30:angles=[1, 2]', 'mri-4x']
+>>> derive_seed("sampler", 0) == derive_seed("sampler", 0) != derive_seed("sampler", 1)
+True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+__all__ = [
+    "TaskSpec",
+    "SamplerSpec",
+    "Cell",
+    "parse_spec",
+    "split_list",
+    "parse_seeds",
+    "task_specs",
+    "sampler_specs",
+    "derive_seed",
+    "canonical_json",
+    "tensor_hash",
+    "sampler_params",
+    "load_toml",
+    "RESERVED_TASK_KEYS",
+]
+
+#: Task keys set by the benchmark itself (the image size comes from the prior).
+RESERVED_TASK_KEYS = ("img_size", "device")
+
+
+def canonical_json(obj: Any) -> str:
+    """JSON with sorted keys and no whitespace: the text every hash and id is computed on."""
+    return json.dumps(jsonable(obj), sort_keys=True, separators=(",", ":"), allow_nan=True)
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` with tensors, tuples, paths and numpy scalars turned into JSON types."""
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        if obj.numel() <= 4096:
+            return jsonable(obj.detach().cpu().tolist())
+        return f"tensor{tuple(obj.shape)}:sha256={tensor_hash(obj)[:16]}"
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, (torch.dtype, torch.device)):
+        return str(obj)
+    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 1) == 0:  # numpy scalar
+        return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return repr(obj)
+
+
+def derive_seed(*parts: Any) -> int:
+    """A seed in ``[0, 2**63)`` from the SHA-256 of the canonical JSON of ``parts``."""
+    digest = hashlib.sha256(canonical_json(list(parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+
+
+def tensor_hash(x: torch.Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and bytes (as stored on the CPU, contiguous)."""
+    t = x.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+    if t.dtype in (torch.bfloat16, torch.float16):
+        t = t.view(torch.int16)
+    elif t.is_complex():
+        t = torch.view_as_real(t)
+    h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------- parsing
+def split_list(text: str) -> list[str]:
+    """Split a comma-separated list, ignoring commas inside brackets or quotes."""
+    items, depth, quote, cur = [], 0, None, []
+    for ch in text:
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            items.append("".join(cur).strip())
+            cur = []
+            continue
+        cur.append(ch)
+    items.append("".join(cur).strip())
+    return [i for i in items if i]
+
+
+def _literal(text: str) -> Any:
+    """A TOML literal (number, bool, string, array, inline table), or the text itself."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_spec(text: str) -> tuple[str, dict]:
+    """``"name:key=value:key=value"`` -> ``(name, {key: value})`` (values as TOML literals)."""
+    parts = [p.strip() for p in re.split(r":(?=[A-Za-z_][A-Za-z_0-9]*=)", text.strip())]
+    name, overrides = parts[0], {}
+    if not name or "=" in name:
+        raise ValueError(f"bad specification {text!r}: expected NAME[:key=value...]")
+    for part in parts[1:]:
+        key, _, value = part.partition("=")
+        overrides[key.strip()] = _literal(value.strip())
+    return name, overrides
+
+
+def _label(name: str, overrides: Mapping[str, Any]) -> str:
+    if not overrides:
+        return name
+    return name + "".join(f":{k}={canonical_json(v).strip(chr(34))}" for k, v in overrides.items())
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A registry task with overrides (``operators.make(name, **overrides)``) and a display label."""
+
+    name: str
+    overrides: dict = field(default_factory=dict)
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        bad = sorted(set(self.overrides) & set(RESERVED_TASK_KEYS))
+        if bad:
+            raise ValueError(f"task {self.name!r}: {bad} are set by the benchmark (the image size is the prior's)")
+        if not self.label:
+            object.__setattr__(self, "label", _label(self.name, self.overrides))
+
+    @property
+    def family(self) -> str:
+        """``"mri"`` for MRI tasks (metrics over the ground truth's range), else ``"image"``."""
+        return "mri" if self.name.startswith("mri") else "image"
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """A registered sampler with overrides (``samplers.make(name, prior, **overrides)``) and a label."""
+
+    name: str
+    overrides: dict = field(default_factory=dict)
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.label:
+            object.__setattr__(self, "label", _label(self.name, self.overrides))
+
+
+def _specs(items: str | Sequence[Any], kind: type, what: str) -> list:
+    if isinstance(items, str):
+        items = split_list(items)
+    out = []
+    for item in items:
+        if isinstance(item, kind):
+            out.append(item)
+        elif isinstance(item, str):
+            name, overrides = parse_spec(item)
+            out.append(kind(name, overrides))
+        elif isinstance(item, Mapping):
+            if "name" not in item:
+                raise ValueError(f"a {what} table needs a 'name' key, got {dict(item)}")
+            rest = {k: v for k, v in item.items() if k not in ("name", "label")}
+            out.append(kind(str(item["name"]), rest, str(item.get("label", ""))))
+        else:
+            raise ValueError(f"a {what} must be a name, 'name:key=value' or a table, got {item!r}")
+    if not out:
+        raise ValueError(f"no {what}s given")
+    labels = [s.label for s in out]
+    dupes = sorted({lab for lab in labels if labels.count(lab) > 1})
+    if dupes:
+        raise ValueError(f"{what}s given twice: {', '.join(dupes)} (give them distinct labels)")
+    return out
+
+
+def task_specs(items: str | Sequence[Any]) -> list[TaskSpec]:
+    """Task specifications from a comma list, names, ``name:key=value`` strings or tables."""
+    return _specs(items, TaskSpec, "task")
+
+
+def sampler_specs(items: str | Sequence[Any]) -> list[SamplerSpec]:
+    """Sampler specifications, as :func:`task_specs`."""
+    return _specs(items, SamplerSpec, "sampler")
+
+
+def parse_seeds(seeds: int | str | Sequence[int]) -> list[int]:
+    """``3`` -> ``[0, 1, 2]``; ``"3"`` likewise; ``"0,5"`` or ``[0, 5]`` -> those seeds."""
+    if isinstance(seeds, str):
+        text = seeds.strip()
+        seeds = [int(s) for s in split_list(text)] if "," in text else int(text)
+    if isinstance(seeds, bool):
+        raise ValueError(f"seeds must be a count or a list of integers, got {seeds!r}")
+    if isinstance(seeds, int):
+        if seeds < 1:
+            raise ValueError(f"seeds must be >= 1, got {seeds}")
+        return list(range(seeds))
+    out = [int(s) for s in seeds]
+    if not out or len(set(out)) != len(out) or min(out) < 0:
+        raise ValueError(f"seeds must be distinct non-negative integers, got {list(seeds)}")
+    return out
+
+
+def sampler_params(name: str, overrides: Mapping[str, Any]) -> dict:
+    """The full parameters of sampler ``name``: its constructor's defaults with ``overrides``.
+
+    :raises ValueError: an override the sampler does not take.
+    """
+    from .. import samplers
+
+    cls = samplers.get(name)
+    sig = inspect.signature(cls.__init__)
+    params = {k: p.default for k, p in sig.parameters.items()
+              if k not in ("self", "prior", "verbose") and p.kind is p.POSITIONAL_OR_KEYWORD}
+    unknown = sorted(set(overrides) - set(params))
+    if unknown:
+        raise ValueError(f"sampler {name!r}: unknown parameter(s) {unknown}; valid: {sorted(params)}")
+    params.update(overrides)
+    return jsonable(params)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One element of the grid; ``cell_id`` names it in the results file (see module doc)."""
+
+    prior: str
+    prior_hash: str
+    task: TaskSpec
+    task_record: dict
+    sampler: SamplerSpec
+    sampler_params: dict
+    image_id: str
+    image_index: int
+    image_hash: str
+    seed: int
+
+    @property
+    def key(self) -> dict:
+        return {
+            "prior_hash": self.prior_hash,
+            "task": self.task_record,
+            "sampler": self.sampler.name,
+            "sampler_params": self.sampler_params,
+            "image_id": self.image_id,
+            "image_hash": self.image_hash,
+            "seed": self.seed,
+        }
+
+    @property
+    def cell_id(self) -> str:
+        return hashlib.sha256(canonical_json(self.key).encode()).hexdigest()[:20]
+
+    @property
+    def measurement_seed(self) -> int:
+        return derive_seed("measurement", self.task_record, self.image_id, self.seed)
+
+    @property
+    def sampler_seed(self) -> int:
+        return derive_seed("sampler", self.seed)
+
+
+def load_toml(path: str | os.PathLike) -> dict:
+    """Read a benchmark TOML file; its keys are :func:`invdiff.bench.run`'s arguments.
+
+    Relative paths of ``images``, ``out`` and file priors are resolved against the file's folder.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no benchmark configuration at {path.resolve()}")
+    try:
+        cfg = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{path}: invalid TOML ({err})") from None
+    if "prior" in cfg:
+        if "priors" in cfg:
+            raise ValueError(f"{path}: give 'prior' or 'priors', not both")
+        cfg["priors"] = cfg.pop("prior")
+    known = {"tasks", "samplers", "priors", "images", "n_images", "seeds", "steps", "out", "device",
+             "rerun_failed", "save_recon", "figure_images", "lpips", "lpips_net", "verbose"}
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {unknown}; valid: {sorted(known)}")
+    base = path.parent
+
+    def rel(p: str) -> str:
+        q = Path(p).expanduser()
+        return str(q if q.is_absolute() or not (base / q).exists() else base / q)
+
+    if isinstance(cfg.get("images"), str):
+        cfg["images"] = rel(cfg["images"])
+    if isinstance(cfg.get("out"), str) and not Path(cfg["out"]).expanduser().is_absolute():
+        cfg["out"] = str(base / cfg["out"])
+    priors = cfg.get("priors")
+    if isinstance(priors, str):
+        priors = [priors]
+    if isinstance(priors, list):
+        cfg["priors"] = [rel(p) if isinstance(p, str) else p for p in priors]
+    return cfg

@@ -1,0 +1,108 @@
+r"""Image-quality metrics of the benchmark: deepinv's PSNR and SSIM, and LPIPS when its
+weights are on this machine.
+
+For a reconstruction :math:`\hat x` of a ground truth :math:`x` (one image, ``(1, C, H, W)``):
+
+.. math::
+
+    \mathrm{PSNR} = 10 \log_{10} \frac{(M - m)^2}{\tfrac{1}{n}\|\mathrm{clip}(\hat x) - x\|^2},
+
+with :math:`[m, M] = [0, 1]` for every task except MRI, where :math:`m = 0` and
+:math:`M = \max x`, the ground truth's own peak, as fastMRI's evaluation does
+(``data_range = gt.max()``); SSIM (torchmetrics' Gaussian-window SSIM through deepinv) uses
+the same data range. ``clip`` clamps the reconstruction to [0, 1] (deepinv's
+``norm_inputs="clip"``; the ground truth is already there). 2-channel (complex) MRI images
+are compared as magnitudes (``complex_abs=True``).
+
+:func:`deepinv_metrics` returns exactly these metric objects, so ``deepinv.test(...,
+metrics=deepinv_metrics(task))`` computes the same numbers as the benchmark.
+
+**LPIPS** (``deepinv.loss.metric.LPIPS``: torchmetrics' LPIPS, AlexNet by default) is
+computed only if the torchvision backbone's weights are already in the torch hub cache
+(``$TORCH_HOME/hub/checkpoints``); nothing is downloaded. Otherwise ``lpips`` is ``None``
+and the row's ``notes`` say why. Grey and complex images are fed as 3 equal channels of the
+(magnitude) image; images smaller than the network's receptive field give ``None`` with a note.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+__all__ = ["deepinv_metrics", "image_metrics", "lpips_weights_path", "LPIPS_BACKBONES"]
+
+#: torchvision backbone of each LPIPS network type
+LPIPS_BACKBONES = {"alex": "AlexNet_Weights", "vgg": "VGG16_Weights", "squeeze": "SqueezeNet1_1_Weights"}
+
+
+def deepinv_metrics(family: str, channels: int = 1) -> list:
+    """deepinv ``[PSNR, SSIM]`` metric objects of the benchmark for a task ``family``
+    (``"mri"`` or ``"image"``, see :attr:`invdiff.bench.grid.TaskSpec.family`)."""
+    from deepinv.loss.metric import PSNR, SSIM
+
+    complex_abs = family == "mri" and channels == 2
+    peak = None if family == "mri" else 1.0  # None: the ground truth's max (fastMRI)
+    kw = dict(max_pixel=peak, min_pixel=0.0, norm_inputs="clip", complex_abs=complex_abs)
+    return [PSNR(**kw), SSIM(**kw)]
+
+
+def lpips_weights_path(net: str = "alex") -> str | None:
+    """Where torchvision keeps the LPIPS backbone weights, if they are there; else ``None``."""
+    if net not in LPIPS_BACKBONES:
+        raise ValueError(f"lpips_net must be one of {sorted(LPIPS_BACKBONES)}, got {net!r}")
+    try:
+        import torchvision
+    except ImportError:
+        return None
+    url = getattr(torchvision.models, LPIPS_BACKBONES[net]).DEFAULT.url
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+    return path if os.path.isfile(path) else None
+
+
+@lru_cache(maxsize=4)
+def _lpips_metric(net: str, path: str):
+    from deepinv.loss.metric import LPIPS
+
+    # the weights file exists (checked by the caller), so torchvision loads it from the cache
+    return LPIPS(net_type=net, device="cpu").eval()
+
+
+def _lpips(x_hat: Tensor, x: Tensor, net: str) -> tuple[float | None, str]:
+    path = lpips_weights_path(net)
+    if path is None:
+        return None, f"lpips: skipped, no local {net} weights in {os.path.join(torch.hub.get_dir(), 'checkpoints')}"
+    metric = _lpips_metric(net, path)
+    if x.shape[1] == 2:  # complex MRI: compare magnitudes
+        x_hat, x = x_hat.norm(dim=1, keepdim=True), x.norm(dim=1, keepdim=True)
+    if x.shape[1] == 1:
+        x_hat, x = x_hat.repeat(1, 3, 1, 1), x.repeat(1, 3, 1, 1)
+    try:
+        with torch.no_grad():
+            value = metric(x_hat.clamp(0, 1), x.clamp(0, 1))
+    except (RuntimeError, ValueError) as err:  # e.g. images smaller than the receptive field
+        return None, f"lpips: failed ({str(err).splitlines()[0]})"
+    return float(value.reshape(-1)[0]), ""
+
+
+def image_metrics(x_hat: Tensor, x: Tensor, family: str, lpips: bool = True, lpips_net: str = "alex") -> dict:
+    """PSNR, SSIM and LPIPS of one reconstruction ``x_hat`` against ``x`` (both ``(1, C, H, W)``).
+
+    :returns: ``dict(psnr, ssim, lpips, psnr_range, notes)``; ``psnr_range`` is ``"1"``
+        or ``"gt-max"`` (MRI).
+    """
+    x_hat = x_hat.detach().cpu().float()
+    x = x.detach().cpu().float()
+    psnr, ssim = deepinv_metrics(family, x.shape[1])
+    out = {
+        "psnr": float(psnr(x_hat, x).reshape(-1)[0]),
+        "ssim": float(ssim(x_hat, x).reshape(-1)[0]),
+        "lpips": None,
+        "psnr_range": "gt-max" if family == "mri" else "1",
+        "notes": "",
+    }
+    if lpips:
+        out["lpips"], out["notes"] = _lpips(x_hat, x, lpips_net)
+    return out

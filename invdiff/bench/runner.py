@@ -1,0 +1,559 @@
+r"""``invdiff.bench.run``: a resumable, shardable grid of tasks x samplers x priors x images x seeds.
+
+Each cell: the image ``x`` is measured on the CPU, ``y = physics(x, seed=s_measure)``
+(see :mod:`invdiff.bench.grid` for the seeds), the sampler reconstructs
+``x_hat = sampler(y, physics, generator=Generator(device).manual_seed(s_sampler))`` (one
+posterior sample, batch 1, through :class:`SeededSampler`), and :func:`image_metrics`
+scores ``x_hat`` against ``x``. The row (parameters, seeds, metrics, NFE, wall time, peak
+GPU memory, versions) is appended to the results file at once (:mod:`invdiff.bench.store`).
+A cell that raises (divergence, out of memory, an operator the sampler cannot use) is
+recorded with ``status="failed"`` and its error, and the run goes on.
+
+**Resuming.** Cells whose ``cell_id`` already has a row are skipped (failed ones too,
+unless ``rerun_failed``), so a killed run restarted with the same arguments finishes the
+grid without writing a cell twice.
+
+**Distributed.** Under ``torchrun --nproc-per-node N`` (``WORLD_SIZE > 1``) the process
+group is initialised (NCCL when ``device`` is CUDA, gloo otherwise; rank ``r`` uses
+``cuda:<LOCAL_RANK>``), every rank computes the same list of pending cells, takes every
+``N``-th one starting at its rank, and appends to ``results.rank<r>.jsonl``; after a
+barrier rank 0 merges the files into ``results.jsonl`` and writes the summary. Measurements
+are drawn on the CPU and every cell's randomness comes from its own seeds, so the merged
+results equal a 1-process run's (up to floating-point reduction order where the thread count
+differs). Without torchrun the same call runs every cell in this process.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import functools
+import hashlib
+import os
+import platform
+import re
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from deepinv.models import Reconstructor
+from torch import Tensor
+
+from . import store
+from .grid import (
+    Cell,
+    SamplerSpec,
+    TaskSpec,
+    canonical_json,
+    parse_seeds,
+    sampler_params,
+    sampler_specs,
+    split_list,
+    task_specs,
+    tensor_hash,
+)
+from .images import BenchImage, load_images
+from .metrics import image_metrics
+
+__all__ = ["run", "SeededSampler", "BenchResult", "BenchPrior", "resolve_priors", "prior_hash", "versions"]
+
+_ANALYTIC = re.compile(r"gaussian-(\d+)")
+_SAVE_RECON = ("figure", "all", "none")
+#: buffers derived from the others, left out of :func:`prior_hash` (by class name)
+_DERIVED = {"GaussianMixturePrior": ("eigenvalues", "eigenvectors"), "GaussianPrior": ("eigenvalues", "eigenvectors")}
+
+
+class SeededSampler(Reconstructor):
+    """A sampler whose every call draws from ``torch.Generator(y.device).manual_seed(seed)``.
+
+    This is how the benchmark calls a sampler, and it is a :class:`deepinv.models.Reconstructor`,
+    so ``deepinv.test(SeededSampler(sampler, s), loader, physics, metrics=deepinv_metrics(...))``
+    on the benchmark's images and measurements (batch size 1) reproduces its PSNR and SSIM.
+
+    :param sampler: an invdiff sampler.
+    :param seed: the generator's seed (the benchmark uses ``Cell.sampler_seed``).
+    """
+
+    def __init__(self, sampler: Reconstructor, seed: int) -> None:
+        super().__init__()
+        self.sampler = sampler
+        self.seed = int(seed)
+
+    def forward(self, y: Tensor, physics, **kwargs: Any) -> Tensor:
+        generator = torch.Generator(device=y.device).manual_seed(self.seed)
+        return self.sampler(y, physics, generator=generator, **kwargs)
+
+    @property
+    def last_run(self):
+        return self.sampler.last_run
+
+
+@dataclass
+class BenchPrior:
+    """A prior of the grid: display ``name``, the module, its ``hash`` and where it came from.
+
+    ``hash``: SHA-256 of the file for a shipped or file prior; for a prior built in memory
+    (an object passed to :func:`run`, or the analytic ``gaussian-<N>``), see :func:`prior_hash`.
+    """
+
+    name: str
+    prior: Any
+    hash: str
+    source: str
+
+
+@dataclass
+class BenchResult:
+    """What :func:`run` did: the merged rows of this grid and the files written."""
+
+    out: Path
+    rows: list[dict]
+    cells: int
+    ran: int
+    skipped: int
+    failed: int
+    files: dict = field(default_factory=dict)
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def prior_hash(prior: Any) -> str:
+    """SHA-256 identifying an in-memory prior.
+
+    Computed over the class name, ``image_shape``, ``sigma_min``, ``sigma_max``,
+    ``sigma_data`` and every entry of ``state_dict()`` (name, dtype, shape and bytes, in
+    sorted order); a prior with an empty state dict is identified by its ``repr`` instead.
+    Buffers computed from the others are left out (a Gaussian mixture's eigendecomposition:
+    within a repeated eigenvalue LAPACK may return another basis under another thread count).
+    Two priors with the same weights and settings get the same hash on any device.
+    """
+    h = hashlib.sha256(type(prior).__qualname__.encode())
+    attrs = {k: getattr(prior, k, None) for k in ("image_shape", "sigma_min", "sigma_max", "sigma_data")}
+    h.update(canonical_json(attrs).encode())
+    state = dict(prior.state_dict()) if hasattr(prior, "state_dict") else {}
+    for derived in _DERIVED.get(type(prior).__name__, ()):
+        state.pop(derived, None)
+    if not state:
+        h.update(repr(prior).encode())
+    for name in sorted(state):
+        h.update(name.encode())
+        h.update(tensor_hash(state[name]).encode())
+    return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=2)
+def _analytic_cached(size: int):
+    from ..priors import GaussianPrior
+
+    return GaussianPrior.stationary((1, size, size), length_scale=size / 8, variance=0.02, mean=0.5)
+
+
+def _analytic(size: int):
+    """The analytic prior ``gaussian-<size>``; built once per process (an eigendecomposition
+    of a ``size**2``-square covariance), a fresh copy per call."""
+    if not 4 <= size <= 64:
+        raise ValueError(f"gaussian-{size}: the analytic prior's side must be in [4, 64]")
+    return copy.deepcopy(_analytic_cached(size))
+
+
+def _one_prior(spec: Any, name: str | None = None) -> BenchPrior:
+    from .. import priors as priors_mod
+    from ..priors.base import DiffusionPrior
+
+    if isinstance(spec, DiffusionPrior):
+        digest = prior_hash(spec)
+        return BenchPrior(name or f"{type(spec).__name__}-{digest[:8]}", spec, digest, "object")
+    if not isinstance(spec, (str, os.PathLike)):
+        raise ValueError(f"a prior must be a name, a path or a DiffusionPrior, got {type(spec).__name__}")
+    text = os.fspath(spec)
+    path = Path(text).expanduser()
+    shipped = priors_mod.loading.WEIGHTS_DIR / f"{text}.safetensors"
+    m = _ANALYTIC.fullmatch(text)
+    if m and not path.exists() and not shipped.is_file():
+        prior = _analytic(int(m.group(1)))
+        return BenchPrior(name or text, prior, prior_hash(prior), "analytic")
+    prior = priors_mod.load(text)  # raises FileNotFoundError naming where the file should be
+    file = path if path.is_file() else shipped
+    return BenchPrior(name or (text if file == shipped else path.stem), prior, _file_sha256(file),
+                      "shipped" if file == shipped else "file")
+
+
+def resolve_priors(priors: Any) -> list[BenchPrior]:
+    """Priors from names (``"ct-phantom-64"``, ``"gaussian-16"``, a comma list), paths,
+    prior objects, a list of those, or a ``{name: prior or path}`` mapping."""
+    if isinstance(priors, str):
+        items: list[tuple[str | None, Any]] = [(None, p) for p in split_list(priors)]
+    elif isinstance(priors, Mapping):
+        items = [(str(k), v) for k, v in priors.items()]
+    elif isinstance(priors, (list, tuple)):
+        items = [(None, p) for p in priors]
+    else:
+        items = [(None, priors)]
+    if not items:
+        raise ValueError("no prior given")
+    out = [_one_prior(spec, name) for name, spec in items]
+    names = [p.name for p in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"priors given twice: {names} (give them distinct names with a mapping)")
+    return out
+
+
+def versions() -> dict:
+    """Versions recorded in every row."""
+    import deepinv
+
+    from .. import __version__
+
+    return {"invdiff": __version__, "torch": torch.__version__, "deepinv": deepinv.__version__,
+            "python": platform.python_version()}
+
+
+# ----------------------------------------------------------------------- distributed
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    owned: bool = False
+    backend: str | None = None
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if self.backend == "nccl":
+                dist.barrier(device_ids=[torch.cuda.current_device()])
+            else:
+                dist.barrier()
+
+    def close(self) -> None:
+        if self.owned:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _init_distributed(device: str) -> _Dist:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")),
+                     False, dist.get_backend())
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    if not dist.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 but this torch has no torch.distributed")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local)
+    # long timeout: the final barrier waits for the slowest rank's cells
+    dist.init_process_group(backend, timeout=datetime.timedelta(days=7))
+    return _Dist(dist.get_rank(), dist.get_world_size(), local, True, backend)
+
+
+# ----------------------------------------------------------------------- the run
+@dataclass
+class _Setup:
+    priors: list[BenchPrior]
+    tasks: list[TaskSpec]
+    samplers: list[SamplerSpec]
+    images: dict[str, list[BenchImage]]
+    physics: dict[tuple[str, str], Any]  # (prior, task label) -> CPU physics (measures)
+    params: dict[str, dict]  # sampler label -> full parameters (JSON record)
+    overrides: dict[str, dict]  # sampler label -> the keyword arguments it is built with
+    cells: list[Cell]
+
+
+def _setup(tasks, samplers, priors, images, n_images, seeds, steps) -> _Setup:
+    from .. import operators
+    from .. import samplers as samplers_mod
+
+    task_list = task_specs(tasks)
+    for task in task_list:
+        operators.describe(task.name)  # unknown names fail before any work
+    sampler_list = sampler_specs(samplers)
+    seed_list = parse_seeds(seeds)
+    if steps is not None and (not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    params, overrides = {}, {}
+    for spec in sampler_list:
+        samplers_mod.get(spec.name)  # unknown names fail before any work
+        overrides[spec.label] = {**({"steps": steps} if steps is not None else {}), **spec.overrides}
+        params[spec.label] = sampler_params(spec.name, overrides[spec.label])
+    prior_list = resolve_priors(priors)
+    image_sets, physics, cells = {}, {}, []
+    for bp in prior_list:
+        image_sets[bp.name] = load_images(images, n_images, bp.prior, bp.name)
+        for task in task_list:
+            try:
+                physics[bp.name, task.label] = operators.make(task.name, img_size=bp.prior.image_shape,
+                                                              **task.overrides)
+            except TypeError as err:
+                raise ValueError(f"task {task.label!r}: {err}") from None
+    for bp in prior_list:
+        for task in task_list:
+            record = physics[bp.name, task.label].task
+            for image in image_sets[bp.name]:
+                for seed in seed_list:
+                    for spec in sampler_list:
+                        cells.append(Cell(bp.name, bp.hash, task, record, spec, params[spec.label],
+                                          image.id, image.index, image.hash, seed))
+    ids = [c.cell_id for c in cells]
+    if len(set(ids)) != len(ids):
+        raise ValueError("the grid has identical cells (the same prior given twice under different names?)")
+    return _Setup(prior_list, task_list, sampler_list, image_sets, physics, params, overrides, cells)
+
+
+def _save_recon(out: Path, cell: Cell, x_hat: Tensor, x: Tensor) -> str:
+    from safetensors.torch import save_file
+
+    folder = out / "recon"
+    folder.mkdir(exist_ok=True)
+    path = folder / f"{cell.cell_id}.safetensors"
+    tmp = folder / f".{cell.cell_id}.{os.getpid()}.tmp"
+    try:
+        save_file({"x_hat": x_hat.detach().cpu().float().contiguous(), "x": x.detach().cpu().float().contiguous()},
+                  str(tmp), metadata={"cell_id": cell.cell_id})
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return f"recon/{path.name}"
+
+
+def _error_text(err: BaseException) -> str:
+    first = (str(err).strip().splitlines() or [""])[0]
+    return f"{type(err).__name__}: {first}"
+
+
+class _Runner:
+    """Runs cells of one rank with cached operators, samplers and measurements."""
+
+    def __init__(self, setup: _Setup, out: Path, device: str, dist: _Dist, verbose: bool, lpips: bool,
+                 lpips_net: str, save_recon: str, figure_images: int, first_seed: int) -> None:
+        self.setup, self.out, self.device, self.dist = setup, out, torch.device(device), dist
+        self.verbose, self.lpips, self.lpips_net = verbose, lpips, lpips_net
+        self.save_recon, self.figure_images, self.first_seed = save_recon, figure_images, first_seed
+        self.priors = {p.name: p for p in setup.priors}
+        self.images = {(name, im.id): im for name, ims in setup.images.items() for im in ims}
+        self._physics_dev: dict = {}
+        self._samplers: dict = {}
+        self._measurement: tuple | None = None
+        self.versions = versions()
+        self.device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+
+    def physics_on_device(self, cell: Cell):
+        key = (cell.prior, cell.task.label)
+        if key not in self._physics_dev:
+            if self.device.type == "cpu":
+                self._physics_dev[key] = self.setup.physics[key]
+            else:
+                from .. import operators
+
+                self._physics_dev[key] = operators.make(**cell.task_record, device=self.device)
+        return self._physics_dev[key]
+
+    def sampler(self, cell: Cell):
+        from .. import samplers
+
+        key = (cell.prior, cell.sampler.label)
+        if key not in self._samplers:
+            prior = self.priors[cell.prior].prior.to(self.device)
+            overrides = self.setup.overrides[cell.sampler.label]
+            self._samplers[key] = samplers.make(cell.sampler.name, prior, verbose=self.verbose, **overrides)
+        return self._samplers[key]
+
+    def measure(self, cell: Cell, x: Tensor) -> Tensor:
+        key = (cell.prior, cell.task.label, cell.image_id, cell.seed)
+        if self._measurement is None or self._measurement[0] != key:
+            physics = self.setup.physics[cell.prior, cell.task.label]
+            with torch.no_grad():
+                y = physics(x, seed=cell.measurement_seed)
+            self._measurement = (key, y)
+        return self._measurement[1]
+
+    def run_cell(self, cell: Cell) -> dict:
+        start = time.perf_counter()
+        image = self.images[cell.prior, cell.image_id]
+        row = {
+            "cell_id": cell.cell_id,
+            "status": "ok",
+            "error": None,
+            "prior": cell.prior,
+            "prior_hash": cell.prior_hash,
+            "prior_source": self.priors[cell.prior].source,
+            "task": cell.task.label,
+            "task_name": cell.task.name,
+            "task_params": cell.task_record,
+            "sampler": cell.sampler.label,
+            "sampler_name": cell.sampler.name,
+            "sampler_params": cell.sampler_params,
+            "image": cell.image_id,
+            "image_index": cell.image_index,
+            "image_source": image.source,
+            "image_hash": cell.image_hash,
+            "image_note": image.note,
+            "seed": cell.seed,
+            "measurement_seed": cell.measurement_seed,
+            "sampler_seed": cell.sampler_seed,
+        }
+        metrics: dict = {"psnr": None, "ssim": None, "lpips": None, "psnr_range": None, "notes": ""}
+        cost: dict = {"wall_time": None, "nfe": None, "nfe_backward": None, "steps": None, "peak_memory": None}
+        recon = None
+        sampler = None
+        try:
+            x = image.x[None]
+            y = self.measure(cell, x)
+            sampler = SeededSampler(self.sampler(cell), cell.sampler_seed)
+            x_hat = sampler(y.to(self.device), self.physics_on_device(cell))
+            metrics = image_metrics(x_hat, x, cell.task.family, self.lpips, self.lpips_net)
+            if self.save_recon == "all" or (
+                self.save_recon == "figure" and cell.image_index < self.figure_images and cell.seed == self.first_seed
+            ):
+                recon = _save_recon(self.out, cell, x_hat, x)
+        except Exception as err:  # a failed cell is recorded and the grid goes on
+            row["status"], row["error"] = "failed", _error_text(err)
+            row["traceback"] = traceback.format_exc(limit=-3)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        info = sampler.last_run if sampler is not None else None
+        if info is not None:
+            cost = {"wall_time": info.wall_time, "nfe": info.nfe, "nfe_backward": info.nfe_backward,
+                    "steps": info.steps, "peak_memory": info.peak_memory}
+        row.update(metrics)
+        row.update(cost)
+        row.update({
+            "recon": recon,
+            "cell_time": time.perf_counter() - start,
+            "device": str(self.device),
+            "device_name": self.device_name,
+            "rank": self.dist.rank,
+            "world_size": self.dist.world,
+            "versions": self.versions,
+            "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        })
+        return row
+
+
+def run(
+    tasks: str | Sequence[Any],
+    samplers: str | Sequence[Any],
+    priors: Any,
+    images: Any = None,
+    n_images: int | None = None,
+    seeds: int | str | Sequence[int] = 1,
+    steps: int | None = None,
+    out: str | os.PathLike = "invdiff-bench",
+    device: str = "cpu",
+    rerun_failed: bool = False,
+    save_recon: str = "figure",
+    figure_images: int = 2,
+    lpips: bool = True,
+    lpips_net: str = "alex",
+    verbose: bool = False,
+    progress: bool = True,
+    report: bool = True,
+    on_cell: Callable[[dict], None] | None = None,
+) -> BenchResult:
+    """Run (or resume) a benchmark grid and write its results, summary and figure to ``out``.
+
+    :param tasks: operator registry names with overrides: ``"ct-sparse-30,mri-4x"``,
+        ``["ct-sparse-30:noise_sigma=0.02"]``, or tables ``{"name": ..., "label": ..., **overrides}``.
+    :param samplers: sampler names with overrides, in the same forms (``"dps:zeta=0.5"``).
+    :param priors: a shipped name (``"ct-phantom-64"``), a checkpoint path, ``"gaussian-<N>"``
+        (the analytic stationary Gaussian prior on ``N x N`` images, length scale ``N/8``,
+        variance 0.02, mean 0.5), a :class:`~invdiff.priors.DiffusionPrior`, a list of
+        those or a ``{name: prior}`` mapping.
+    :param images: image source (see :mod:`invdiff.bench.images`): ``"ct-phantom"``,
+        ``"mri-brain"``, ``"prior"``, a folder, a ``torch.utils.data.Dataset``, a tensor;
+        ``None`` picks the held-out set of a shipped prior or samples of an analytic one.
+    :param n_images: how many images (``None``: all the source has; 8 prior samples).
+    :param seeds: a count ``S`` (seeds ``0 .. S-1``) or a list of seeds.
+    :param steps: overrides every sampler's ``steps`` (a sampler spec's own ``steps`` wins).
+    :param out: output folder (created); running again into it resumes.
+    :param device: ``"cpu"``, ``"cuda"`` (``cuda:<LOCAL_RANK>`` under torchrun) or ``"cuda:1"``.
+    :param rerun_failed: run again the cells recorded as failed.
+    :param save_recon: keep reconstructions for the figure (``"figure"``: the first
+        ``figure_images`` images at the first seed), ``"all"`` or ``"none"``.
+    :param lpips: compute LPIPS when its weights are on this machine (never downloaded).
+    :param lpips_net: LPIPS network: ``"alex"``, ``"vgg"`` or ``"squeeze"``.
+    :param verbose: show each sampler's own progress bar.
+    :param progress: show the grid's progress bar (cells done, ETA).
+    :param report: write ``summary.md``, ``summary.csv`` and ``grid.png`` at the end.
+    :param on_cell: called with each row right after it is written (a hook for notebooks
+        and tests; an exception it raises stops the run, as a kill would).
+    :returns: a :class:`BenchResult` with the rows of this grid.
+    :raises ValueError: an unknown task, sampler, parameter or image source, before any cell runs.
+    """
+    from tqdm.auto import tqdm
+
+    if save_recon not in _SAVE_RECON:
+        raise ValueError(f"save_recon must be one of {_SAVE_RECON}, got {save_recon!r}")
+    if figure_images < 0:
+        raise ValueError(f"figure_images must be >= 0, got {figure_images}")
+    out = Path(out)
+    dist = _init_distributed(str(device))
+    try:
+        if dist.world > 1 and str(device) == "cuda":
+            device = f"cuda:{dist.local_rank}"
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError(f"device {device!r} requested but CUDA is not available")
+        torch.device(device)  # a malformed device fails here, before any work
+        setup = _setup(tasks, samplers, priors, images, n_images, seeds, steps)
+        out.mkdir(parents=True, exist_ok=True)
+        previous = store.load_results(out) if (out / store.RESULTS).exists() or store.rank_files(out) else []
+        finished = {r["cell_id"] for r in previous if r.get("status") == "ok" or not rerun_failed}
+        pending = [c for c in setup.cells if c.cell_id not in finished]
+        mine = pending[dist.rank :: dist.world]
+        target = store.rank_file(out, dist.rank) if dist.world > 1 else out / store.RESULTS
+        files = [store.rank_file(out, r) for r in range(dist.world)] if dist.world > 1 else [target]
+        dist.barrier()  # every rank has read the finished cells before anyone writes
+        base = {f: store.count_lines(f) for f in files} if dist.world > 1 else {}
+        done_before = len(setup.cells) - len(pending)
+        bar = tqdm(total=len(setup.cells), initial=done_before, desc="bench", unit="cell", dynamic_ncols=True,
+                   disable=not progress or dist.rank != 0, file=sys.stderr)
+        runner = _Runner(setup, out, str(device), dist, verbose, lpips, lpips_net, save_recon, figure_images,
+                         parse_seeds(seeds)[0])
+        ran = 0
+        for cell in mine:
+            row = runner.run_cell(cell)
+            store.append_row(target, row)
+            ran += 1
+            if not bar.disable:
+                # the whole grid's progress: this rank's cells and the other ranks' lines
+                done = done_before + (ran if dist.world == 1 else
+                                      sum(store.count_lines(f) - base[f] for f in files))
+                bar.update(done - bar.n)
+                bar.set_postfix_str(f"{cell.task.label} {cell.sampler.label} "
+                                    + (f"{row['psnr']:.2f} dB" if row["status"] == "ok" else "failed"))
+            if on_cell is not None:
+                on_cell(row)
+        dist.barrier()  # every rank's cells are written
+        paths: dict = {}
+        if dist.rank == 0:
+            store.merge(out, order=[c.cell_id for c in setup.cells])
+            bar.update(len(setup.cells) - bar.n)
+        bar.close()
+        dist.barrier()  # the merged file is complete
+        ids = {c.cell_id for c in setup.cells}
+        rows = [r for r in store.load_results(out) if r["cell_id"] in ids]
+        if report and dist.rank == 0:
+            from .report import write_report
+
+            paths = write_report(rows, out, figure_images=figure_images)
+        return BenchResult(out, rows, len(setup.cells), ran, len(setup.cells) - len(pending),
+                           sum(r["status"] != "ok" for r in rows), paths)
+    finally:
+        dist.close()
