@@ -3,6 +3,11 @@
 Each sampler is built with ``samplers.make(name, prior, steps=...)`` (every sampler takes
 ``steps``). The prior is wrapped so the test counts the real network calls and compares them
 with ``last_run``; a prior that starts returning NaN checks the divergence guard.
+
+The kind of prior comes from the sampler class's ``prior_kind`` (``"pixel"`` when absent): a
+``"latent"`` sampler (ReSample) gets a :class:`~invdiff.priors.LatentDiffusionPrior` with a linear
+2x-upsampling decoder over a Gaussian latent prior, and the counting wrapper sits on the latent
+prior, whose network calls are the ones ``nfe`` counts.
 """
 
 import math
@@ -12,10 +17,11 @@ import pytest
 import torch
 
 from invdiff import operators, samplers
-from invdiff.priors import DiffusionPrior, GaussianPrior
+from invdiff.priors import DiffusionPrior, GaussianPrior, LatentDiffusionPrior, LinearAutoencoder
 from invdiff.samplers import SamplerDivergedError
 
 SHAPE = (1, 16, 16)
+LATENT_SHAPE = (1, 8, 8)  # decoded to SHAPE by 2x bilinear upsampling
 STEPS = 8
 LINEAR_TASKS = ["inpaint-random-70", "deblur-gauss", "ct-sparse-30", "mri-4x"]
 
@@ -43,6 +49,24 @@ def base_prior():
 
 
 @pytest.fixture(scope="module")
+def latent_base():
+    return GaussianPrior.stationary(LATENT_SHAPE, length_scale=1.0, variance=0.02, mean=0.0)
+
+
+def _prior_kind(name: str) -> str:
+    return getattr(samplers.get(name), "prior_kind", "pixel")
+
+
+def _counted(name, base_prior, latent_base, nan_below=None):
+    """``(prior to build the sampler on, the CountingPrior that sees its network calls)``."""
+    if _prior_kind(name) == "latent":
+        counter = CountingPrior(latent_base, nan_below)
+        return LatentDiffusionPrior(LinearAutoencoder.upsampling(LATENT_SHAPE, 2, bias=0.5), counter), counter
+    counter = CountingPrior(base_prior, nan_below)
+    return counter, counter
+
+
+@pytest.fixture(scope="module")
 def truth(base_prior):
     return base_prior.sample(2, torch.Generator().manual_seed(0)).float().clamp(0, 1)
 
@@ -57,9 +81,9 @@ def _nonlinear_ok(sampler) -> bool:
 
 @pytest.mark.parametrize("task", LINEAR_TASKS + ["phase-retrieval"])
 @pytest.mark.parametrize("name", samplers.available())
-def test_contract(name, task, base_prior, truth):
-    prior = CountingPrior(base_prior)
-    sampler = _make(name, prior)
+def test_contract(name, task, base_prior, latent_base, truth):
+    built, prior = _counted(name, base_prior, latent_base)
+    sampler = _make(name, built)
     physics = operators.make(task, img_size=SHAPE, seed=0)
     y = physics(truth, seed=1)
     if not isinstance(physics, dinv.physics.LinearPhysics) and not _nonlinear_ok(sampler):
@@ -80,17 +104,17 @@ def test_contract(name, task, base_prior, truth):
 
 
 @pytest.mark.parametrize("name", samplers.available())
-def test_divergence_guard(name, base_prior, truth):
-    prior = CountingPrior(base_prior, nan_below=1.0)
-    sampler = _make(name, prior)
+def test_divergence_guard(name, base_prior, latent_base, truth):
+    built, _ = _counted(name, base_prior, latent_base, nan_below=1.0)
+    sampler = _make(name, built)
     physics = operators.make("inpaint-random-70", img_size=SHAPE, seed=0)
     with pytest.raises(SamplerDivergedError, match=rf"{name}: diverged at step \d+ \(sigma="):
         sampler(physics(truth, seed=1), physics, generator=torch.Generator().manual_seed(0))
 
 
 @pytest.mark.parametrize("name", samplers.available())
-def test_inside_deepinv_test(name, base_prior, truth):
-    sampler = _make(name, base_prior)
+def test_inside_deepinv_test(name, base_prior, latent_base, truth):
+    sampler = _make(name, _counted(name, base_prior, latent_base)[0])
     physics = operators.make("inpaint-random-70", img_size=SHAPE, seed=0)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(truth, torch.zeros(2)), batch_size=2)
     metrics = dinv.test(sampler, loader, physics, metrics=[dinv.metric.PSNR()], online_measurements=True,
@@ -99,9 +123,9 @@ def test_inside_deepinv_test(name, base_prior, truth):
 
 
 @pytest.mark.parametrize("name", samplers.available())
-def test_global_rng_untouched_and_sample_batches(name, base_prior, truth):
-    prior = CountingPrior(base_prior)
-    sampler = _make(name, prior)
+def test_global_rng_untouched_and_sample_batches(name, base_prior, latent_base, truth):
+    built, prior = _counted(name, base_prior, latent_base)
+    sampler = _make(name, built)
     physics = operators.make("inpaint-random-70", img_size=SHAPE, seed=0)
     y = physics(truth[:1], seed=1)
     torch.manual_seed(0)

@@ -11,6 +11,8 @@ from .adm import ADMConfig, ADMPrior, GuidedDiffusionUNet, get_named_beta_schedu
 from .analytic import GaussianMixturePosterior, GaussianMixturePrior, GaussianPrior, operator_matrix
 from .base import DiffusionPrior, as_sigma
 from .edm import EDMPrior, small_unet_config
+from .latent import (ConvAutoencoder, IdentityAutoencoder, LatentDiffusionPrior, LatentGaussianPosterior,
+                     LinearAutoencoder)
 from .loading import PriorFamily, available, extract_state_dict, families, load, model_card, register_family, save
 
 __all__ = [
@@ -27,6 +29,11 @@ __all__ = [
     "get_named_beta_schedule",
     "EDMPrior",
     "small_unet_config",
+    "LatentDiffusionPrior",
+    "LatentGaussianPosterior",
+    "LinearAutoencoder",
+    "IdentityAutoencoder",
+    "ConvAutoencoder",
     "load",
     "save",
     "available",

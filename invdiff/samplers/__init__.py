@@ -12,8 +12,11 @@ from .dds import DDS
 from .diffpir import DiffPIR
 from .dps import DPS, make_sigmas
 from .reddiff import REDDiff
+from .resample import ReSample
+from .smc import SMC, WeightedParticles
 
-_REGISTRY: dict[str, type[Sampler]] = {"dps": DPS, "dds": DDS, "diffpir": DiffPIR, "reddiff": REDDiff, "daps": DAPS}
+_REGISTRY: dict[str, type[Sampler]] = {"dps": DPS, "dds": DDS, "diffpir": DiffPIR, "reddiff": REDDiff, "daps": DAPS,
+                                     "smc": SMC, "resample": ReSample}
 
 
 def available() -> list[str]:
@@ -49,6 +52,9 @@ __all__ = [
     "DiffPIR",
     "REDDiff",
     "DAPS",
+    "SMC",
+    "WeightedParticles",
+    "ReSample",
     "make_sigmas",
     "available",
     "get",

@@ -308,3 +308,181 @@ def proximal_least_squares(
 
         rhs = z + gamma * physics.A_adjoint(y)
     return conjugate_gradient(apply, rhs.to(z.dtype), x0=z, iterations=iterations, tol=tol)
+
+
+# --------------------------------------------------------------------------- likelihoods (MCG / EnKG / DPS)
+__all__ += ["LIKELIHOODS", "likelihood_variance", "project_measurements"]
+
+#: Names accepted by the ``likelihood`` argument of DPS and MCG.
+LIKELIHOODS = ("auto", "gaussian", "poisson")
+
+
+def likelihood_variance(
+    physics, y: Tensor, likelihood: str = "auto", noise_sigma: float | None = None,
+    poisson_gain: float | None = None,
+) -> tuple[str, float | Tensor]:
+    """The measurement-noise variance of a Gaussian (approximate) likelihood of ``y``.
+
+    Returns ``(kind, v)`` with ``kind`` in ``"gaussian"``, ``"poisson"``, ``"none"`` and
+    ``v`` a number (``s^2``) or, for Poisson, a tensor shaped like ``y``:
+
+    * ``"gaussian"``: :math:`v = s^2`, ``s`` = ``noise_sigma``, else the physics'
+      :class:`~deepinv.physics.GaussianNoise` sigma; on a Poisson physics the homoscedastic
+      equivalent :math:`s^2 = g\\,\\overline{|y|}` (the mean Poisson variance); 0 when noiseless.
+    * ``"poisson"``: deepinv's :class:`~deepinv.physics.PoissonNoise` with gain ``g`` gives
+      :math:`y = g\\,\\mathcal P(Ax/g)`, so :math:`\\mathrm{Var}\\,y = g\\,Ax`. The Gaussian
+      approximation of DPS (Chung et al. 2023, Sec. 3.2, a weighted least squares) uses the
+      observed counts for the variance, :math:`v = g \\max(|y|, g)` (floored at one count):
+      the negative log-likelihood :math:`\\tfrac12\\sum (y - u)^2 / v` has the same minimiser
+      and the same Hessian at :math:`u = y` as the exact Poisson one,
+      :math:`\\sum (u - y\\log u) / g`. ``g`` = ``poisson_gain``, else the physics' gain.
+    * ``"auto"``: ``"gaussian"`` with ``noise_sigma`` when it is given, else whatever
+      ``physics.noise_model`` is (:func:`measurement_noise`).
+
+    A bad name, or ``"poisson"`` without a gain, raises ``ValueError``.
+    """
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"likelihood must be one of {', '.join(LIKELIHOODS)}, got {likelihood!r}")
+    if likelihood == "auto" and noise_sigma is not None:
+        likelihood = "gaussian"
+    needs_physics = poisson_gain is None if likelihood == "poisson" else noise_sigma is None
+    if needs_physics:
+        kind, level = measurement_noise(physics)
+    else:
+        kind, level = "given", 0.0
+    if likelihood == "auto":
+        likelihood = kind if kind in ("gaussian", "poisson") else "none"
+    if likelihood == "poisson":
+        gain = float(poisson_gain) if poisson_gain is not None else (level if kind == "poisson" else None)
+        if gain is None or gain <= 0:
+            raise ValueError("likelihood='poisson' needs poisson_gain > 0 or a physics with deepinv PoissonNoise, "
+                             f"got noise model {type(getattr(physics, 'noise_model', None)).__name__}")
+        return "poisson", gain * y.abs().clamp_min(gain)
+    if likelihood == "none":
+        return "none", 0.0
+    if noise_sigma is not None:
+        return "gaussian", float(noise_sigma) ** 2
+    if kind == "poisson":  # a Gaussian likelihood for Poisson data: the mean Poisson variance
+        return "gaussian", level * float(y.abs().mean())
+    return "gaussian", level**2
+
+
+def project_measurements(
+    physics, x: Tensor, y: Tensor, weight: float | Tensor | None, iterations: int, tol: float = 1e-4
+) -> Tensor:
+    """Move ``x`` onto (or towards) the measurement-consistent set ``{A x = y}`` with CG.
+
+    .. math::
+
+        \\text{weight } W = \\text{None}:\\quad x + A^{+}(y - A x), \\qquad
+        W:\\quad x + (I + A^\\top W A)^{-1} A^\\top W (y - A x)
+              = x + A^\\top (A A^\\top + W^{-1})^{-1} (y - A x).
+
+    ``None`` is the orthogonal, minimum-norm projection for any linear ``A`` (onto the
+    least-squares solutions when ``{Ax = y}`` is empty): CG on the normal equations
+    :math:`A^\\top A\\,\\delta = A^\\top (y - Ax)` from :math:`\\delta = 0` stays in the range
+    of :math:`A^\\top` and converges to :math:`A^{+}(y - Ax)`. A weight (a number or a
+    tensor shaped like ``y``, e.g. ``sigma^2 / noise variance``) gives the Tikhonov /
+    Kalman-relaxed projection. Only ``A`` and ``A_adjoint`` are called (one each per
+    iteration); complex data are handled by :func:`conjugate_gradient`; the CG stops at
+    relative residual ``tol`` or after ``iterations`` (fewer iterations = a projection
+    restricted to a Krylov subspace, i.e. regularised).
+    """
+    r = y - physics.A(x)
+    if weight is None:
+        def apply(v: Tensor) -> Tensor:
+            return physics.A_adjoint(physics.A(v))
+
+        rhs = physics.A_adjoint(r)
+    else:
+        def apply(v: Tensor) -> Tensor:
+            return v + physics.A_adjoint(weight * physics.A(v))
+
+        rhs = physics.A_adjoint(weight * r)
+    return x + conjugate_gradient(apply, rhs.to(x.dtype), iterations=iterations, tol=tol)
+
+
+# --------------------------------------------------------------------------- particles and early-stopped least squares (SMC / ReSample)
+__all__ += ["effective_sample_size", "systematic_resample", "cgls"]
+
+
+def effective_sample_size(log_weights: Tensor, dim: int = 0) -> Tensor:
+    """Effective sample size :math:`1 / \\sum_k \\bar w_k^2` of (unnormalised) log-weights along ``dim``.
+
+    ``K`` for equal weights, 1 when one particle carries all the weight (Kong, Liu & Wong 1994).
+    """
+    w = torch.softmax(log_weights, dim=dim)
+    return 1.0 / (w**2).sum(dim)
+
+
+def systematic_resample(
+    log_weights: Tensor, generator: torch.Generator | Sequence[torch.Generator] | None
+) -> Tensor:
+    """Systematic resampling of ``K`` particles for each of ``B`` problems; ``log_weights`` is ``(K, B)``.
+
+    One uniform :math:`u_b \\sim U[0, 1/K)` per problem; particle ``k`` is copied once for
+    every point :math:`u_b + j/K` that falls into its slice of the cumulative normalised
+    weights. Unbiased (each particle is copied :math:`K \\bar w_k` times in expectation) with
+    the lowest variance of the standard schemes (Douc, Cappé & Moulines 2005). Returns the
+    ``(K, B)`` indices of the parents (sorted). A list of generators gives one per problem.
+    """
+    k, b = log_weights.shape
+    w = torch.softmax(log_weights.to(torch.float64), dim=0)
+    cdf = torch.cumsum(w, 0).T.contiguous()  # (B, K)
+    cdf[:, -1] = 1.0  # guard against round-off: the last slice ends at exactly 1
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != b:
+            raise ValueError(f"got {len(generator)} generators for {b} particle systems")
+        u = torch.cat([torch.rand(1, generator=g, device=log_weights.device, dtype=torch.float64) for g in generator])
+    else:
+        u = torch.rand(b, generator=generator, device=log_weights.device, dtype=torch.float64)
+    points = (u[:, None] + torch.arange(k, device=log_weights.device, dtype=torch.float64)[None]) / k  # (B, K)
+    idx = torch.searchsorted(cdf, points, right=True).clamp_max(k - 1)
+    return idx.T.contiguous()
+
+
+def cgls(
+    physics, y: Tensor, x0: Tensor, iterations: int, stop_residual: Tensor | float = 0.0, tol: float = 1e-6
+) -> tuple[Tensor, Tensor]:
+    """Least squares :math:`\\min_x \\|y - A x\\|^2` by CGLS from ``x0``, stopped early per batch element.
+
+    Conjugate gradients on the normal equations :math:`A^\\top A x = A^\\top y` written on the
+    residual (CGLS, Björck 1996, Alg. 7.4.1), started at ``x0``: the iterates stay in
+    :math:`x_0 + \\operatorname{range}(A^\\top)`, so run to convergence it returns the
+    least-squares solution closest to ``x0`` (the limit of gradient descent from ``x0``).
+    An element stops as soon as :math:`\\|y - A x\\|^2 \\le` ``stop_residual`` (a number or one
+    value per batch element; the discrepancy principle when it is the expected noise energy,
+    Morozov 1966), when its normal-equation residual fell by ``tol``, or after ``iterations``.
+    One ``A`` and one ``A_adjoint`` per iteration; complex data are handled (conjugate inner
+    products). Returns ``(x, ||y - A x||^2)`` (the latter per element, shape ``(B,)``).
+    """
+    def dot(a: Tensor, c: Tensor) -> Tensor:
+        return (a.conj() * c).real.reshape(a.shape[0], -1).sum(1)
+
+    def col(v: Tensor, like: Tensor) -> Tensor:
+        return v.reshape(-1, *([1] * (like.ndim - 1)))
+
+    x = x0.clone()
+    r = y - physics.A(x)
+    s = physics.A_adjoint(r).to(x.dtype)
+    p = s.clone()
+    gamma = dot(s, s)
+    gamma0 = gamma.clamp_min(torch.finfo(gamma.dtype).tiny)
+    res = dot(r, r)
+    limit = torch.as_tensor(stop_residual, dtype=res.dtype, device=res.device).reshape(-1)
+    tiny = torch.finfo(res.dtype).tiny
+    for _ in range(iterations):
+        active = (res > limit) & (gamma > tol**2 * gamma0)
+        if not active.any():
+            break
+        q = physics.A(p)
+        alpha = torch.where(active, gamma / dot(q, q).clamp_min(tiny), torch.zeros_like(gamma))
+        x = x + col(alpha, x) * p
+        r = r - col(alpha, r).to(r.dtype) * q
+        s = physics.A_adjoint(r).to(x.dtype)
+        gamma_new = dot(s, s)
+        beta = torch.where(active, gamma_new / gamma.clamp_min(tiny), torch.zeros_like(gamma))
+        p = torch.where(col(active, p), s + col(beta, p) * p, p)
+        gamma = torch.where(active, gamma_new, gamma)
+        res = dot(r, r)
+    return x, res

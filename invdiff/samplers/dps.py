@@ -14,13 +14,14 @@ from torch import Tensor
 
 from ..priors.base import DiffusionPrior
 from ._steps import (
+    LIKELIHOODS,
     ddim_step,
     ddpm_sigmas,
     ddpm_timestep,
     conjugate_gradient,
     guidance_gradient,
     karras_sigmas,
-    measurement_noise,
+    likelihood_variance,
     operator_norm_squared,
     randn_like,
 )
@@ -151,11 +152,15 @@ class DPS(Sampler):
         operator_norm: float | None = None,
         cg_iterations: int = 5,
         cg_tol: float = 1e-3,
+        likelihood: str = "auto",
+        poisson_gain: float | None = None,
         verbose: bool = False,
     ) -> None:
         super().__init__(prior, verbose=verbose)
         if weighting not in ("likelihood", "paper"):
             raise ValueError(f"weighting must be 'likelihood' or 'paper', got {weighting!r}")
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {', '.join(LIKELIHOODS)}, got {likelihood!r}")
         self.sigmas = make_sigmas(prior, steps, schedule, sigmas)
         self.zeta = float(zeta)
         self.weighting = weighting
@@ -165,6 +170,8 @@ class DPS(Sampler):
         self.operator_norm = operator_norm
         self.cg_iterations = int(cg_iterations)
         self.cg_tol = float(cg_tol)
+        self.likelihood = likelihood
+        self.poisson_gain = poisson_gain
 
     def _paper_scale(self) -> list[float]:
         """gamma_i / zeta of the paper's rule: VP -> VE, [-1, 1] -> [0, 1], DDPM steps spanned."""
@@ -172,40 +179,51 @@ class DPS(Sampler):
         spanned = ddpm_timestep(s) - ddpm_timestep(s_next)
         return (0.5 * torch.sqrt((1 + 4 * s**2) * (1 + 4 * s_next**2)) * spanned).tolist()
 
+    def _setup(self, y: Tensor, physics) -> dict:
+        """What the guidance needs for the whole run: the likelihood's noise variance, and
+        the paper rule's scales or the likelihood rule's operator norm and CG warm start."""
+        kind, noise_var = likelihood_variance(physics, y, self.likelihood, self.noise_sigma, self.poisson_gain)
+        state = dict(kind=kind, noise_var=noise_var)
+        if self.weighting == "paper":
+            # Pearson residual r / sqrt|y| for Poisson data
+            state["weight"] = 1.0 / y.abs().clamp_min(1e-3) if kind == "poisson" else None
+            state["scale"] = self._paper_scale()
+        else:
+            norm_a = self.operator_norm
+            if norm_a is None and (self.cg_iterations == 0 or not isinstance(physics, LinearPhysics)):
+                norm_a = operator_norm_squared(physics, self.prior.image_shape, device=y.device, dtype=y.real.dtype)
+            state["norm_a"] = norm_a
+            state["warm"] = [None]  # previous CG solution, a warm start for the next
+        return state
+
+    def _guidance(self, x: Tensor, i: int, y: Tensor, physics, state: dict) -> tuple[Tensor, Tensor]:
+        """Alg. 1 lines 4-5: ``x0_hat = D(x_i)`` and the guidance step ``gamma_i * grad`` through the network."""
+        sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
+        if self.weighting == "paper":
+            x0, grad, _ = guidance_gradient(self.denoise, x, sigma, y, physics, "norm", state["weight"], self.clip)
+            return x0, self.zeta * state["scale"][i] * grad
+        sd2 = self.prior.sigma_data**2
+        r2 = sigma**2 * sd2 / (sigma**2 + sd2)  # scalar variance of the denoiser's error
+        precision = self._precision(physics, state["noise_var"], r2, state["norm_a"], state["warm"])
+        x0, grad, _ = guidance_gradient(self.denoise, x, sigma, y, physics, "squared", precision, self.clip)
+        return x0, self.zeta * (sigma**2 - sigma_next**2) * grad
+
     def _run(self, y: Tensor, physics, x_init: Tensor | None, generator, callback: Callable | None) -> Tensor:
         sigmas = self.sigmas.tolist()
         shape = (y.shape[0], *self.prior.image_shape)
-        dtype = y.real.dtype
-        kind, level = measurement_noise(physics) if self.noise_sigma is None else ("gaussian", self.noise_sigma)
-        if self.weighting == "paper":
-            base_weight = 1.0 / y.abs().clamp_min(1e-3) if kind == "poisson" else None  # Pearson residual r / sqrt|y|
-            paper_scale = self._paper_scale()
-        else:
-            noise_var = level * y.abs().clamp_min(level) if kind == "poisson" else level**2
-            norm_a = self.operator_norm
-            if norm_a is None and (self.cg_iterations == 0 or not isinstance(physics, LinearPhysics)):
-                norm_a = operator_norm_squared(physics, self.prior.image_shape, device=y.device, dtype=dtype)
-            sd2 = self.prior.sigma_data**2
-            warm: list[Tensor | None] = [None]  # previous CG solution, a warm start for the next
-        x = sigmas[0] * randn_like(y.new_zeros(shape, dtype=dtype), generator)
+        state = self._setup(y, physics)
+        x = sigmas[0] * randn_like(y.new_zeros(shape, dtype=y.real.dtype), generator)
         if x_init is not None:  # warm start: x_init noised to the first level
-            x = x + x_init.to(dtype)
+            x = x + x_init.to(x.dtype)
         for i in self.progress(range(len(sigmas) - 1)):
             sigma, sigma_next = sigmas[i], sigmas[i + 1]
             # Alg. 1 lines 4-5: x0_hat = D(x_i) and the misfit gradient through the network
-            if self.weighting == "paper":
-                x0, grad, _ = guidance_gradient(self.denoise, x, sigma, y, physics, "norm", base_weight, self.clip)
-                gamma = self.zeta * paper_scale[i]
-            else:
-                r2 = sigma**2 * sd2 / (sigma**2 + sd2)  # scalar variance of the denoiser's error
-                precision = self._precision(physics, noise_var, r2, norm_a, warm)
-                x0, grad, _ = guidance_gradient(self.denoise, x, sigma, y, physics, "squared", precision, self.clip)
-                gamma = self.zeta * (sigma**2 - sigma_next**2)
+            x0, step = self._guidance(x, i, y, physics, state)
             # Alg. 1 lines 6-7: ancestral step of the prior
             noise = randn_like(x, generator) if (self.eta > 0 and sigma_next > 0) else None
             x_prior = ddim_step(x, x0, sigma, sigma_next, self.eta, noise)
             # Alg. 1 line 8: data-consistency step
-            x = x_prior - gamma * grad
+            x = x_prior - step
             self.check_finite(x, i, sigma)
             self._info.steps += 1
             if callback is not None:

@@ -1,0 +1,404 @@
+r"""Twisted sequential Monte Carlo: the Twisted Diffusion Sampler (TDS).
+
+Wu, Trippe, Naesseth, Blei, Cunningham, "Practical and Asymptotically Exact Conditional
+Sampling in Diffusion Models", NeurIPS 2023 (arXiv:2306.17775); official code
+blt2114/twisted_diffusion_sampler (``image_exp/image_diffusion/feynman_kac_image_ddpm.py``:
+``TwistedDDPM``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from deepinv.physics import LinearPhysics
+from torch import Tensor
+
+from ..priors.base import DiffusionPrior
+from ._steps import (
+    LIKELIHOODS,
+    conjugate_gradient,
+    effective_sample_size,
+    guidance_gradient,
+    likelihood_variance,
+    operator_norm_squared,
+    systematic_resample,
+)
+from .base import Sampler
+from .dps import make_sigmas
+
+__all__ = ["SMC", "WeightedParticles"]
+
+TWISTS = ("pigdm", "tds")
+
+
+@dataclass
+class WeightedParticles:
+    """The final particle system of an SMC run: ``K`` weighted particles per measurement.
+
+    :ivar particles: ``(K, B, C, H, W)``.
+    :ivar log_weights: ``(K, B)``, normalised (``logsumexp`` over ``K`` is 0).
+    :ivar ess: ``(B,)`` effective sample size of the final weights.
+
+    Weighted averages over the particles are consistent estimators of posterior
+    expectations as ``K`` grows (self-normalised importance sampling).
+    """
+
+    particles: Tensor
+    log_weights: Tensor
+    ess: Tensor
+
+    @property
+    def weights(self) -> Tensor:
+        """Normalised weights ``(K, B)``."""
+        return self.log_weights.exp()
+
+    @property
+    def mean(self) -> Tensor:
+        """Weighted particle mean ``(B, C, H, W)``: the SMC estimate of the posterior mean."""
+        w = self.weights.to(self.particles.dtype)
+        return torch.einsum("kb,kb...->b...", w, self.particles)
+
+    @property
+    def covariance(self) -> Tensor:
+        """Weighted particle covariance ``(B, d, d)`` (``d = C*H*W``; small images only)."""
+        k, b = self.log_weights.shape
+        x = self.particles.reshape(k, b, -1).to(torch.float64)
+        w = self.weights.to(torch.float64)
+        dev = x - torch.einsum("kb,kbd->bd", w, x)[None]
+        return torch.einsum("kb,kbd,kbe->bde", w, dev, dev)
+
+
+class SMC(Sampler):
+    r"""Twisted Diffusion Sampler (Wu et al., NeurIPS 2023, Algorithm 1): sequential Monte Carlo
+    over the reverse diffusion, asymptotically exact as the number of particles grows.
+
+    ``K`` particles per measurement follow the prior's ancestral (DDPM) chain
+    :math:`p(x_{i+1} \mid x_i) = \mathcal N(\mu_i(x_i, \hat x_0), c_i^2 I)` with
+    :math:`\hat x_0 = D(x_i, \sigma_i)`, :math:`\mu_i = \hat x_0 + \tfrac{\sigma_{i+1}^2}{\sigma_i^2}(x_i - \hat x_0)`,
+    :math:`c_i^2 = \sigma_{i+1}^2 (1 - \sigma_{i+1}^2/\sigma_i^2)`, *twisted* towards the
+    measurement by the approximate likelihood of the denoised estimate (eq. 9),
+
+    .. math::
+
+        \tilde p_i(y \mid x_i) = \mathcal N\big(y;\, A(\hat x_0(x_i)),\; \Sigma_i\big), \qquad
+        \Sigma_i = s^2 I + r_i^2\, A A^\top, \quad r_i^2 = \frac{\sigma_i^2 \sigma_d^2}{\sigma_i^2 + \sigma_d^2},
+
+    and reweighted so that the particle system targets, at every level,
+    :math:`\pi_i(x_{0:i}) \propto p(x_{0:i})\, \tilde p_i(y \mid x_i)`, and at the end the exact
+    posterior :math:`p(x_N)\, p(y \mid x_N)` of the sampler's prior chain. Each step (eqs. 10-12):
+
+    1. resample (systematic) when the effective sample size falls below ``ess_threshold * K``;
+    2. propose from the twisted kernel: the ancestral step from the twisted denoised estimate
+       :math:`\hat x_0 + \sigma_i^2 \nabla_{x_i} \log \tilde p_i(y \mid x_i)` (Tweedie's formula
+       for :math:`p(x_0 \mid x_i, y)`), i.e. :math:`q = \mathcal N(\mu_i + (\sigma_i^2 - \sigma_{i+1}^2)\nabla\log\tilde p_i,\, c_i^2 I)`;
+    3. reweight by
+       :math:`w_{i+1} = \frac{p(x_{i+1} \mid x_i)\, \tilde p_{i+1}(y \mid x_{i+1})}{q(x_{i+1} \mid x_i)\, \tilde p_i(y \mid x_i)}`,
+       where :math:`\tilde p_{i+1}` and its gradient come from the one network call (with a
+       backward pass) at :math:`x_{i+1}` that the next step needs anyway.
+
+    The last step (:math:`\sigma_N = 0`) is the prior's: :math:`x_N = \hat x_0(x_{N-1})`, with
+    weight :math:`p(y \mid x_N) / \tilde p_{N-1}(y \mid x_{N-1})` (the exact likelihood). Since
+    every weight is exact, the twist only affects efficiency: for any twist the weighted
+    particles converge to the posterior of the prior chain as ``K`` grows (Thm. 1). With an
+    exact denoiser that chain samples the prior up to the discretisation of the schedule, so
+    the error of a weighted-particle estimate falls as :math:`K^{-1/2}` down to a floor set
+    by ``steps``. Measured (``benchmarks/exactness.py``, Gaussian prior, 4x4, 50 %
+    inpainting, 32 runs): RMS relative error of the weighted mean 0.59 / 0.34 / 0.19 / 0.092
+    / 0.051 for K = 4 / 16 / 64 / 256 / 1024 (K exact samples: 0.41 / 0.20 / 0.11 / 0.058 /
+    0.026); relative covariance error 0.96 / 0.79 / 0.48 / 0.32 / 0.24, whose floor is the
+    50-step chain's under-dispersion (trace of the particle covariance 0.80 of the exact one;
+    0.94 with 200 steps, where the error at K = 1024 is 0.12, and 0.97 with 800).
+
+    **Conversions and departures.** The official code runs the VP DDPM on ``[-1, 1]`` images
+    (100 respaced steps of the linear schedule, ``clip_twisted``: the twisted estimate is
+    clipped to the data range, ``clip_denoised=False``). invdiff runs the same algorithm in
+    VE coordinates on ``[0, 1]`` images over an EDM schedule (``steps`` levels, default 100),
+    where the ancestral kernel and Tweedie's shift above are the VP ones rewritten. The twist
+    variance: the official default (``pred_xstart_var_type=1``, inpainting, noiseless) is the
+    diffusion variance :math:`\sigma_i^2` (``twist="tds"``: :math:`\Sigma_i = s^2 I + \sigma_i^2 AA^\top`);
+    invdiff's default ``"pigdm"`` is the official option 2 (ΠGDM's
+    :math:`r_i^2`, Song et al. 2023) with :math:`\sigma_d` the prior's ``sigma_data``
+    instead of 1 — bounded at high noise, where :math:`\sigma_i^2` makes the twist flat
+    (measured, 4x4 problem above, K = 16 / 64: mean error 0.34 / 0.19 against 0.40 / 0.24). The
+    solve :math:`\Sigma_i^{-1} r` uses at most ``cg_iterations`` CG steps in measurement
+    space (exact in one for inpainting and single-coil MRI); for a nonlinear operator
+    :math:`AA^\top` is replaced by :math:`\|A\|^2 I`. The measurement noise :math:`s`
+    enters the weights (the official inpainting code is noiseless and pastes ``y`` into the
+    final sample). Poisson noise uses the Gaussian approximation of DPS (not exact); a
+    noiseless measurement uses ``min_noise`` (a hard constraint has no density).
+    Resampling: the official code resamples at every step (``ess_threshold=None``);
+    invdiff's default resamples adaptively, when ESS < ``K/2`` (``ess_threshold=1``
+    resamples at every step), which keeps more distinct paths (0.34 / 0.19 against 0.35 /
+    0.20). Default ``particles=16`` (the official base config uses 4; the paper reports 2-64),
+    100 steps (the official respacing).
+
+    **Outputs.** ``sampler(y, physics)`` returns, per measurement, one particle drawn
+    according to the final weights: an (asymptotically) exact posterior sample.
+    ``sampler.sample(y, physics, n)`` runs ``n`` *independent* particle systems batched
+    through the network (``n * K`` particles per measurement), so its ``n`` samples are
+    independent. The whole weighted system of the last run is kept in
+    :attr:`last_particles` (:class:`WeightedParticles`); :meth:`weighted` runs and returns
+    it — its weighted mean is a lower-variance estimate of the posterior mean than the mean
+    of ``n`` draws. ``nfe`` counts network calls: ``steps`` (one per level, all with a
+    backward pass) when the particles fit in one call, more with ``max_batch`` chunking.
+
+    :param prior: the diffusion prior.
+    :param steps: number of noise levels (= network calls).
+    :param particles: ``K``, particles per measurement.
+    :param ess_threshold: resample when ESS < ``ess_threshold * K`` (0 = never).
+    :param twist: ``"pigdm"`` or ``"tds"`` (twist variance, see above).
+    :param schedule: ``"karras"`` (EDM) or ``"ddpm"``; or explicit ``sigmas``.
+    :param noise_sigma: measurement noise std :math:`s`; read from ``physics.noise_model`` when ``None``.
+    :param likelihood: ``"auto"``, ``"gaussian"`` or ``"poisson"`` (see :func:`~invdiff.samplers._steps.likelihood_variance`).
+    :param poisson_gain: gain of Poisson noise, when not read from the physics.
+    :param min_noise: floor of :math:`s` (noiseless measurements).
+    :param operator_norm: :math:`\|A\|^2` for the scalar twist (nonlinear operators: estimated as 1).
+    :param cg_iterations: most CG steps of the twist's solve (``0`` = scalar :math:`\|A\|^2`).
+    :param cg_tol: relative residual at which the CG stops.
+    :param max_batch: most particles per network call (``None``: all at once).
+    :param clip: range of the twisted estimate and of the returned samples (``None``: none).
+    :param verbose: tqdm progress bar.
+
+    Example::
+
+        >>> import torch, deepinv as dinv
+        >>> from invdiff.priors import GaussianPrior
+        >>> from invdiff.samplers import SMC
+        >>> prior = GaussianPrior.stationary((1, 8, 8), length_scale=2.0)
+        >>> physics = dinv.physics.Inpainting((1, 8, 8), mask=0.5,
+        ...     noise_model=dinv.physics.GaussianNoise(0.05), rng=torch.Generator().manual_seed(0))
+        >>> g = torch.Generator().manual_seed(0)
+        >>> y = physics(prior.sample(1, g).float())
+        >>> sampler = SMC(prior, steps=50, particles=32)
+        >>> system = sampler.weighted(y, physics, generator=g)
+        >>> system.particles.shape, system.mean.shape, sampler.last_run.nfe
+        (torch.Size([32, 1, 1, 8, 8]), torch.Size([1, 1, 8, 8]), 50)
+    """
+
+    name = "smc"
+
+    def __init__(
+        self,
+        prior: DiffusionPrior,
+        steps: int = 100,
+        particles: int = 16,
+        ess_threshold: float = 0.5,
+        twist: str = "pigdm",
+        schedule: str = "karras",
+        sigmas: Tensor | None = None,
+        noise_sigma: float | None = None,
+        likelihood: str = "auto",
+        poisson_gain: float | None = None,
+        min_noise: float = 1e-3,
+        operator_norm: float | None = None,
+        cg_iterations: int = 10,
+        cg_tol: float = 1e-4,
+        max_batch: int | None = None,
+        clip: tuple[float, float] | None = (0.0, 1.0),
+        verbose: bool = False,
+    ) -> None:
+        super().__init__(prior, verbose=verbose)
+        if particles < 1:
+            raise ValueError(f"particles must be >= 1, got {particles}")
+        if not 0 <= ess_threshold <= 1:
+            raise ValueError(f"ess_threshold must be in [0, 1], got {ess_threshold}")
+        if twist not in TWISTS:
+            raise ValueError(f"twist must be one of {', '.join(TWISTS)}, got {twist!r}")
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {', '.join(LIKELIHOODS)}, got {likelihood!r}")
+        if max_batch is not None and max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.sigmas = make_sigmas(prior, steps, schedule, sigmas)
+        self.particles = int(particles)
+        self.ess_threshold = float(ess_threshold)
+        self.twist = twist
+        self.noise_sigma, self.likelihood, self.poisson_gain = noise_sigma, likelihood, poisson_gain
+        self.min_noise = float(min_noise)
+        self.operator_norm = operator_norm
+        self.cg_iterations, self.cg_tol = int(cg_iterations), float(cg_tol)
+        self.max_batch = max_batch
+        self.clip = clip
+        self.last_particles: WeightedParticles | None = None
+
+    # --- public -----------------------------------------------------------------------
+    def weighted(
+        self,
+        y: Tensor,
+        physics,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        x_init: Tensor | None = None,
+        callback: Callable[[dict], None] | None = None,
+    ) -> WeightedParticles:
+        """Run once and return the final weighted particle system (see :class:`WeightedParticles`)."""
+        self.forward(y, physics, generator=generator, x_init=x_init, callback=callback)
+        return self.last_particles
+
+    # --- the algorithm ----------------------------------------------------------------
+    def _run(self, y: Tensor, physics, x_init: Tensor | None, generator, callback: Callable | None) -> Tensor:
+        sigmas = self.sigmas.tolist()
+        k, b = self.particles, y.shape[0]
+        self._check_operator_batch(physics, b)
+        dtype = y.real.dtype
+        noise_var = self._noise_variance(physics, y)
+        y_rep = y.repeat(k, *([1] * (y.ndim - 1)))  # particle (k, b) is row k * B + b
+        var_rep = noise_var.repeat(k, *([1] * (y.ndim - 1))) if isinstance(noise_var, Tensor) else noise_var
+        norm_a = self.operator_norm
+        if norm_a is None and (self.cg_iterations == 0 or not isinstance(physics, LinearPhysics)):
+            norm_a = operator_norm_squared(physics, self.prior.image_shape, device=y.device, dtype=dtype)
+        twist = _Twist(self, physics, y_rep, var_rep, norm_a)
+
+        # Alg. 1 line 1: x_0^k ~ N(x_init or 0, sigma_0^2 I), twist values and weights w_0 = p~_0(y | x_0)
+        x = sigmas[0] * self._randn((k, b, *self.prior.image_shape), dtype, y.device, generator)
+        if x_init is not None:
+            x = x + x_init.to(dtype)[None]
+        x = x.reshape(k * b, *self.prior.image_shape)
+        x0, grad, log_twist = twist(x, sigmas[0])
+        self.check_finite(x0, 0, sigmas[0])
+        log_w = log_twist.reshape(k, b).clone()
+        ess_trace, resampled = [], 0
+        for i in self.progress(range(len(sigmas) - 1)):
+            sigma, sigma_next = sigmas[i], sigmas[i + 1]
+            # Alg. 1 line 3: resample when the effective sample size is low
+            ess = effective_sample_size(log_w)
+            ess_trace.append(float(ess.min()))
+            low = ess < self.ess_threshold * k
+            # (the uniforms are drawn at every step, so that with one generator per measurement a
+            # measurement's result does not depend on the others in the batch)
+            idx = systematic_resample(log_w, generator) if k > 1 else None  # (K, B) parent of each particle
+            if k > 1 and low.any():
+                idx = torch.where(low[None], idx, torch.arange(k, device=idx.device)[:, None])
+                rows = (idx * b + torch.arange(b, device=idx.device)[None]).reshape(-1)
+                x, x0, grad, log_twist = x[rows], x0[rows], grad[rows], log_twist[rows]
+                log_w = torch.where(low[None], torch.zeros_like(log_w), log_w)
+                resampled += 1
+            if sigma_next > 0:
+                # Alg. 1 line 5: twisted proposal, the ancestral step from the twisted x0 estimate
+                c2 = sigma_next**2 * (1 - sigma_next**2 / sigma**2)
+                x0_twisted = x0 + sigma**2 * grad
+                if self.clip is not None:
+                    x0_twisted = x0_twisted.clamp(*self.clip)
+                mean_prior = x0 + (sigma_next**2 / sigma**2) * (x - x0)
+                mean_twisted = x0_twisted + (sigma_next**2 / sigma**2) * (x - x0_twisted)
+                z = self._randn((k, b, *self.prior.image_shape), dtype, y.device, generator).reshape(x.shape)
+                x_new = mean_twisted + math.sqrt(c2) * z
+                # log p(x_new | x) - log q(x_new | x) for x_new = mean_twisted + c z, d = mean_twisted - mean_prior:
+                # (|c z|^2 - |c z + d|^2) / (2 c^2), written without the cancellation
+                d = mean_twisted - mean_prior
+                log_kernel = -_sqnorm(z * d, squared=False) / math.sqrt(c2) - _sqnorm(d) / (2 * c2)
+                self.check_finite(x_new, i, sigma)
+                # Alg. 1 lines 6-7: the next twist (one network call) and the incremental weight
+                x0_new, grad, log_twist_new = twist(x_new, sigma_next)
+                self.check_finite(x0_new, i, sigma)
+            else:
+                # the last step is the prior's (x_N = x0_hat), weighted by the exact likelihood
+                x_new = x0.clamp(*self.clip) if self.clip is not None else x0
+                resid = y_rep - physics.A(x_new)
+                log_twist_new = -0.5 * _sqnorm(resid.abs() ** 2 / var_rep, squared=False)
+                log_kernel = torch.zeros_like(log_twist_new)
+                x0_new = x_new
+            log_w = log_w + (log_twist_new - log_twist + log_kernel).reshape(k, b)
+            x, x0, log_twist = x_new, x0_new, log_twist_new
+            self.check_finite(log_w, i, sigma)
+            self._info.steps += 1
+            if callback is not None:
+                callback(dict(i=i, sigma=sigma, x=x, x0=x0, log_weights=log_w))
+
+        log_w = log_w - torch.logsumexp(log_w, 0, keepdim=True)
+        particles = x.reshape(k, b, *self.prior.image_shape)
+        self.last_particles = WeightedParticles(particles, log_w, effective_sample_size(log_w))
+        self._info.extra = dict(particles=k, ess=ess_trace, resampled=resampled,
+                                final_ess=self.last_particles.ess.tolist())
+        # one posterior draw per measurement from the final weights
+        pick = self._categorical(log_w, generator)
+        return particles[pick, torch.arange(b, device=pick.device)]
+
+    # --- pieces -----------------------------------------------------------------------
+    def _noise_variance(self, physics, y: Tensor) -> float | Tensor:
+        kind, var = likelihood_variance(physics, y, self.likelihood, self.noise_sigma, self.poisson_gain)
+        floor = self.min_noise**2
+        if isinstance(var, Tensor):
+            return var.clamp_min(floor)
+        return max(float(var), floor)
+
+    def _check_operator_batch(self, physics, b: int) -> None:
+        if b > 1 and self.particles > 1:
+            for name, buf in list(physics.named_buffers()) + list(physics.named_parameters()):
+                if buf.ndim >= 1 and buf.shape[0] == b and name.split(".")[-1] in ("mask", "coil_maps", "filter"):
+                    raise ValueError(
+                        f"{self.name}: the operator's {name!r} has a batch dimension of {b}, but the particles "
+                        "are a batch of particles x measurements; reconstruct one measurement at a time"
+                    )
+
+    @staticmethod
+    def _randn(shape: tuple, dtype, device, generator) -> Tensor:
+        """Standard normal ``(K, B, ...)``; a list of generators gives one per measurement ``b``."""
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != shape[1]:
+                raise ValueError(f"got {len(generator)} generators for a batch of {shape[1]}")
+            return torch.stack([torch.randn((shape[0], *shape[2:]), generator=g, device=device, dtype=dtype)
+                                for g in generator], 1)
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+    @staticmethod
+    def _categorical(log_w: Tensor, generator) -> Tensor:
+        """One index in ``[0, K)`` per column of ``log_w`` ``(K, B)``, drawn with the normalised weights."""
+        w = torch.softmax(log_w.to(torch.float64), 0).T  # (B, K)
+        if isinstance(generator, (list, tuple)):
+            return torch.cat([torch.multinomial(w[j], 1, generator=g) for j, g in enumerate(generator)])
+        return torch.multinomial(w, 1, generator=generator)[:, 0]
+
+
+def _sqnorm(v: Tensor, squared: bool = True) -> Tensor:
+    """Per-row sum of ``|v|^2`` (or of ``v`` when ``squared`` is False), shape ``(N,)``."""
+    v = v.abs() ** 2 if squared else v
+    return v.reshape(v.shape[0], -1).sum(1)
+
+
+class _Twist:
+    """``x -> (x0_hat, grad log p~(y | x), log p~(y | x))`` for a batch of particles, in chunks.
+
+    ``log p~ = -1/2 r^T Sigma^{-1} r`` up to a constant shared by all particles at a level
+    (it cancels in the normalised weights); ``r = y - A(x0_hat)``.
+    """
+
+    def __init__(self, sampler: SMC, physics, y: Tensor, noise_var, norm_a: float | None) -> None:
+        self.sampler, self.physics, self.y, self.noise_var, self.norm_a = sampler, physics, y, noise_var, norm_a
+        self.sd2 = sampler.prior.sigma_data**2
+
+    def _error_variance(self, sigma: float) -> float:
+        if self.sampler.twist == "tds":
+            return sigma**2
+        return sigma**2 * self.sd2 / (sigma**2 + self.sd2)
+
+    def __call__(self, x: Tensor, sigma: float) -> tuple[Tensor, Tensor, Tensor]:
+        size = self.sampler.max_batch or x.shape[0]
+        outs = [self._chunk(x[s:s + size], sigma, slice(s, s + size)) for s in range(0, x.shape[0], size)]
+        return tuple(torch.cat(parts) for parts in zip(*outs))
+
+    def _chunk(self, x: Tensor, sigma: float, rows: slice) -> tuple[Tensor, Tensor, Tensor]:
+        y = self.y[rows]
+        nv = self.noise_var[rows] if isinstance(self.noise_var, Tensor) else self.noise_var
+        r2 = self._error_variance(sigma)
+        quad: list[Tensor] = []
+        physics = self.physics
+
+        if self.norm_a is not None:
+            def solve(r: Tensor) -> Tensor:
+                wr = r / (nv + r2 * self.norm_a)
+                quad.append(_sqnorm((r.conj() * wr).real, squared=False))
+                return wr
+        else:
+            def solve(r: Tensor) -> Tensor:
+                def apply(v: Tensor) -> Tensor:
+                    return nv * v + r2 * physics.A(physics.A_adjoint(v))
+
+                wr = conjugate_gradient(apply, r, iterations=self.sampler.cg_iterations, tol=self.sampler.cg_tol)
+                quad.append(_sqnorm((r.conj() * wr).real, squared=False))
+                return wr
+
+        # grad of the misfit 1/2 r^T Sigma^{-1} r through the denoiser; log p~ = -misfit
+        x0, grad, _ = guidance_gradient(self.sampler.denoise, x, sigma, y, physics, "squared", solve, None)
+        return x0, -grad, -0.5 * quad[0]
