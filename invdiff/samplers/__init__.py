@@ -10,13 +10,15 @@ from .base import PosteriorSamples, RunInfo, Sampler, SamplerDivergedError
 from .daps import DAPS
 from .dds import DDS
 from .diffpir import DiffPIR
+from .enkg import EnKG
 from .dps import DPS, make_sigmas
+from .mcg import MCG
 from .reddiff import REDDiff
 from .resample import ReSample
 from .smc import SMC, WeightedParticles
 
 _REGISTRY: dict[str, type[Sampler]] = {"dps": DPS, "dds": DDS, "diffpir": DiffPIR, "reddiff": REDDiff, "daps": DAPS,
-                                     "smc": SMC, "resample": ReSample}
+                                     "smc": SMC, "resample": ReSample, "mcg": MCG, "enkg": EnKG}
 
 
 def available() -> list[str]:
@@ -48,6 +50,8 @@ __all__ = [
     "PosteriorSamples",
     "SamplerDivergedError",
     "DPS",
+    "MCG",
+    "EnKG",
     "DDS",
     "DiffPIR",
     "REDDiff",

@@ -1,0 +1,284 @@
+r"""Ensemble Kalman Diffusion Guidance (EnKG).
+
+Zheng, Chu, Wang, Kovachki, Baptista, Yue, "Ensemble Kalman Diffusion Guidance: A
+Derivative-free Method for Inverse Problems", 2024 (arXiv:2409.20175); official code
+devzhk/enkg-pytorch (``algo/enkg.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..priors.base import DiffusionPrior
+from ._steps import likelihood_variance, randn_like
+from .base import PosteriorSamples, Sampler
+from .dps import make_sigmas
+
+__all__ = ["EnKG", "ensemble_kalman_coefficients"]
+
+def _flat(t: Tensor, batch: int, members: int) -> Tensor:
+    """``(batch * members, ...)`` (complex as real pairs) -> ``(batch, members, d)``."""
+    t = torch.view_as_real(t) if t.is_complex() else t
+    return t.reshape(batch, members, -1)
+
+
+def ensemble_kalman_coefficients(
+    x: Tensor, h: Tensor, y: Tensor, noise_var: float | Tensor, perturbation: Tensor | None = None
+) -> Tensor:
+    r"""Particle-space coefficients of the ensemble Kalman update of ``J`` particles.
+
+    With particles :math:`x_j \in \mathbb R^d`, their predicted measurements
+    :math:`h_j = A(\hat x_0(x_j)) \in \mathbb R^m`, the anomalies
+    :math:`\tilde X = (x - \bar x)/\sqrt{J-1}`, :math:`\tilde H = (h - \bar h)/\sqrt{J-1}`
+    (``J x d`` and ``J x m``) and the noise covariance :math:`\Gamma = \mathrm{diag}(v)`, the
+    Kalman update of the ensemble Kalman filter / inversion is
+
+    .. math::
+
+        x_j \leftarrow x_j + C_{xh}(C_{hh} + \Gamma)^{-1}(y + \epsilon_j - h_j),
+        \qquad C_{xh} = \tilde X^\top \tilde H, \; C_{hh} = \tilde H^\top \tilde H,
+
+    and by the Woodbury identity
+    :math:`C_{xh}(C_{hh} + \Gamma)^{-1} = \tilde X^\top (\tilde H\Gamma^{-1}\tilde H^\top + I_J)^{-1}\tilde H\Gamma^{-1}`,
+    so the update is :math:`x_j \leftarrow x_j + \sum_k c_{jk} \tilde X_k` with
+
+    .. math::
+
+        c_{j\cdot} = (\tilde H \Gamma^{-1} \tilde H^\top + I_J)^{-1} \tilde H \Gamma^{-1} (y + \epsilon_j - h_j),
+
+    a ``J x J`` Cholesky solve (or, by the push-through identity
+    :math:`(\hat H\hat H^\top + I_J)^{-1}\hat H = \hat H(\hat H^\top\hat H + I_m)^{-1}`, an
+    ``m x m`` one when the measurement is smaller than the ensemble), in float64: the cost is
+    linear in the image size.
+
+    :param x: particles ``(B, J, d)``.
+    :param h: predicted measurements ``(B, J, m)`` (real).
+    :param y: measurement ``(B, 1, m)``.
+    :param noise_var: :math:`v`, a number or ``(B, 1, m)``.
+    :param perturbation: :math:`\epsilon_j` ``(B, J, m)`` (stochastic EnKF) or ``None``.
+    :returns: ``c`` ``(B, J, J)``; the update is ``x + c @ x_anomalies``.
+    """
+    members, m = x.shape[1], h.shape[-1]
+    v = noise_var if torch.is_tensor(noise_var) else torch.tensor(float(noise_var), dtype=h.dtype, device=h.device)
+    root = v.to(torch.float64).sqrt()
+    # whitened anomalies H^ = H~ Gamma^-1/2 and residuals r^_j = Gamma^-1/2 (y + eps_j - h_j), in float64:
+    # with a small noise the Gram matrix spans many orders of magnitude
+    h64 = h.to(torch.float64)
+    ha = (h64 - h64.mean(1, keepdim=True)) / (members - 1) ** 0.5 / root
+    resid = (y.to(torch.float64) - h64 if perturbation is None
+             else y.to(torch.float64) + perturbation.to(torch.float64) - h64) / root
+    if members <= m:  # c = R^ H^T (H^ H^T + I_J)^-1: a J x J solve
+        chol = torch.linalg.cholesky(ha @ ha.transpose(1, 2) + torch.eye(members, dtype=ha.dtype, device=ha.device))
+        coef = torch.cholesky_solve((resid @ ha.transpose(1, 2)).transpose(1, 2), chol).transpose(1, 2)
+    else:  # push-through identity, c = R^ (H^T H^ + I_m)^-1 H^T: an m x m solve when m < J
+        chol = torch.linalg.cholesky(ha.transpose(1, 2) @ ha + torch.eye(m, dtype=ha.dtype, device=ha.device))
+        coef = torch.cholesky_solve(resid.transpose(1, 2), chol).transpose(1, 2) @ ha.transpose(1, 2)
+    return coef.to(x.dtype)
+
+
+class EnKG(Sampler):
+    r"""Ensemble Kalman diffusion guidance (Zheng et al., 2024): a derivative-free posterior
+    sampler that calls only ``physics.A`` — never ``A_adjoint``, never autograd through the
+    operator or the network — so it works with black-box forward models (simulators, numpy
+    code, non-differentiable operators).
+
+    An ensemble of ``J`` particles follows the probability-flow ODE of the prior on an EDM
+    grid :math:`\sigma_0 > \dots > \sigma_N = 0`. At each guided level the particles are
+    moved by an ensemble Kalman update towards the measurement, using as the forecast of
+    each particle its denoised estimate :math:`\hat x_0^{(j)} = D(x^{(j)}, \sigma_i)` and
+    :math:`h_j = A(\hat x_0^{(j)})`:
+
+    .. math::
+
+        x^{(j)} \leftarrow x^{(j)} + \sum_k c_{jk} \frac{x^{(k)} - \bar x}{\sqrt{J-1}}, \qquad
+        c = (\tilde H \Gamma_i^{-1} \tilde H^\top + I)^{-1} \tilde H \Gamma_i^{-1}(y + \epsilon_j - h_j)
+
+    (:func:`ensemble_kalman_coefficients`), the Kalman gain estimated from the ensemble's
+    cross-covariance between states and predicted measurements — a statistical linearisation
+    of :math:`\nabla_x \log p(y \mid \hat x_0(x))` that needs no derivative (paper, Sec. 3).
+    Then the Euler (DDIM, :math:`\eta = 0`) step of the PF-ODE,
+    :math:`x \leftarrow \hat x_0 + \tfrac{\sigma_{i+1}}{\sigma_i}(x - \hat x_0)`.
+
+    **Tempering.** The likelihood is split over the guided levels as in ensemble smoothers
+    with multiple data assimilation (Emerick & Reynolds 2013): level :math:`i` uses
+    :math:`\Gamma_i = \Gamma / \beta_i` with :math:`\sum_i \beta_i = 1` and, with
+    ``perturb=True``, perturbed observations :math:`\epsilon_j \sim \mathcal N(0, \Gamma_i)`.
+    The shares follow how much of the signal the denoised forecast resolves,
+    :math:`\beta_i \propto (\sigma_d^2 / (\sigma_i^2 + \sigma_d^2))^p` (``tempering_power``
+    :math:`p = 4`; :math:`p = 0` is equal shares). At high noise the forecast
+    :math:`\hat x_0` barely depends on :math:`x`, so a share assimilated there must move the
+    particles far to move their forecasts a little, and the sampling error of the ensemble's
+    gain is amplified by as much; shares that grow as the signal is resolved avoid it.
+    Measured (1024 particles, 40 steps; mean error against the exact posterior mean /
+    PSNR): on the 16x16 Gaussian blur problem of ``benchmarks/exactness.py`` equal shares
+    leave the posterior too wide (0.24, std ratio 1.35) where :math:`p = 1` and
+    :math:`p = 4` give 0.05 (std ratio 0.97 / 0.94; DPS: 0.05 and 0.95); on the 32x32 demo
+    problems (``invdiff demo --analytic``, d = 1024 = J) sparse-view CT gets
+    20.8 / 38.4 / 40.5 dB with :math:`p = 1 / 4 / 8` (FBP 32.2, exact posterior mean 45.1)
+    and 4x MRI 16.6 / 18.6 / 18.5 (zero-filled 19.4, exact 19.5), blur and inpainting
+    within 0.2 dB of each other. For a linear operator, a Gaussian prior
+    (affine denoiser) and updates at a fixed level this is exactly Bayes' rule as ``J``
+    grows; along the diffusion it is an approximation like DPS's, tested against the
+    closed-form posterior (``tests/test_enkg.py``).
+
+    **Departures from the official code, and why.**
+
+    * *The update.* The official code takes a normalised preconditioned-gradient step,
+      :math:`x_j \leftarrow x_j - \tfrac{s}{\|C\|_F}\sum_k C_{jk}(x_k - \bar x)` with
+      :math:`C_{jk} = \langle h_j - y, h_k - \bar h\rangle / J`, ``s = 2``. invdiff uses the
+      Kalman update above instead: it weighs the data by the noise level :math:`\Gamma` (the
+      normalised step gives the same pull for noiseless and very noisy data), is invariant to
+      the scale of ``A`` and of the images, and is Bayes' rule for linear-Gaussian problems. The
+      normalised step, tried on the 8x8 Gaussian deblurring problem of the tests with invdiff's
+      [0, 1] images and EDM grid, overshot (data misfit 6x that of the unguided prior): its
+      ``s`` is tied to the official images, grid and ensemble size, and is not offered.
+    * *The forecast.* The official code pushes every particle to :math:`t = 0` with a few
+      PF-ODE Euler steps (several network calls per particle and update) and calls the network
+      again after the update. invdiff uses Tweedie's estimate :math:`\hat x_0 = D(x, \sigma_i)`
+      and applies the same coefficients :math:`c` to the ensemble of :math:`\hat x_0`, which is
+      exact for an affine denoiser (Gaussian prior) and first-order otherwise; so a step costs
+      one batched network call for the whole ensemble (``nfe`` = steps when the ensemble fits
+      in ``max_batch``) instead of ``(ode_steps + 1) x updates``.
+    * *Noise.* :math:`\Gamma` comes from the physics' noise model (Gaussian, or the Poisson
+      variance of :func:`~invdiff.samplers._steps.likelihood_variance`), floored at
+      ``min_noise^2``; the official code uses a fixed ``s``.
+
+    Defaults: ``steps=80`` (paper), ``ensemble_size=1024`` (paper, FFHQ), guidance at every
+    step but the last (``guide_from`` / ``guide_until`` restrict it to a window of
+    :math:`\sigma`), one update per step.
+
+    **Outputs.** ``sampler(y, physics)`` returns the ensemble mean; the particles of the last
+    run are in :attr:`last_particles` ``(J, B, C, H, W)``. ``sampler.sample(y, physics, n)``
+    runs one ensemble of ``max(n, ensemble_size)`` particles and returns ``n`` of them as the
+    samples (the ensemble *is* the approximate posterior sample), their mean and std.
+
+    :param prior: a pixel-space :class:`~invdiff.priors.DiffusionPrior`.
+    :param steps: number of noise levels.
+    :param ensemble_size: particles per measurement ``J``.
+    :param perturb: perturbed observations (stochastic EnKF) in the Kalman rule.
+    :param guide_from, guide_until: guide only at levels with ``guide_until <= sigma <= guide_from``.
+    :param sigmas: explicit schedule (overrides ``steps``).
+    :param noise_sigma: Gaussian noise level of ``y`` (default: from ``physics.noise_model``).
+    :param likelihood: ``"auto"``, ``"gaussian"`` or ``"poisson"``.
+    :param min_noise: floor of the noise standard deviation (a noiseless measurement has no density).
+    :param tempering_power: :math:`p` of the likelihood shares (see Tempering).
+    :param max_batch: most particles per network call (chunks the ensemble to a memory budget).
+    :param clip: clamp the denoised estimates to this range before ``A`` (e.g. ``(0, 1)``;
+        off by default: a black-box ``A`` may be defined beyond the image range).
+    :param verbose: tqdm bar.
+    """
+
+    name = "enkg"
+
+    def __init__(
+        self,
+        prior: DiffusionPrior,
+        steps: int = 80,
+        ensemble_size: int = 1024,
+        perturb: bool = True,
+        guide_from: float = float("inf"),
+        guide_until: float = 0.0,
+        sigmas: Tensor | None = None,
+        noise_sigma: float | None = None,
+        likelihood: str = "auto",
+        min_noise: float = 1e-3,
+        max_batch: int | None = 256,
+        clip: tuple[float, float] | None = None,
+        tempering_power: float = 4.0,
+        verbose: bool = False,
+    ) -> None:
+        super().__init__(prior, verbose=verbose)
+        if ensemble_size < 2:
+            raise ValueError(f"ensemble_size must be >= 2 (the Kalman gain needs an ensemble), got {ensemble_size}")
+        if max_batch is not None and max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1 or None, got {max_batch}")
+        self.sigmas = make_sigmas(prior, steps, "karras", sigmas)
+        self.ensemble_size = int(ensemble_size)
+        self.perturb = bool(perturb)
+        self.guide_from, self.guide_until = float(guide_from), float(guide_until)
+        self.noise_sigma, self.likelihood, self.min_noise = noise_sigma, likelihood, float(min_noise)
+        self.max_batch = max_batch
+        self.clip = clip
+        self.tempering_power = float(tempering_power)
+        self.last_particles: Tensor | None = None
+        self._members = self.ensemble_size
+
+    def guided(self, i: int) -> bool:
+        """Whether level ``i`` gets a Kalman update (not the last, and inside the window)."""
+        sigma = float(self.sigmas[i])
+        return i < len(self.sigmas) - 2 and self.guide_until <= sigma <= self.guide_from
+
+    def _denoise_ensemble(self, x: Tensor, sigma: float) -> Tensor:
+        if self.max_batch is None or x.shape[0] <= self.max_batch:
+            return self.denoise(x, sigma)
+        return torch.cat([self.denoise(c, sigma) for c in x.split(self.max_batch)])
+
+    def _coefficients(self, x: Tensor, h: Tensor, y: Tensor, noise_var, beta: float, generator) -> Tensor:
+        batch, members = y.shape[0], self._members
+        hf, yf = _flat(h, batch, members), _flat(y, batch, 1)
+        xf = x.reshape(batch, members, -1)
+        v = noise_var / beta
+        if torch.is_tensor(v):
+            v = _flat(v, batch, 1)
+        pert = None
+        if self.perturb:
+            pert = randn_like(hf.reshape(batch * members, -1), generator).reshape(hf.shape)
+            pert = pert * (v.sqrt() if torch.is_tensor(v) else v**0.5)
+        return ensemble_kalman_coefficients(xf, hf, yf, v, pert)
+
+    def _run(self, y: Tensor, physics, x_init: Tensor | None, generator, callback: Callable | None) -> Tensor:
+        sigmas = self.sigmas.tolist()
+        n = len(sigmas) - 1
+        batch, members, shape = y.shape[0], self._members, self.prior.image_shape
+        _, noise_var = likelihood_variance(physics, y, self.likelihood, self.noise_sigma)
+        if torch.is_tensor(noise_var):
+            noise_var = noise_var.clamp_min(self.min_noise**2)
+        else:
+            noise_var = max(float(noise_var), self.min_noise**2)
+        guided = [i for i in range(n) if self.guided(i)]
+        sd2 = self.prior.sigma_data**2
+        shares = torch.tensor([(sd2 / (sigmas[i] ** 2 + sd2)) ** self.tempering_power for i in guided],
+                              dtype=torch.float64)
+        betas = dict(zip(guided, (shares / shares.sum()).tolist())) if guided else {}
+        # generator lists are per measurement: expand them to one per particle row
+        gen = [g for g in generator for _ in range(members)] if isinstance(generator, (list, tuple)) else generator
+        x = sigmas[0] * randn_like(y.new_zeros((batch * members, *shape), dtype=y.real.dtype), gen)
+        if x_init is not None:
+            x = x + x_init.to(x.dtype).repeat_interleave(members, 0)
+        for i in self.progress(range(n)):
+            sigma, sigma_next = sigmas[i], sigmas[i + 1]
+            x0 = self._denoise_ensemble(x, sigma)
+            self.check_finite(x0, i, sigma)
+            if i in guided:
+                h = physics.A(x0 if self.clip is None else x0.clamp(*self.clip))
+                coef = self._coefficients(x, h, y, noise_var, betas[i], gen)
+                for t in (x, x0):  # the same particle-space update for x and its denoised estimate
+                    tf = t.reshape(batch, members, -1)
+                    anomalies = (tf - tf.mean(1, keepdim=True)) / (members - 1) ** 0.5
+                    tf += coef @ anomalies
+            x = x0 + (sigma_next / sigma) * (x - x0) if sigma_next > 0 else x0
+            self.check_finite(x, i, sigma)
+            self._info.steps += 1
+            if callback is not None:
+                callback(dict(i=i, sigma=sigma, x=x.reshape(batch, members, *shape).mean(1),
+                              x0=x0.reshape(batch, members, *shape).mean(1)))
+        particles = x.reshape(batch, members, *shape)
+        self.last_particles = particles.transpose(0, 1).contiguous()
+        return particles.mean(1)
+
+    def sample(self, y: Tensor, physics, n: int, generator: torch.Generator | None = None,
+               x_init: Tensor | None = None, callback: Callable | None = None) -> PosteriorSamples:
+        """``n`` particles of one ensemble of ``max(n, ensemble_size)`` (see the class doc)."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        self._members = max(int(n), self.ensemble_size)
+        try:
+            self.forward(y, physics, generator=generator, x_init=x_init, callback=callback)
+        finally:
+            self._members = self.ensemble_size
+        samples = self.last_particles[:n]
+        std = samples.std(0) if n > 1 else torch.zeros_like(samples[0])
+        return PosteriorSamples(samples, samples.mean(0), std)
