@@ -31,6 +31,26 @@ def _cmd_train(args: argparse.Namespace) -> int:
             f"--{k.replace('_', '-')} {v if k == 'steps' else shlex.quote(str(v))}" for k, v in flags.items())
     else:
         command = args.command
+    if args.latent:
+        from .latent import LatentTrainConfig, train_latent
+
+        if args.resume or args.device != "cpu":
+            raise ValueError("--latent trains on the CPU in one run (no --resume, no --device)")
+        ae = LatentTrainConfig(steps=args.ae_steps, latent_channels=args.latent_channels, width=args.ae_width)
+        if args.command is None:
+            command = command.replace("invdiff train ", "invdiff train --latent " + " ".join(
+                f"--{k} {v}" for k, v in (("ae-steps", ae.steps), ("latent-channels", ae.latent_channels),
+                                          ("ae-width", ae.width))) + " ", 1)
+        result = train_latent(config, ae, args.out, checkpoint=args.checkpoint,
+                              checkpoint_every=args.checkpoint_every, time_limit=args.time_limit, name=args.name,
+                              command=command, progress=not args.quiet)
+        card = result.card
+        print(f"wrote {result.path} ({card['parameters']:,} parameters, autoencoder held-out PSNR "
+              f"{card['heldout_reconstruction_psnr']} dB, latent prior {card['steps']} steps, "
+              f"final loss {card['final_loss']})")
+        if "heldout_denoising_psnr" in card:
+            print(f"held-out decoded denoising PSNR: {card['heldout_denoising_psnr']}")
+        return 0
     result = train(config, args.out, checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
                    resume=args.resume, device=args.device, time_limit=args.time_limit, name=args.name,
                    command=command, progress=not args.quiet)
@@ -64,6 +84,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     p.add_argument("--time-limit", type=float, default=None, help="stop cleanly after this many minutes")
     p.add_argument("--name", default=None, help="prior name for the model card (default: file stem)")
+    p.add_argument("--latent", action="store_true",
+                   help="train a latent diffusion prior: a ConvAutoencoder, then the EDM prior on its latents "
+                        "(--width, --steps, --lr... apply to the latent prior)")
+    p.add_argument("--ae-steps", type=int, default=1500, help="--latent: autoencoder steps (default 1500)")
+    p.add_argument("--latent-channels", type=int, default=4, help="--latent: latent channels (default 4)")
+    p.add_argument("--ae-width", type=int, default=32, help="--latent: autoencoder base width (default 32)")
     p.add_argument("--command", default=None, help=argparse.SUPPRESS)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)

@@ -429,7 +429,8 @@ def _write_markdown(card: dict[str, Any], path: Path) -> None:
     lines = [f"# {card.get('name') or 'invdiff prior'}", "", card["description"], "",
              "| field | value |", "|---|---|"]
     for key in ("data_description", "training_images", "image_size", "channels", "parameters", "steps", "final_loss",
-                "steps_per_second", "train_seconds", "device", "cpu_threads", "heldout_denoising_psnr",
+                "steps_per_second", "train_seconds", "device", "cpu_threads", "latent_shape",
+                "heldout_reconstruction_psnr", "heldout_denoising_psnr",
                 "value_range", "invdiff_version", "torch_version"):
         if key in card:
             lines.append(f"| {key} | {card[key]} |")
