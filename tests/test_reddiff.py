@@ -67,13 +67,22 @@ def test_divergence_names_the_step():
     assert sampler.last_run.nfe == 1
 
 
-@pytest.mark.parametrize("task", ["ct-sparse-30", "mri-4x"])
-def test_reddiff_beats_the_baseline_on_ct_and_mri(task):
-    """At its defaults on the 32x32 demo problem (measured: CT 38.7 dB vs FBP 32.4; MRI 22.7 vs 22.0)."""
+@pytest.mark.parametrize("task, gap", [("ct-sparse-30", 7.0), ("mri-4x", 1.5)])
+def test_reddiff_beats_the_baseline_on_ct_and_mri(task, gap):
+    """At its defaults on the 32x32 demo problem, three images and masks: above the baseline
+    and within ``gap`` dB of the exact posterior mean. Measured (PSNR averaged over the three):
+    CT 39.1 dB vs FBP 32.2 and exact 44.8; MRI 21.1 vs zero-filled 20.0 and exact 21.7 (on one
+    of the MRI masks the exact posterior mean itself is only 0.13 dB above zero-filling)."""
     prior = GaussianPrior.stationary((1, 32, 32), length_scale=32 / 12, variance=0.02, mean=0.5)
-    truth = prior.sample(1, torch.Generator().manual_seed(10000)).float()
-    physics = operators.make(task, img_size=(1, 32, 32), seed=0)
-    y = physics(truth, seed=1)
-    x = REDDiff(prior)(y, physics, generator=torch.Generator().manual_seed(0))
     psnr = dinv.metric.PSNR()
-    assert psnr(x, truth).item() > psnr(physics.A_dagger(y), truth).item() + 0.3
+    red, base, exact = [], [], []
+    for seed in range(3):
+        truth = prior.sample(1, torch.Generator().manual_seed(10000 + seed)).float()
+        physics = operators.make(task, img_size=(1, 32, 32), seed=seed)
+        y = physics(truth, seed=1)
+        x = REDDiff(prior)(y, physics, generator=torch.Generator().manual_seed(0))
+        red.append(psnr(x, truth).item())
+        base.append(psnr(physics.A_dagger(y), truth).item())
+        exact.append(psnr(prior.posterior(y, physics, 0.01).mean.float(), truth).item())
+    red, base, exact = (sum(v) / 3 for v in (red, base, exact))
+    assert red > base + 0.5 and red > exact - gap, (red, base, exact)
