@@ -70,6 +70,20 @@ def scores(samples: torch.Tensor, post, prior_mean: torch.Tensor) -> tuple[float
     return err, ratio
 
 
+def prior_mean_image(prior) -> torch.Tensor:
+    """The prior mean as a ``(1, C, H, W)`` image (of a Gaussian or a Gaussian mixture)."""
+    return torch.einsum("k,kd->d", prior.weights, prior.means).reshape(1, *prior.image_shape).float()
+
+
+def sampler_scores(name: str, prior, physics, y: torch.Tensor, n: int) -> tuple[float, float, int, float]:
+    """``(mean err, std ratio, NFE, seconds)`` of ``n`` samples of sampler ``name`` at its defaults
+    (no clipping: the analytic priors are unbounded), seed 4; also used by ``tests/test_exactness.py``."""
+    sampler = samplers.make(name, prior, clip=None)
+    out = sampler.sample(y, physics, n=n, generator=torch.Generator().manual_seed(4))
+    post = prior.posterior(y, physics, NOISE)
+    return (*scores(out.samples, post, prior_mean_image(prior)), sampler.last_run.nfe, sampler.last_run.wall_time)
+
+
 def gaussian_w2(mean_a: torch.Tensor, cov_a: torch.Tensor, mean_b: torch.Tensor, cov_b: torch.Tensor) -> float:
     """Wasserstein-2 distance between N(mean_a, cov_a) and N(mean_b, cov_b) (Bures formula)."""
     from scipy.linalg import sqrtm
@@ -151,14 +165,11 @@ def pixel_rows(n: int) -> list[tuple]:
     rows = []
     for label, prior, physics, y in problems():
         post = prior.posterior(y, physics, NOISE)
-        prior_mean = torch.einsum("k,kd->d", prior.weights, prior.means).reshape(1, *SHAPE).float()
+        prior_mean = prior_mean_image(prior)
         exact = post.sample(n, torch.Generator().manual_seed(3)).float()[:, 0:1]
         rows.append((label, "exact samples (Monte-Carlo floor)", *scores(exact, post, prior_mean), 0, 0.0))
         for name in samplers.available():
-            sampler = samplers.make(name, prior, clip=None)
-            out = sampler.sample(y, physics, n=n, generator=torch.Generator().manual_seed(4))
-            rows.append((label, f"invdiff {name}", *scores(out.samples, post, prior_mean),
-                         sampler.last_run.nfe, sampler.last_run.wall_time))
+            rows.append((label, f"invdiff {name}", *sampler_scores(name, prior, physics, y, n)))
         y_rep = y.repeat(n, 1, 1, 1)
         for name, theirs in (
             ("deepinv DPS (defaults, 1000 steps)", dinv.sampling.DPS(prior, dtype=torch.float32)),

@@ -1,0 +1,58 @@
+"""The exactness table as a test: every registered sampler, at its defaults, against the
+closed-form posterior of a Gaussian and a Gaussian-mixture prior (``benchmarks/exactness.py``:
+16x16, 50 % inpainting and Gaussian blur, noise 0.05, 32 samples).
+
+``mean err`` is ||mean of the samples - exact posterior mean|| / ||prior mean - exact posterior
+mean|| (0 = exact, 1 = no better than the prior mean; 32 exact samples give 0.03-0.06, deepinv's
+DPS at its defaults 0.46-0.97); ``std ratio`` is the mean per-pixel std of the samples over the
+exact one. The bounds are the measured values (in the comments) with a margin for Monte-Carlo
+noise; a sampler that regresses to the prior, collapses or explodes fails. A new sampler must
+add its row.
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from invdiff import samplers
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from exactness import problems, sampler_scores  # noqa: E402
+
+PROBLEMS = ("gaussian / inpaint-50", "gaussian / blur-1", "mixture / inpaint-50", "mixture / blur-1")
+
+#: measured (mean err per problem, in PROBLEMS order), and the range the std ratio must stay in
+#: (None: a point estimate, whose spread is optimisation noise, not posterior uncertainty)
+MEASURED = {
+    "daps": ((0.168, 0.076, 0.072, 0.055), (1.0, 2.0)),  # std ratio 1.37-1.67: over-dispersed
+    "dds": ((0.175, 0.166, 0.064, 0.113), (0.4, 1.05)),  # 0.53-0.80
+    "diffpir": ((0.239, 0.054, 0.095, 0.030), (0.8, 1.7)),  # 1.03-1.40
+    "dps": ((0.190, 0.061, 0.086, 0.032), (0.8, 1.35)),  # 0.93-1.17
+    "enkg": ((0.072, 0.068, 0.051, 0.039), (0.8, 1.1)),  # 0.92-0.95
+    "mcg": ((0.181, 0.166, 0.058, 0.113), (0.3, 0.9)),  # 0.42-0.73: the projection removes spread
+    "reddiff": ((0.240, 0.259, 0.133, 0.175), None),
+    "resample": ((0.179, 0.053, 0.081, 0.031), (0.65, 1.3)),  # 0.79-1.09
+    "smc": ((0.138, 0.059, 0.072, 0.031), (0.85, 1.25)),  # 0.96-1.10
+}
+
+
+def test_every_sampler_has_a_row():
+    assert sorted(MEASURED) == samplers.available()
+
+
+@pytest.fixture(scope="module")
+def cases():
+    return {label: (prior, physics, y) for label, prior, physics, y in problems()}
+
+
+@pytest.mark.parametrize("name", sorted(MEASURED))
+def test_posterior_mean_and_spread_against_the_closed_form(name, cases):
+    errs, ratio_range = MEASURED[name]
+    for label, measured in zip(PROBLEMS, errs):
+        prior, physics, y = cases[label]
+        err, ratio, nfe, _ = sampler_scores(name, prior, physics, y, n=32)
+        assert err < 1.4 * measured + 0.03, (name, label, err, measured)
+        if ratio_range is not None:
+            assert ratio_range[0] < ratio < ratio_range[1], (name, label, ratio)
+        assert nfe > 0
