@@ -6,8 +6,11 @@ Tasks and priors (64x64, held-out images that no prior was trained on):
 * ``mri-4x`` and ``inpaint-box`` on the 16 held-out MNI152 slices, prior ``mri-brain-64``.
 
 Every method reconstructs the same measurements (noise drawn from a fixed seed per task);
-invdiff samplers run at their defaults (or ``--steps``), one posterior sample per image,
-all images of a task batched. deepinv's ``DPS`` (``num_steps`` = ``--deepinv-steps``,
+invdiff samplers run at their defaults (or ``--steps``; ``--cpu-budget`` shrinks EnKG's
+ensemble and SMC's particle systems to CPU size), one posterior sample per image, all images
+of a task batched; ReSample uses the latent prior trained on the same data
+(``ct-phantom-latent-64``) where one ships, else the pixel prior through the identity
+autoencoder. deepinv's ``DPS`` (``num_steps`` = ``--deepinv-steps``,
 default 200; its default of 1000 is 5x slower here) and ``DiffPIR`` (its defaults, with
 the task's noise level) use the same prior as their denoiser. Reported: PSNR (dB, peak 1)
 and SSIM averaged over the images, the baseline ``A_dagger`` (FBP, zero-filled,
@@ -25,6 +28,13 @@ import deepinv as dinv
 import torch
 
 from invdiff import data, operators, priors, samplers
+
+#: latent priors trained on the same data, used by the latent samplers (ReSample); a task whose
+#: prior has none runs them on the pixel prior through the identity autoencoder
+LATENT = {"ct-phantom-64": "ct-phantom-latent-64"}
+#: ``--cpu-budget`` overrides: ensembles / particle systems that fit a CPU run (the defaults,
+#: 1024 EnKG particles and 16 SMC particles per image, are GPU-sized)
+CPU_BUDGET = {"enkg": dict(ensemble_size=128), "smc": dict(particles=4)}
 
 TASKS = {
     "ct-sparse-30": ("ct-phantom-64", "ct-phantom"),
@@ -51,6 +61,8 @@ def main() -> None:
     parser.add_argument("--no-deepinv", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--cpu-budget", action="store_true",
+                        help=f"smaller ensembles / particle systems: {CPU_BUDGET}")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
@@ -69,8 +81,12 @@ def main() -> None:
         base = physics.A_dagger(y)
         rows.append((task, "baseline (A_dagger)", *metrics(base, x), 0, (time.perf_counter() - start) / len(x)))
         physics, y, x_dev = physics.to(dev), y.to(dev), x.to(dev)
+        latent = priors.load(LATENT[prior_name], device=dev) if prior_name in LATENT else None
         for name in names:
-            sampler = samplers.make(name, prior, **overrides)
+            kind = getattr(samplers.get(name), "prior_kind", "pixel")
+            extra = CPU_BUDGET.get(name, {}) if args.cpu_budget else {}
+            sampler = samplers.make(name, latent if (kind == "latent" and latent is not None) else prior,
+                                    **overrides, **extra)
             try:
                 out = sampler(y, physics, generator=torch.Generator(dev).manual_seed(2))
                 rows.append((task, f"invdiff {name}", *metrics(out.cpu(), x), sampler.last_run.nfe,
@@ -93,7 +109,8 @@ def main() -> None:
                 rows.append((task, label, *metrics(out.cpu(), x), nfe, (time.perf_counter() - start) / len(x)))
                 print(f"{task} {label}: {rows[-1][2]:.2f} dB", flush=True)
 
-    print(f"\nQuality on {args.images} held-out 64x64 images per task (PSNR dB / SSIM, mean over images)")
+    print(f"\nQuality on {args.images} held-out 64x64 images per task (PSNR dB / SSIM, mean over images); "
+          f"steps: {args.steps or 'defaults'}; {'CPU budget ' + str(CPU_BUDGET) if args.cpu_budget else ''}")
     print("| task | method | PSNR | SSIM | NFE | s / image |\n|---|---|---|---|---|---|")
     for task, method, psnr, ssim, nfe, sec in rows:
         print(f"| {task} | {method} | {psnr:.2f} | {ssim:.3f} | {nfe} | {sec:.2f} |")

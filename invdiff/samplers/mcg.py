@@ -59,7 +59,9 @@ class MCG(DPS):
 
     Defaults: 200 steps (invdiff's DPS; the paper uses 1000 DDPM steps and, for CT, 2000
     VE-SDE predictor-corrector steps), ``zeta=1`` with the likelihood weighting; CG with at
-    most ``projection_iterations=50`` iterations to relative residual ``1e-4``. Needs a linear
+    most ``projection_iterations=10`` iterations to relative residual ``1e-4`` (exact in one
+    for inpainting; on the 32x32 CT problem of ``invdiff demo --analytic``, 100 steps, 5 / 10
+    / 50 iterations give 42.5 / 42.6 / 42.3 dB while 50 cost twice the time). Needs a linear
     operator (``A_adjoint`` for the projection). Cost per step: one forward and one backward
     pass of the network plus the CG (``A`` and ``A_adjoint`` only).
 
@@ -98,7 +100,7 @@ class MCG(DPS):
         zeta: float = 1.0,
         weighting: str = "likelihood",
         relax: bool = True,
-        projection_iterations: int = 50,
+        projection_iterations: int = 10,
         projection_tol: float = 1e-4,
         relax_scale: float = 1.0,
         **kwargs,
