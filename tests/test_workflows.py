@@ -18,7 +18,7 @@ from invdiff.workflows import load_prior, reconstruct
 
 DATA = Path(get_testdata_file("CT_small.dcm")).parent
 CT_SERIES = DATA / "dicomdirtests" / "98892001" / "CT5N"  # 5 real 16x16 CT slices
-FAST = ["--sampler", "dds", "--steps", "2", "-q"]
+FAST = ["--sampler", "dds:cg_iterations=3", "--steps", "2", "-q"]
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +67,7 @@ def test_series_simulate_reconstruct_dicom_tags(series_run, prior_path):
     prov = json.loads((out / "provenance.json").read_text())
     assert prov["measurement"]["task"]["name"] == "ct-sparse-30" and prov["measurement"]["noise_seed"] == 1
     assert prov["reconstruction"]["samples"] == 3 and [r["seed"] for r in prov["runs"]] == [0, 1, 2, 3, 4]
+    assert prov["reconstruction"]["sampler_options"] == {"cg_iterations": 3, "steps": 2}  # NAME:key=value
     for k in range(1, 6):  # quick looks open as images
         for what in ("mean", "std"):
             with Image.open(out / "png" / f"{what}_{k:04d}.png") as im:
@@ -76,7 +77,8 @@ def test_series_simulate_reconstruct_dicom_tags(series_run, prior_path):
 def test_written_values_are_the_posterior_mean_in_hu(series_run, prior_path):
     meas, out = series_run
     m = load_measurement(meas)
-    rec = reconstruct(m, load_prior(prior_path), "dds", samples=3, steps=2, seed=0)  # same seeds as the CLI
+    rec = reconstruct(m, load_prior(prior_path), "dds", samples=3, steps=2, seed=0,  # the CLI's run
+                      options={"cg_iterations": 3})
     hu = m.value_map.from_unit(rec.mean.clamp(0, 1).double().numpy())
     np.testing.assert_allclose(read_dicom(out / "mean").values, hu, atol=0.5 + 1e-6)  # slope 1: rounding only
     std_hu = m.value_map.std_from_unit(rec.std.double().numpy())

@@ -86,6 +86,11 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
         raise ValueError("--task is for --input; a measurement file records its own operator")
     if args.samples < 1:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
+    from .. import samplers
+    from ..bench.grid import parse_spec
+
+    sampler_name, sampler_options = parse_spec(args.sampler)
+    samplers.get(sampler_name)  # an unknown name fails before any work
     check_new_path(args.out, args.overwrite)
     device = _device(args.device)
     prior = load_prior(args.prior, device)
@@ -113,8 +118,9 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
                f"({rs['method']})") if rs.get("method", "none") != "none" else ""
     print(f"invdiff reconstruct: {m.n_slices} slice(s) {m.img_size[1]}x{m.img_size[2]} from {origin}{resized}; "
           f"sampler {args.sampler}, {args.samples} sample(s)/slice, prior {args.prior}, device {device}, seed {args.seed}")
-    rec = reconstruct(m, prior, args.sampler, samples=args.samples, seed=args.seed, device=device, steps=args.steps,
-                      progress=not args.quiet, reference=reference, prior_name=str(args.prior))
+    rec = reconstruct(m, prior, sampler_name, samples=args.samples, seed=args.seed, device=device, steps=args.steps,
+                      options=sampler_options, progress=not args.quiet, reference=reference,
+                      prior_name=str(args.prior))
     record = write_reconstruction(args.out, rec, m, fmt=args.format, png=args.png, overwrite=args.overwrite,
                                   extra={"command": "invdiff " + " ".join(sys.argv[1:]) if sys.argv else None})
     nfe = sum(r["nfe"] for r in rec.runs)
@@ -154,7 +160,9 @@ def register(subparsers) -> None:
     p.add_argument("--input", default=None, help="a clean scan to simulate (with --task) and reconstruct in one go")
     p.add_argument("--task", default=None, help="operator for --input")
     p.add_argument("--prior", required=True, help="shipped prior name (invdiff list priors) or a .safetensors/.pt path")
-    p.add_argument("--sampler", default="dps", help="dps, dds, diffpir, reddiff, daps (default dps)")
+    p.add_argument("--sampler", default="dps",
+                   help="NAME[:key=value...], a sampler of `invdiff list samplers` with options, e.g. "
+                        "dps:zeta=0.5 or enkg:ensemble_size=256 (default dps)")
     p.add_argument("--out", required=True, help="output folder (must not exist)")
     p.add_argument("--samples", type=int, default=1, help="posterior samples per slice; K > 1 writes the std map")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the sampler's)")
