@@ -139,3 +139,17 @@ def test_global_rng_untouched_and_sample_batches(name, base_prior, latent_base, 
     assert prior.calls == nfe_three
     sampler.sample(y, physics, n=1, generator=torch.Generator().manual_seed(0))
     assert sampler.last_run.nfe == nfe_three
+
+
+@pytest.mark.parametrize("name", samplers.available())
+def test_prior_kind_is_checked_at_construction(name, base_prior, latent_base):
+    """A pixel sampler refuses a latent prior (and names the way out); a latent sampler takes both."""
+    latent_prior = LatentDiffusionPrior(LinearAutoencoder.upsampling(LATENT_SHAPE, 2, bias=0.5), latent_base)
+    if _prior_kind(name) == "latent":
+        assert _make(name, latent_prior).prior is latent_prior
+        assert isinstance(_make(name, base_prior).prior, LatentDiffusionPrior)  # identity autoencoder
+    else:
+        with pytest.raises(TypeError, match="cannot use a LatentDiffusionPrior"):
+            _make(name, latent_prior)
+    with pytest.raises(TypeError, match="needs an invdiff DiffusionPrior"):
+        _make(name, torch.nn.Identity())

@@ -91,6 +91,13 @@ class Sampler(Reconstructor):
                 f"{type(self).__name__} needs an invdiff DiffusionPrior, got {type(prior).__name__}; "
                 "wrap a deepinv denoiser with invdiff.priors.DenoiserPrior"
             )
+        from ..priors.latent import LatentDiffusionPrior
+
+        if isinstance(prior, LatentDiffusionPrior) and getattr(type(self), "prior_kind", "pixel") != "latent":
+            raise TypeError(
+                f"{type(self).__name__} samples in pixel space and cannot use a LatentDiffusionPrior; "
+                "use a latent sampler (ReSample) or a pixel prior"
+            )
         self.prior = prior
         self.verbose = verbose
         self.last_run: RunInfo | None = None
