@@ -339,3 +339,22 @@ def test_spec_parsing():
     assert parse_seeds("3") == [0, 1, 2] and parse_seeds("4,7") == [4, 7] and parse_seeds([5]) == [5]
     with pytest.raises(ValueError, match="given twice"):
         task_specs("mri-4x,mri-4x")
+
+
+def test_baseline_row_is_the_operators_own_reconstruction(tmp_path):
+    result = run(tasks="ct-sparse-30", samplers="baseline,dds", priors=PRIOR, n_images=2, steps=STEPS,
+                 progress=False, out=tmp_path)
+    rows = {(r["sampler"], r["image"]): r for r in result.rows}
+    assert result.failed == 0 and len(rows) == 4
+    prior = resolve_priors(PRIOR)[0].prior
+    images = load_images(None, 2, prior, PRIOR)
+    for r in result.rows:
+        if r["sampler"] != "baseline":
+            continue
+        assert r["nfe"] == 0 and "steps" not in r["sampler_params"]  # --steps is not applied to it
+        physics = operators.make(**r["task_params"])
+        x = next(im.x for im in images if im.id == r["image"])[None]
+        fbp = physics.A_dagger(physics(x, seed=r["measurement_seed"])).clamp(0, 1)
+        assert r["psnr"] == pytest.approx(float(dinv.metric.PSNR()(fbp, x)), abs=1e-4)
+        assert rows["dds", r["image"]]["psnr"] > r["psnr"]  # the prior helps
+    assert "| baseline |" in (tmp_path / "summary.md").read_text()

@@ -64,7 +64,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", default=None, help="TOML file with run()'s arguments (flags given here override it)")
     p.add_argument("--tasks", default=None, help="comma-separated task names, each NAME[:key=value...]")
-    p.add_argument("--samplers", default=None, help="comma-separated sampler names, each NAME[:key=value...]")
+    p.add_argument("--samplers", default=None,
+                   help="comma-separated sampler names, each NAME[:key=value...]; "
+                        "baseline = the operator's A_dagger (FBP, zero-filled, ...)")
     p.add_argument("--prior", "--priors", dest="priors", default=None,
                    help="prior name(s) or path(s), comma-separated (gaussian-<N>: analytic Gaussian prior)")
     p.add_argument("--images-from", default=None,

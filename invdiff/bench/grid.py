@@ -259,9 +259,9 @@ def sampler_params(name: str, overrides: Mapping[str, Any]) -> dict:
 
     :raises ValueError: an override the sampler does not take.
     """
-    from .. import samplers
+    from .baseline import bench_sampler_class
 
-    cls = samplers.get(name)
+    cls = bench_sampler_class(name)
     sig = inspect.signature(cls.__init__)
     params = {k: p.default for k, p in sig.parameters.items()
               if k not in ("self", "prior", "verbose") and p.kind is p.POSITIONAL_OR_KEYWORD}

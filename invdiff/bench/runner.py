@@ -56,6 +56,7 @@ from .grid import (
     task_specs,
     tensor_hash,
 )
+from .baseline import bench_sampler_class
 from .images import BenchImage, load_images
 from .metrics import image_metrics
 
@@ -278,7 +279,6 @@ class _Setup:
 
 def _setup(tasks, samplers, priors, images, n_images, seeds, steps) -> _Setup:
     from .. import operators
-    from .. import samplers as samplers_mod
 
     task_list = task_specs(tasks)
     for task in task_list:
@@ -289,8 +289,10 @@ def _setup(tasks, samplers, priors, images, n_images, seeds, steps) -> _Setup:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     params, overrides = {}, {}
     for spec in sampler_list:
-        samplers_mod.get(spec.name)  # unknown names fail before any work
-        overrides[spec.label] = {**({"steps": steps} if steps is not None else {}), **spec.overrides}
+        bench_sampler_class(spec.name)  # unknown names fail before any work
+        takes_steps = spec.name.lower() != "baseline"
+        overrides[spec.label] = {**({"steps": steps} if steps is not None and takes_steps else {}),
+                                 **spec.overrides}
         params[spec.label] = sampler_params(spec.name, overrides[spec.label])
     prior_list = resolve_priors(priors)
     image_sets, physics, cells = {}, {}, []
@@ -366,13 +368,11 @@ class _Runner:
         return self._physics_dev[key]
 
     def sampler(self, cell: Cell):
-        from .. import samplers
-
         key = (cell.prior, cell.sampler.label)
         if key not in self._samplers:
             prior = self.priors[cell.prior].prior.to(self.device)
             overrides = self.setup.overrides[cell.sampler.label]
-            self._samplers[key] = samplers.make(cell.sampler.name, prior, verbose=self.verbose, **overrides)
+            self._samplers[key] = bench_sampler_class(cell.sampler.name)(prior, verbose=self.verbose, **overrides)
         return self._samplers[key]
 
     def measure(self, cell: Cell, x: Tensor) -> Tensor:
