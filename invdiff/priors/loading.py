@@ -376,6 +376,7 @@ def load(
     :param ema: prefer the EMA weights of a training checkpoint that holds both.
     :param kwargs: adapter options, overriding the file's (ADM: ``image_shape``,
         ``schedule``, ``num_timesteps``, ``rescale_timesteps``, ``clip``, ``sigma_data``).
+    :returns: the prior in eval mode with its weights frozen (``requires_grad`` False).
     :raises FileNotFoundError: unknown name or missing path (the message names the file
         expected and where to put it).
     :raises ValueError: corrupt or truncated file, a pickle with arbitrary objects, or
@@ -443,7 +444,9 @@ def load(
     prior.to(device)
     if dtype != torch.float32:
         network.to(dtype)
-    return prior.eval()
+    # frozen for inference: samplers differentiate w.r.t. the image only, so no graph is kept for
+    # the weights (call prior.requires_grad_(True) to fine-tune)
+    return prior.eval().requires_grad_(False)
 
 
 def save(prior: DiffusionPrior, path: str | os.PathLike, card: Mapping[str, Any] | None = None) -> Path:
