@@ -153,3 +153,22 @@ def test_prior_kind_is_checked_at_construction(name, base_prior, latent_base):
             _make(name, latent_prior)
     with pytest.raises(TypeError, match="needs an invdiff DiffusionPrior"):
         _make(name, torch.nn.Identity())
+
+
+@pytest.mark.parametrize("name", samplers.available())
+def test_operator_with_per_image_parameters_is_refused_where_measurements_are_repeated(name, base_prior,
+                                                                                        latent_base, truth):
+    """A mask with one entry per measurement cannot serve the measurements repeated into a batch
+    of samples / particles; every sampler says so in one line instead of failing inside the loop."""
+    built, _ = _counted(name, base_prior, latent_base)
+    sampler = _make(name, built)
+    masks = (torch.rand(2, *SHAPE, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+    physics = dinv.physics.Inpainting(SHAPE, mask=masks)
+    y = physics(truth)
+    if name in ("enkg", "smc"):  # an ensemble / particle system even for one sample
+        with pytest.raises(ValueError, match=rf"{name}: the operator's 'mask' has a batch dimension of 2"):
+            sampler(y, physics, generator=torch.Generator().manual_seed(0))
+    else:
+        assert sampler(y, physics, generator=torch.Generator().manual_seed(0)).shape == truth.shape
+    with pytest.raises(ValueError, match=rf"{name}: the operator's 'mask' has a batch dimension of 2"):
+        sampler.sample(y, physics, n=2, generator=torch.Generator().manual_seed(0))

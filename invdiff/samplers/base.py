@@ -201,13 +201,8 @@ class Sampler(Reconstructor):
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         b = y.shape[0]
-        if b > 1 and n > 1:
-            for name, buf in list(physics.named_buffers()) + list(physics.named_parameters()):
-                if buf.ndim >= 1 and buf.shape[0] == b and name.split(".")[-1] in ("mask", "coil_maps", "filter"):
-                    raise ValueError(
-                        f"{self.name}.sample: the operator's {name!r} has a batch dimension of {b}; "
-                        "call sample() once per measurement"
-                    )
+        if n > 1:
+            self._check_operator_batch(physics, b, "call sample() once per measurement")
         y_rep = y.repeat(n, *([1] * (y.ndim - 1)))
         x0 = None if x_init is None else x_init.repeat(n, 1, 1, 1)
         x = self.forward(y_rep, physics, generator=generator, x_init=x0, callback=callback)
@@ -216,6 +211,15 @@ class Sampler(Reconstructor):
         return PosteriorSamples(samples, samples.mean(0), std)
 
     # --- checks -------------------------------------------------------------------------
+    def _check_operator_batch(self, physics, b: int, advice: str) -> None:
+        """Refuse an operator whose mask / coil maps / filter has a batch dimension of ``b > 1``:
+        it cannot take the measurements repeated into a larger batch (samples, particles)."""
+        if b <= 1:
+            return
+        for name, buf in list(physics.named_buffers()) + list(physics.named_parameters()):
+            if buf.ndim >= 1 and buf.shape[0] == b and name.split(".")[-1] in ("mask", "coil_maps", "filter"):
+                raise ValueError(f"{self.name}: the operator's {name!r} has a batch dimension of {b}; {advice}")
+
     def _check_measurement(self, y: Tensor, physics) -> Tensor:
         from deepinv.physics import LinearPhysics
 

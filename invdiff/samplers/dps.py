@@ -223,11 +223,15 @@ class DPS(Sampler):
             noise = randn_like(x, generator) if (self.eta > 0 and sigma_next > 0) else None
             x_prior = ddim_step(x, x0, sigma, sigma_next, self.eta, noise)
             # Alg. 1 line 8: data-consistency step
-            x = x_prior - step
+            x = self._correct(x_prior - step, i, y, physics, state, generator)
             self.check_finite(x, i, sigma)
             self._info.steps += 1
             if callback is not None:
                 callback(dict(i=i, sigma=sigma, x=x, x0=x0))
+        return x
+
+    def _correct(self, x: Tensor, i: int, y: Tensor, physics, state: dict, generator) -> Tensor:
+        """A correction after the guided step; none for DPS (MCG projects onto the measurements)."""
         return x
 
     def _precision(self, physics, noise_var, r2: float, norm_a: float | None, warm: list):

@@ -6,13 +6,11 @@ Constraints", NeurIPS 2022 (arXiv:2206.00941); official code HJ-harry/MCG_diffus
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import Tensor
 
 from ..priors.base import DiffusionPrior
-from ._steps import ddim_step, project_measurements, randn_like
+from ._steps import project_measurements, randn_like
 from .dps import DPS
 
 __all__ = ["MCG"]
@@ -111,25 +109,16 @@ class MCG(DPS):
         self.projection_tol = float(projection_tol)
         self.relax_scale = float(relax_scale)
 
-    def _run(self, y: Tensor, physics, x_init: Tensor | None, generator, callback: Callable | None) -> Tensor:
-        sigmas = self.sigmas.tolist()
-        shape = (y.shape[0], *self.prior.image_shape)
-        state = self._setup(y, physics)
-        noisy = self.relax and bool(torch.as_tensor(state["noise_var"]).max() > 0)
-        x = sigmas[0] * randn_like(y.new_zeros(shape, dtype=y.real.dtype), generator)
-        if x_init is not None:
-            x = x + x_init.to(x.dtype)
-        for i in self.progress(range(len(sigmas) - 1)):
-            sigma, sigma_next = sigmas[i], sigmas[i + 1]
-            x0, step = self._guidance(x, i, y, physics, state)
-            noise = randn_like(x, generator) if (self.eta > 0 and sigma_next > 0) else None
-            x = ddim_step(x, x0, sigma, sigma_next, self.eta, noise) - step
-            if not (noisy and sigma_next == 0):
-                y_t = y + sigma_next * physics.A(randn_like(x, generator)) if sigma_next > 0 else y
-                weight = self.relax_scale * sigma_next**2 / state["noise_var"] if noisy else None
-                x = project_measurements(physics, x, y_t, weight, self.projection_iterations, self.projection_tol)
-            self.check_finite(x, i, sigma)
-            self._info.steps += 1
-            if callback is not None:
-                callback(dict(i=i, sigma=sigma, x=x, x0=x0))
-        return x
+    def _setup(self, y: Tensor, physics) -> dict:
+        state = super()._setup(y, physics)
+        state["noisy"] = self.relax and bool(torch.as_tensor(state["noise_var"]).max() > 0)
+        return state
+
+    def _correct(self, x: Tensor, i: int, y: Tensor, physics, state: dict, generator) -> Tensor:
+        """Step 3: project onto ``{A x = y + sigma_{i+1} A eps}`` (relaxed when the data are noisy)."""
+        sigma_next = float(self.sigmas[i + 1])
+        if state["noisy"] and sigma_next == 0:  # the last step is not projected onto noisy data
+            return x
+        y_t = y + sigma_next * physics.A(randn_like(x, generator)) if sigma_next > 0 else y
+        weight = self.relax_scale * sigma_next**2 / state["noise_var"] if state["noisy"] else None
+        return project_measurements(physics, x, y_t, weight, self.projection_iterations, self.projection_tol)

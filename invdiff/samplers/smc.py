@@ -240,7 +240,9 @@ class SMC(Sampler):
     def _run(self, y: Tensor, physics, x_init: Tensor | None, generator, callback: Callable | None) -> Tensor:
         sigmas = self.sigmas.tolist()
         k, b = self.particles, y.shape[0]
-        self._check_operator_batch(physics, b)
+        if self.particles > 1:
+            self._check_operator_batch(physics, b, "the particles are a batch of particles x measurements; "
+                                                   "reconstruct one measurement at a time")
         dtype = y.real.dtype
         noise_var = self._noise_variance(physics, y)
         y_rep = y.repeat(k, *([1] * (y.ndim - 1)))  # particle (k, b) is row k * B + b
@@ -322,15 +324,6 @@ class SMC(Sampler):
         if isinstance(var, Tensor):
             return var.clamp_min(floor)
         return max(float(var), floor)
-
-    def _check_operator_batch(self, physics, b: int) -> None:
-        if b > 1 and self.particles > 1:
-            for name, buf in list(physics.named_buffers()) + list(physics.named_parameters()):
-                if buf.ndim >= 1 and buf.shape[0] == b and name.split(".")[-1] in ("mask", "coil_maps", "filter"):
-                    raise ValueError(
-                        f"{self.name}: the operator's {name!r} has a batch dimension of {b}, but the particles "
-                        "are a batch of particles x measurements; reconstruct one measurement at a time"
-                    )
 
     @staticmethod
     def _randn(shape: tuple, dtype, device, generator) -> Tensor:
