@@ -18,6 +18,18 @@ __all__ = ["main", "build_parser"]
 COMMAND_MODULES: tuple[str, ...] = ("invdiff.train.cli", "invdiff.bench.cli", "invdiff.io.cli")
 
 
+def _summary(doc: str | None) -> str:
+    """The first sentence of a docstring's first paragraph, without reST roles."""
+    import re
+
+    para = " ".join((doc or "").strip().split("\n\n")[0].split())
+    para = re.sub(r":\w+:`~?(?:[\w.]+\.)?([\w]+)`", r"\1", para).replace("``", "")
+    for stop in (": ", ". "):
+        if stop in para:
+            para = para.split(stop)[0]
+    return para.rstrip(".")
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     from . import operators, priors, samplers
 
@@ -29,8 +41,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     if what in ("samplers", "all"):
         print("samplers (invdiff.samplers.make):")
         for name in samplers.available():
-            doc = (samplers.get(name).__doc__ or "").strip().splitlines()[0]
-            print(f"  {name}: {doc}")
+            print(f"  {name}: {_summary(samplers.get(name).__doc__)}")
     if what in ("priors", "all"):
         print("priors (invdiff.priors.load):")
         shipped = priors.available()
