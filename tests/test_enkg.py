@@ -63,15 +63,16 @@ def test_posterior_mean_and_spread_match_the_exact_posterior(prior, task):
     truth = prior.sample(1, torch.Generator().manual_seed(2)).float()
     y = physics(truth, seed=1)
     post = prior.posterior(y, physics, noise_sigma=0.05)
-    sampler = EnKG(prior, steps=30, ensemble_size=512, max_batch=None)
+    # measured: mean error 0.14 / 0.11 (blur / inpainting; 512 exact samples: ~0.04), std ratio 0.96 / 0.95
+    sampler = EnKG(prior, steps=80, ensemble_size=512, max_batch=None)
     out = sampler.sample(y, physics, 512, generator=torch.Generator().manual_seed(0))
-    assert sampler.last_run.nfe == 30  # one batched network call per step for the whole ensemble
+    assert sampler.last_run.nfe == 80  # one batched network call per step for the whole ensemble
     err = rel_err(out.mean, post.mean.float(), torch.full_like(truth, 0.5))
     ratio = (out.std / post.std.float()).mean().item()
     assert err < 0.2, err
-    assert 0.75 < ratio < 1.3, ratio
-    # equal likelihood shares over the levels assimilate too little (the documented failure)
-    flat = EnKG(prior, steps=30, ensemble_size=512, tempering_power=0.0)
+    assert 0.85 < ratio < 1.15, ratio
+    # equal likelihood shares over the levels leave the ensemble too wide and off (0.44 / 0.24)
+    flat = EnKG(prior, steps=80, ensemble_size=512, tempering_power=0.0)
     err_flat = rel_err(flat.sample(y, physics, 512, generator=torch.Generator().manual_seed(0)).mean,
                        post.mean.float(), torch.full_like(truth, 0.5))
     assert err < err_flat
