@@ -127,8 +127,18 @@ class ReSample(Sampler):
 
     **Departures.** (a) Early stopping: the official criterion, a mean squared error below
     ``1e-6``, never triggers on noisy data; invdiff stops each image at the discrepancy
-    principle, :math:`\|y - A x\|^2 \le` ``discrepancy`` :math:`\cdot\, m s^2` (the expected
-    noise energy; the paper's stated purpose of early stopping is not to fit the noise).
+    principle, :math:`\|y - A x\|^2 \le \tau\, m s^2` (:math:`m s^2` the expected noise
+    energy; the paper's stated purpose of early stopping is not to fit the noise). Morozov's
+    principle needs :math:`\tau > 1`: the noise energy exceeds its mean half of the time, and
+    then an iterate that reaches :math:`m s^2` has fitted the noise. The default
+    :math:`\tau = 1 + 3\sqrt{2/m}` is the three-sigma bound of the :math:`\chi^2_m` noise
+    energy (measured, 32x32 Gaussian-prior deblurring, two images, 100 steps: 13.7 / 13.0 dB
+    with :math:`\tau = 1`, 20.8 / 22.7 with the default, 20.8 / 22.8 with 1.5; CT, inpainting
+    and MRI within 0.1 dB of each other). The price is a little less fitting where fitting was
+    safe: with the shipped ``ct-phantom-latent-64`` on two held-out phantoms, deblurring gets
+    27.2 dB against 28.4 with :math:`\tau = 1` (Wiener 21.5; sparse-view CT 33.5 either way),
+    and the analytic latent problem of ``benchmarks/exactness.py`` a mean error of 0.12
+    against 0.05 on blur.
     (b) For a linear operator the pixel-space problem is solved by CGLS from
     :math:`\mathcal D(\hat z_0)` (:func:`~invdiff.samplers._steps.cgls`): the same limit as
     gradient descent from that point (the least-squares solution closest to it), in tens of
@@ -137,7 +147,11 @@ class ReSample(Sampler):
     paper 500 DDIM steps of the linear schedule); hard data consistency happens at the steps
     whose index counted from the end is a positive multiple of ``consistency_every``, as in
     the official code. (e) A pixel-space :class:`~invdiff.priors.DiffusionPrior` is accepted
-    and used with the identity autoencoder (then both optimisations are in pixel space).
+    and used with the identity autoencoder; then the latent-space problem *is* the pixel-space
+    one, and both thirds use the pixel-space solver (CGLS for a linear operator): Adam on the
+    pixels themselves does not regularise by early stopping as a Krylov method does and fits
+    the noise (measured, 32x32 Gaussian-prior deblurring of ``invdiff demo --analytic``, 100
+    steps: 14.6 dB with Adam in the last third, 21.0 with CGLS, Wiener 21.9).
 
     Cost: ``steps`` network calls with a backward pass (the DPS step), plus ``lookahead``
     forward calls per consistency step; the optimisations call the decoder (and ``A``,
@@ -159,7 +173,8 @@ class ReSample(Sampler):
     :param latent_iterations: most Adam iterations of the latent-space solve (paper: 500).
     :param latent_lr: Adam step of the latent-space solve (default ``0.01 * sigma_data``).
     :param patience: stop the latent solve when the loss exceeds its value this many iterations ago.
-    :param discrepancy: early stopping at ``discrepancy * m * s^2`` (0 = never).
+    :param discrepancy: :math:`\tau`, early stopping at ``discrepancy * m * s^2`` (0 = never;
+        ``None``: :math:`1 + 3\sqrt{2/m}`, see (a)).
     :param final_consistency: the official final latent optimisation.
     :param noise_sigma: measurement noise std; read from ``physics.noise_model`` when ``None``.
     :param likelihood: ``"auto"``, ``"gaussian"`` or ``"poisson"`` (noise level of the stopping rule).
@@ -206,7 +221,7 @@ class ReSample(Sampler):
         latent_iterations: int = 500,
         latent_lr: float | None = None,
         patience: int = 200,
-        discrepancy: float = 1.0,
+        discrepancy: float | None = None,
         final_consistency: bool = True,
         noise_sigma: float | None = None,
         likelihood: str = "auto",
@@ -235,7 +250,7 @@ class ReSample(Sampler):
         self.pixel_iterations, self.pixel_lr = int(pixel_iterations), float(pixel_lr)
         self.latent_iterations, self.patience = int(latent_iterations), int(patience)
         self.latent_lr = float(latent_lr) if latent_lr is not None else 0.01 * prior.latent.sigma_data
-        self.discrepancy = float(discrepancy)
+        self.discrepancy = None if discrepancy is None else float(discrepancy)
         self.final_consistency = bool(final_consistency)
         self.noise_sigma, self.likelihood, self.poisson_gain = noise_sigma, likelihood, poisson_gain
         self.operator_norm = operator_norm
@@ -363,12 +378,14 @@ class ReSample(Sampler):
         return z0
 
     def _stop_residual(self, y: Tensor, var: float | Tensor) -> Tensor:
-        """Per-image early-stopping level ``discrepancy * E||noise||^2``, shape ``(B,)``."""
+        """Per-image early-stopping level ``tau * E||noise||^2``, shape ``(B,)``."""
         if isinstance(var, Tensor):
             energy = var.reshape(y.shape[0], -1).sum(1)
         else:
             energy = torch.full((y.shape[0],), float(var) * y[0].numel(), device=y.device)
-        return self.discrepancy * energy.to(y.real.dtype)
+        m = y[0].numel() * (2 if y.is_complex() else 1)  # real degrees of freedom of the noise
+        tau = 1.0 + 3.0 * math.sqrt(2.0 / m) if self.discrepancy is None else self.discrepancy
+        return tau * energy.to(y.real.dtype)
 
     def _pixel_consistency(self, x: Tensor, y: Tensor, physics, threshold: Tensor) -> Tensor:
         """``argmin_x ||y - A x||^2`` from ``x``, early-stopped: CGLS (linear) or the official Adam."""
@@ -377,7 +394,10 @@ class ReSample(Sampler):
         return self._adam(x, lambda v: v, y, physics, threshold, self.pixel_iterations, self.pixel_lr, None)
 
     def _latent_consistency(self, z: Tensor, y: Tensor, physics, threshold: Tensor) -> Tensor:
-        """``argmin_z ||y - A(Dec(z))||^2`` from ``z`` by Adam through the decoder, early-stopped."""
+        """``argmin_z ||y - A(Dec(z))||^2`` from ``z`` by Adam through the decoder, early-stopped
+        (with the identity autoencoder: the pixel-space solver, see (e))."""
+        if isinstance(self.prior.autoencoder, IdentityAutoencoder):
+            return self._pixel_consistency(z, y, physics, threshold)
         return self._adam(z, self._decode, y, physics, threshold, self.latent_iterations, self.latent_lr,
                           self.patience)
 
