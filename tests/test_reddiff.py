@@ -1,11 +1,9 @@
 import math
 
-import deepinv as dinv
 import pytest
 import torch
-from conftest import gaussian_blur_problem, gaussian_inpainting_problem, rel_err
+from conftest import demo_problem_psnr, gaussian_blur_problem, gaussian_inpainting_problem, rel_err
 
-from invdiff import operators
 from invdiff.priors import GaussianPrior
 from invdiff.samplers import SamplerDivergedError
 from invdiff.samplers.reddiff import REDDiff, snr_weight
@@ -73,16 +71,5 @@ def test_reddiff_beats_the_baseline_on_ct_and_mri(task, gap):
     and within ``gap`` dB of the exact posterior mean. Measured (PSNR averaged over the three):
     CT 39.1 dB vs FBP 32.2 and exact 44.8; MRI 21.1 vs zero-filled 20.0 and exact 21.7 (on one
     of the MRI masks the exact posterior mean itself is only 0.13 dB above zero-filling)."""
-    prior = GaussianPrior.stationary((1, 32, 32), length_scale=32 / 12, variance=0.02, mean=0.5)
-    psnr = dinv.metric.PSNR()
-    red, base, exact = [], [], []
-    for seed in range(3):
-        truth = prior.sample(1, torch.Generator().manual_seed(10000 + seed)).float()
-        physics = operators.make(task, img_size=(1, 32, 32), seed=seed)
-        y = physics(truth, seed=1)
-        x = REDDiff(prior)(y, physics, generator=torch.Generator().manual_seed(0))
-        red.append(psnr(x, truth).item())
-        base.append(psnr(physics.A_dagger(y), truth).item())
-        exact.append(psnr(prior.posterior(y, physics, 0.01).mean.float(), truth).item())
-    red, base, exact = (sum(v) / 3 for v in (red, base, exact))
+    red, base, exact = demo_problem_psnr(lambda prior: REDDiff(prior), task, samples=1)
     assert red > base + 0.5 and red > exact - gap, (red, base, exact)
