@@ -226,7 +226,8 @@ def run_demo(
         results = {}
         physics = physics.to(dev)
         latent_name = LATENT_PRIORS.get(prior_name)
-        latent = priors.load(latent_name, device=dev) if latent_name in priors.available() else None
+        wants_latent = any(getattr(samplers.get(n), "prior_kind", "pixel") == "latent" for n in names)
+        latent = priors.load(latent_name, device=dev) if wants_latent and latent_name in priors.available() else None
         for name in names:
             kind = getattr(samplers.get(name), "prior_kind", "pixel")
             use = latent if (kind == "latent" and latent is not None) else prior
@@ -253,7 +254,7 @@ def run_demo(
                              f"({cell[(tasks[0], n)]['nfe']})" for n in names))
     if changed:
         lines.append("CPU-sized settings: " + "; ".join(f"{n} {o}" for n, o in changed.items()))
-    latent_rows = sorted({f"{r['sampler']} on {r['prior']}" for r in rows if r.get("prior", "").endswith("latent-64")})
+    latent_rows = sorted({f"{r['sampler']} on {r['prior']}" for r in rows if r["prior"] in LATENT_PRIORS.values()})
     if latent_rows:
         lines.append("Latent prior: " + ", ".join(latent_rows))
     table = "\n".join(lines)
