@@ -80,7 +80,7 @@ def main() -> None:
         start = time.perf_counter()
         base = physics.A_dagger(y)
         rows.append((task, "baseline (A_dagger)", *metrics(base, x), 0, (time.perf_counter() - start) / len(x)))
-        physics, y, x_dev = physics.to(dev), y.to(dev), x.to(dev)
+        physics, y = physics.to(dev), y.to(dev)
         latent = priors.load(LATENT[prior_name], device=dev) if prior_name in LATENT else None
         for name in names:
             kind = getattr(samplers.get(name), "prior_kind", "pixel")

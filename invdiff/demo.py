@@ -277,7 +277,6 @@ def run_demo(
             if r == 0:
                 ax.set_title(cols[c], fontsize=8)
             if 1 <= c < len(cols) - 2:
-                label = "baseline" if c == 1 else names[c - 2]
                 one = _metrics(imgs[c][:1], truth[:1])[0]
                 ax.text(1, 1, f"{one:.1f} dB", color="yellow", fontsize=7, va="top")
         axes[r, 0].set_ylabel(task, fontsize=8)

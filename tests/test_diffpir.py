@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import demo_problem_psnr, gaussian_blur_problem, gaussian_inpainting_problem, psnr, rel_err
+from conftest import demo_problem_psnr, gaussian_blur_problem, gaussian_inpainting_problem, rel_err
 
 from invdiff import operators
 from invdiff.priors import GaussianPrior
