@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by commands that log provenance
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError, OSError) as err:
+    except (ValueError, FileNotFoundError, RuntimeError, OSError, ImportError) as err:
+        # ImportError: an optional extra is missing; its message names the pip command
         print(f"invdiff: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -63,3 +63,52 @@ def test_mni_heldout_slices_are_disjoint_from_training_with_guard_band():
         heldout("mri-brain", 17)
     with pytest.raises(ValueError, match="unknown dataset"):
         heldout("xray", 2)
+
+
+def test_shipped_mni_heldout_slices_equal_the_template():
+    """``mni_heldout.npz`` is exactly what :func:`mni.heldout_from_template` computes from
+    nilearn's template (uint8 voxels and scale), so shipped and template slices agree bit for bit."""
+    pytest.importorskip("nilearn")
+    expected = mni.heldout_from_template()
+    with np.load(mni.HELDOUT_FILE, allow_pickle=False) as shipped:
+        assert sorted(shipped.files) == sorted(expected)
+        for key, value in expected.items():
+            assert shipped[key].dtype == value.dtype and np.array_equal(shipped[key], value), key
+    vol = mni.load_template()
+    rendered = np.stack([mni._render(np.moveaxis(vol, mni._AXIS[o], 0)[i], 48)
+                         for o in mni.ORIENTATIONS for i in mni.HELDOUT[o]])
+    assert np.array_equal(mni.slices("heldout", 48)[:, 0].numpy(), rendered)
+
+
+@pytest.fixture
+def without_extras(monkeypatch):
+    """Make the optional extras (nibabel, nilearn) unimportable, as on a plain install."""
+    import sys
+
+    for name in list(sys.modules):
+        if name.split(".")[0] in ("nibabel", "nilearn"):
+            monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "nibabel", None)
+    monkeypatch.setitem(sys.modules, "nilearn", None)
+    mni._raw_template.cache_clear()
+    mni.load_template.cache_clear()
+    yield
+    mni._raw_template.cache_clear()
+    mni.load_template.cache_clear()
+
+
+def test_heldout_brain_slices_need_no_extra(without_extras):
+    x = heldout("mri-brain", 16, size=40)
+    assert x.shape == (16, 1, 40, 40) and 0 <= x.min() and 0.9 < x.max() <= 1.0
+    assert torch.cdist(x.flatten(1), x.flatten(1)).add(torch.eye(16) * 1e9).min() > 0.5  # 16 distinct slices
+    with pytest.raises(ImportError, match=r"pip install 'invdiff\[train\]'"):
+        training("mri-brain", size=32)
+
+
+def test_cli_names_the_extra_in_one_line(without_extras, tmp_path, capsys):
+    from invdiff.cli import main
+
+    rc = main(["train", "--data", "mri-brain", "--out", str(tmp_path / "p.safetensors"), "--steps", "1"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1
+    assert "invdiff[train]" in err and "Traceback" not in err

@@ -13,7 +13,11 @@ its mirror image for sagittal slices, since the template is left-right symmetric
 training slice is a near-duplicate of an evaluation slice (neighbouring 1 mm slices of
 the template are almost identical).
 
-Needs the optional extra ``pip install "invdiff[train]"`` (nibabel, nilearn).
+The 16 held-out slices ship with invdiff (``mni_heldout.npz``: the template's own uint8
+voxels of those slices and its intensity scale, 0.3 MB), so the demo and the benchmark run
+on a plain install; :func:`heldout_from_template` rebuilds that file from nilearn's
+template, and a test checks the two are identical. The training slices need the optional
+extra ``pip install "invdiff[train]"`` (nibabel, nilearn).
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["template_path", "load_template", "slices", "HELDOUT", "GUARD", "ORIENTATIONS"]
+__all__ = ["template_path", "load_template", "slices", "heldout_from_template", "write_heldout", "HELDOUT", "GUARD",
+           "ORIENTATIONS", "HELDOUT_FILE"]
 
 ORIENTATIONS = ("axial", "coronal", "sagittal")
 _AXIS = {"sagittal": 0, "coronal": 1, "axial": 2}
@@ -40,6 +45,9 @@ HELDOUT: dict[str, tuple[int, ...]] = {
 GUARD = 3
 _MIN_COVER = 0.12
 _MARGIN = 4
+#: The held-out slices as shipped with the package (see the module doc).
+HELDOUT_FILE = Path(__file__).with_name("mni_heldout.npz")
+_EXTRA = "pip install 'invdiff[train]'"
 
 
 def template_path() -> Path:
@@ -47,9 +55,7 @@ def template_path() -> Path:
     try:
         import nilearn
     except ImportError as err:
-        raise ImportError(
-            "the MNI brain slices need nilearn and nibabel: pip install 'invdiff[train]'"
-        ) from err
+        raise ImportError(f"the MNI training slices need nilearn and nibabel: {_EXTRA}") from err
     path = Path(nilearn.__file__).parent / "datasets" / "data" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: the MNI152 template is missing from the installed nilearn")
@@ -57,13 +63,53 @@ def template_path() -> Path:
 
 
 @lru_cache(maxsize=1)
+def _raw_template() -> tuple[np.ndarray, float]:
+    """The template's voxels as stored (uint8) and the intensity scale: the 99.5th
+    percentile of its non-zero voxels."""
+    path = template_path()
+    try:
+        import nibabel as nib
+    except ImportError as err:
+        raise ImportError(f"the MNI training slices need nibabel: {_EXTRA}") from err
+    raw = np.asarray(nib.load(str(path)).dataobj)
+    vol = raw.astype(np.float32)
+    return raw, float(np.percentile(vol[vol > 0], 99.5))
+
+
+def _scaled(raw: np.ndarray, scale: float) -> np.ndarray:
+    return np.clip(raw.astype(np.float32) / np.float32(scale), 0, 1)
+
+
+@lru_cache(maxsize=1)
 def load_template() -> np.ndarray:
     """The template volume as float32, scaled so its 99.5th percentile is 1 (clipped)."""
-    import nibabel as nib
+    raw, scale = _raw_template()
+    return _scaled(raw, scale)
 
-    vol = np.asarray(nib.load(str(template_path())).get_fdata(), dtype=np.float32)
-    scale = np.percentile(vol[vol > 0], 99.5)
-    return np.clip(vol / scale, 0, 1)
+
+def heldout_from_template() -> dict[str, np.ndarray]:
+    """The content of :data:`HELDOUT_FILE`, computed from nilearn's template: one uint8
+    slice per held-out index (``"axial_48"``, ...) and the template's ``scale``."""
+    raw, scale = _raw_template()
+    out: dict[str, np.ndarray] = {"scale": np.float64(scale)}
+    for o in ORIENTATIONS:
+        for i in HELDOUT[o]:
+            out[f"{o}_{i}"] = np.ascontiguousarray(np.moveaxis(raw, _AXIS[o], 0)[i])
+    return out
+
+
+def write_heldout(path: Path = HELDOUT_FILE) -> Path:
+    """Write :func:`heldout_from_template` to ``path`` (compressed ``.npz``, no pickle)."""
+    np.savez_compressed(path, **heldout_from_template())
+    return path
+
+
+@lru_cache(maxsize=1)
+def _shipped_heldout() -> dict[str, np.ndarray]:
+    with np.load(HELDOUT_FILE, allow_pickle=False) as f:
+        data = {k: f[k] for k in f.files}
+    scale = float(data.pop("scale"))
+    return {k: _scaled(v, scale) for k, v in data.items()}
 
 
 def _usable(vol: np.ndarray, axis: int) -> np.ndarray:
@@ -104,17 +150,23 @@ def slices(split: str = "train", size: int = 64, orientations: tuple[str, ...] =
     """MNI152 T1 slices, ``(n, 1, size, size)`` float32 in ``[0, 1]``.
 
     :param split: ``"train"`` (every usable slice outside the guard band around the
-        held-out slices) or ``"heldout"`` (the 16 slices of :data:`HELDOUT`, in the order
-        axial, coronal, sagittal).
+        held-out slices; needs the ``train`` extra) or ``"heldout"`` (the 16 slices of
+        :data:`HELDOUT`, in the order axial, coronal, sagittal; shipped with invdiff).
     :param size: output side in pixels.
     :param orientations: which orientations to include.
     """
-    vol = load_template()
-    index = slice_indices(split)
-    out = []
     for o in orientations:
         if o not in _AXIS:
             raise ValueError(f"unknown orientation {o!r}; use {ORIENTATIONS}")
-        moved = np.moveaxis(vol, _AXIS[o], 0)
-        out.extend(_render(moved[i], size) for i in index[o])
+    index = slice_indices(split)
+    out = []
+    if split == "heldout":  # shipped with the package: no nibabel / nilearn needed
+        shipped = _shipped_heldout()
+        for o in orientations:
+            out.extend(_render(shipped[f"{o}_{i}"], size) for i in index[o])
+    else:
+        vol = load_template()
+        for o in orientations:
+            moved = np.moveaxis(vol, _AXIS[o], 0)
+            out.extend(_render(moved[i], size) for i in index[o])
     return torch.from_numpy(np.stack(out)[:, None].astype(np.float32))
