@@ -156,19 +156,26 @@ def test_prior_kind_is_checked_at_construction(name, base_prior, latent_base):
 
 
 @pytest.mark.parametrize("name", samplers.available())
-def test_operator_with_per_image_parameters_is_refused_where_measurements_are_repeated(name, base_prior,
-                                                                                        latent_base, truth):
-    """A mask with one entry per measurement cannot serve the measurements repeated into a batch
-    of samples / particles; every sampler says so in one line instead of failing inside the loop."""
+def test_operator_with_per_image_parameters_serves_every_sample_and_particle(name, base_prior, latent_base, truth):
+    """A mask with one entry per measurement (deepinv's physics generators) serves the
+    measurements repeated into a batch of samples (and, for EnKG and SMC, particles): the
+    run equals one on an operator whose masks were repeated by hand, every sample of image
+    ``j`` fits image ``j``'s observed pixels far better than the pixels it cannot see, and
+    the caller's operator is left unchanged."""
     built, _ = _counted(name, base_prior, latent_base)
     sampler = _make(name, built)
     masks = (torch.rand(2, *SHAPE, generator=torch.Generator().manual_seed(0)) > 0.5).float()
-    physics = dinv.physics.Inpainting(SHAPE, mask=masks)
+    physics = dinv.physics.Inpainting(SHAPE, mask=masks.clone())
     y = physics(truth)
-    if name in ("enkg", "smc"):  # an ensemble / particle system even for one sample
-        with pytest.raises(ValueError, match=rf"{name}: the operator's 'mask' has a batch dimension of 2"):
-            sampler(y, physics, generator=torch.Generator().manual_seed(0))
-    else:
-        assert sampler(y, physics, generator=torch.Generator().manual_seed(0)).shape == truth.shape
-    with pytest.raises(ValueError, match=rf"{name}: the operator's 'mask' has a batch dimension of 2"):
-        sampler.sample(y, physics, n=2, generator=torch.Generator().manual_seed(0))
+    out = sampler.sample(y, physics, n=2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(physics.mask, masks)
+    if type(sampler).sample is samplers.Sampler.sample:  # EnKG and SMC draw samples from one particle system
+        by_hand = dinv.physics.Inpainting(SHAPE, mask=masks.repeat(2, 1, 1, 1))
+        expected = sampler(y.repeat(2, 1, 1, 1), by_hand, generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(out.samples.reshape(expected.shape), expected, rtol=1e-5, atol=1e-6)
+    for j in range(2):
+        for k in range(2):
+            err = (out.samples[k, j] - truth[j]).abs()
+            seen = (err * masks[j]).norm() / masks[j].sum().sqrt()
+            unseen = (err * (1 - masks[j])).norm() / (1 - masks[j]).sum().sqrt()
+            assert seen < 0.9 * unseen, (j, k, float(seen), float(unseen))

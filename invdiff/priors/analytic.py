@@ -52,7 +52,8 @@ def operator_matrix(physics, image_shape: Sequence[int], dtype=torch.float64, ch
 
     Columns are ``A`` applied to the standard basis (in chunks of ``chunk`` images), so the
     result has shape ``(m, d)`` with ``d = prod(image_shape)`` and ``m`` the number of
-    (real) measurement entries. Only for small problems.
+    (real) measurement entries. Only for small problems. An operator that cannot take
+    ``dtype`` inputs (float32 parameters) is applied in float32.
     """
     d = math.prod(image_shape)
     cols = []
@@ -60,7 +61,11 @@ def operator_matrix(physics, image_shape: Sequence[int], dtype=torch.float64, ch
         stop = min(d, start + chunk)
         basis = torch.zeros(stop - start, d, dtype=dtype)
         basis[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
-        out = physics.A(basis.reshape(stop - start, *image_shape))
+        images = basis.reshape(stop - start, *image_shape)
+        try:
+            out = physics.A(images)
+        except RuntimeError:  # an operator with float32 parameters (deepinv's Blur, Tomography, ...)
+            out = physics.A(images.float())
         cols.append(out.reshape(stop - start, -1).to(dtype))
     return torch.cat(cols).T.contiguous()
 

@@ -26,12 +26,13 @@ def as_sigma(sigma: float | Tensor, x: Tensor) -> Tensor:
     """Noise level(s) as a tensor of shape ``(B, 1, ..., 1)`` broadcastable against ``x``.
 
     ``sigma`` may be a Python number, a 0-d tensor, or a tensor with one entry per batch
-    element. Device and dtype follow ``x`` (the real dtype for complex inputs).
+    element, of shape ``(B,)`` or ``(B, 1, ..., 1)`` (the form deepinv's helpers pass).
+    Device and dtype follow ``x`` (the real dtype for complex inputs).
     """
     sigma = torch.as_tensor(sigma, device=x.device, dtype=x.real.dtype)
     if sigma.ndim == 0 or sigma.numel() == 1:
         sigma = sigma.reshape(1).expand(x.shape[0])
-    elif sigma.ndim != 1 or sigma.shape[0] != x.shape[0]:
+    elif sigma.shape[0] != x.shape[0] or sigma.numel() != x.shape[0]:
         raise ValueError(
             f"sigma must be a scalar or have one entry per batch element; "
             f"got shape {tuple(sigma.shape)} for a batch of {x.shape[0]}"
@@ -86,8 +87,13 @@ class DiffusionPrior(Denoiser):
     def denoise(self, x: Tensor, sigma: float | Tensor) -> Tensor:
         """Posterior mean ``E[x0 | x]`` of the clean image given ``x = x0 + sigma * n``.
 
+        At :math:`\sigma = 0` the denoiser is the identity, :math:`D(x, 0) = x` (exactly;
+        the network is not called at 0, where EDM's :math:`c_\text{noise} = \ln\sigma` is
+        undefined), so deepinv schedules that end at 0 (DDRM's) are safe.
+
         :param x: noisy images ``(B, C, H, W)``.
-        :param sigma: noise level, a number or one per batch element.
+        :param sigma: noise level >= 0, a number or one per batch element (``(B,)`` or
+            ``(B, 1, 1, 1)``).
         :returns: denoised images, same shape as ``x``.
         """
         if x.ndim != 4 or tuple(x.shape[1:]) != self.image_shape:
@@ -95,7 +101,17 @@ class DiffusionPrior(Denoiser):
                 f"{type(self).__name__}: expected images of shape (B, {', '.join(map(str, self.image_shape))}), "
                 f"got {tuple(x.shape)}"
             )
-        return self._denoise(x, as_sigma(sigma, x))
+        sigma = as_sigma(sigma, x)
+        clean = sigma == 0
+        if not clean.any():
+            return self._denoise(x, sigma)
+        if (sigma < 0).any() or sigma.isnan().any():
+            raise ValueError(f"{type(self).__name__}: sigma must be >= 0, got {sigma.flatten().tolist()}")
+        if clean.all():
+            return x.clone()
+        # the network sees sigma_min where sigma = 0 (no log 0), and its output is discarded there
+        out = self._denoise(x, torch.where(clean, torch.full_like(sigma, self.sigma_min), sigma))
+        return torch.where(clean, x, out)
 
     def forward(self, x: Tensor, sigma: float | Tensor, **kwargs) -> Tensor:
         """Same as :meth:`denoise`; makes the prior a :class:`deepinv.models.Denoiser`."""

@@ -378,8 +378,9 @@ class LatentDiffusionPrior(DiffusionPrior):
 
     def _denoise(self, x: Tensor, sigma: Tensor) -> Tensor:
         raise NotImplementedError(
-            "a LatentDiffusionPrior has no pixel-space denoiser: use a latent sampler (samplers.ReSample), "
-            "or prior.latent.denoise on latents"
+            "a LatentDiffusionPrior has no pixel-space denoiser, so pixel-space samplers (deepinv's DPS, "
+            "DiffPIR, DDRM; invdiff's DPS, DDS, ...) cannot use it: sample with the latent sampler "
+            "invdiff.samplers.ReSample, or denoise latents with prior.latent.denoise"
         )
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:

@@ -356,6 +356,7 @@ def load(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     ema: bool = True,
+    trainable: bool = False,
     **kwargs: Any,
 ) -> DiffusionPrior:
     """Load a prior by shipped name or from a file; never downloads, never unpickles code.
@@ -376,7 +377,12 @@ def load(
     :param ema: prefer the EMA weights of a training checkpoint that holds both.
     :param kwargs: adapter options, overriding the file's (ADM: ``image_shape``,
         ``schedule``, ``num_timesteps``, ``rescale_timesteps``, ``clip``, ``sigma_data``).
-    :returns: the prior in eval mode with its weights frozen (``requires_grad`` False).
+    :param trainable: return the weights with ``requires_grad`` True, for fine-tuning the
+        prior (deepinv's ``Trainer``, unrolled networks; see ``Sampler.differentiable``).
+        The default, False, freezes them: sampling then keeps no graph of the weights
+        during guidance, and an optimiser built from a model that contains the prior does
+        not silently change it.
+    :returns: the prior in eval mode, weights frozen unless ``trainable``.
     :raises FileNotFoundError: unknown name or missing path (the message names the file
         expected and where to put it).
     :raises ValueError: corrupt or truncated file, a pickle with arbitrary objects, or
@@ -446,7 +452,7 @@ def load(
         network.to(dtype)
     # frozen for inference: samplers differentiate w.r.t. the image only, so no graph is kept for
     # the weights (call prior.requires_grad_(True) to fine-tune)
-    return prior.eval().requires_grad_(False)
+    return prior.eval().requires_grad_(bool(trainable))
 
 
 def save(prior: DiffusionPrior, path: str | os.PathLike, card: Mapping[str, Any] | None = None) -> Path:

@@ -33,6 +33,9 @@ __all__ = [
     "conjugate_gradient",
     "proximal_least_squares",
     "measurement_noise",
+    "gaussian_noise_std",
+    "per_image",
+    "initial_estimate",
 ]
 
 
@@ -160,10 +163,12 @@ def guidance_gradient(
     for linear operators); only the denoiser is differentiated by autograd, so no graph is
     built through ``A``. Norms are per batch element. ``clip`` clamps ``x0`` before the
     misfit (the reference code clips ``x0`` to the data range); its gradient is zero
-    outside the range.
+    outside the range. When the caller runs with autograd on (a differentiable sampler run),
+    ``x0`` is returned attached to the network's graph (the gradient itself is a constant).
     """
     if misfit not in ("norm", "squared"):
         raise ValueError(f"unknown misfit {misfit!r}: use 'norm' or 'squared'")
+    keep_graph = torch.is_grad_enabled()  # a differentiable run: x0 stays attached to the network
     with torch.enable_grad():
         xg = x.detach().requires_grad_(True)
         x0 = denoise(xg, sigma)
@@ -183,8 +188,8 @@ def guidance_gradient(
         else:
             v = wr
         g0 = -physics.A_vjp(x0d, v)  # d misfit / d x0
-        (grad,) = torch.autograd.grad(x0c, xg, grad_outputs=g0.to(x0c.dtype))
-    return x0c.detach(), grad.detach(), norm.detach()
+        (grad,) = torch.autograd.grad(x0c, xg, grad_outputs=g0.to(x0c.dtype), retain_graph=keep_graph)
+    return (x0c if keep_graph else x0c.detach()), grad.detach(), norm.detach()
 
 
 def operator_norm_squared(physics, image_shape: Sequence[int], device=None, dtype=torch.float32,
@@ -230,22 +235,100 @@ def randn_like(x: Tensor, generator: torch.Generator | Sequence[torch.Generator]
 
 
 # --------------------------------------------------------------------------- noise models
-def measurement_noise(physics) -> tuple[str, float]:
+def measurement_noise(physics, batch: int | None = None) -> tuple[str, float | Tensor]:
     """``(kind, level)`` of a deepinv noise model: ``("gaussian", sigma)``, ``("poisson", gain)``
-    or ``("none", 0.0)``. Other noise models raise ``ValueError`` (give the level explicitly)."""
+    or ``("none", 0.0)``. Other noise models raise ``ValueError`` (give the level explicitly).
+
+    ``level`` is a number, or a ``(batch,)`` tensor when the noise model has one level per
+    image (deepinv's ``SigmaGenerator`` / ``GaussianNoise(sigma=tensor)``). A model with ``b``
+    levels and a run over ``batch = n * b`` images (``n`` samples or particles, row
+    ``k * b + j`` = image ``j``) gives each row its image's level.
+    """
     from deepinv.physics import GaussianNoise, PoissonNoise, ZeroNoise
 
     model = getattr(physics, "noise_model", None)
     if model is None or isinstance(model, ZeroNoise):
         return "none", 0.0
     if isinstance(model, GaussianNoise):
-        sigma = torch.as_tensor(model.sigma)
-        if sigma.numel() != 1:
-            raise ValueError("per-image Gaussian noise levels are not supported; pass noise_sigma explicitly")
-        return "gaussian", float(sigma)
-    if isinstance(model, PoissonNoise):
-        return "poisson", float(torch.as_tensor(model.gain).reshape(-1)[0])
-    raise ValueError(f"unsupported noise model {type(model).__name__}; pass the noise level explicitly")
+        kind, level = "gaussian", model.sigma
+    elif isinstance(model, PoissonNoise):
+        kind, level = "poisson", model.gain
+    else:
+        raise ValueError(f"unsupported noise model {type(model).__name__}; pass the noise level explicitly")
+    level = torch.as_tensor(level).detach().reshape(-1)
+    if level.numel() == 1 or bool((level == level[0]).all()):
+        return kind, float(level[0])
+    if batch is None or batch % level.numel():
+        raise ValueError(f"the noise model has {level.numel()} per-image levels, for a batch of {batch} "
+                         "measurements; pass noise_sigma explicitly")
+    return kind, level.repeat(batch // level.numel())
+
+
+def per_image(value: float | Tensor, ndim: int = 4) -> float | Tensor:
+    """A number as is; a ``(B,)`` tensor of per-image values reshaped to ``(B, 1, ..., 1)``
+    with ``ndim`` dimensions, so that it broadcasts against an image (``ndim=4``) or a
+    measurement batch (``ndim=y.ndim``)."""
+    if isinstance(value, Tensor) and value.ndim == 1:
+        return value.reshape(-1, *([1] * (ndim - 1)))
+    return value
+
+
+def gaussian_noise_std(physics, y: Tensor, noise_sigma: float | None = None,
+                       floor: float = 0.0) -> float | Tensor:
+    """The std :math:`s` of the Gaussian measurement noise that a Gaussian-likelihood step
+    assumes, floored at ``floor``: ``noise_sigma`` when given, else the physics' Gaussian
+    sigma, else for Poisson data (gain :math:`g`, :math:`\mathrm{Var}\,y = g\,Ax`) the
+    homoscedastic equivalent :math:`s^2 = g\,\overline{|y|}`, the mean Poisson variance
+    (the rule DPS uses, :func:`likelihood_variance`), else 0. A number, or a ``(B,)``
+    tensor for per-image noise levels (see :func:`per_image`)."""
+    if noise_sigma is not None:
+        level = float(noise_sigma)
+    else:
+        kind, level = measurement_noise(physics, y.shape[0])
+        if kind == "poisson":
+            level = (level * float(y.abs().mean())) ** 0.5
+    if isinstance(level, Tensor):
+        return level.clamp_min(floor)
+    return max(level, floor)
+
+
+def initial_estimate(physics, y: Tensor, shape: Sequence[int], prior_mean: Callable[[], Tensor],
+                     data_range: tuple[float, float] = (0.0, 1.0), iterations: int = 10) -> tuple[Tensor, str]:
+    """A starting image that is safe for every operator, and what it was:
+
+    1. ``"A_dagger"``: ``physics.A_dagger(y)`` when it is in range, i.e. its energy outside
+       ``data_range`` is below a quarter of its energy inside (invdiff's FBP, zero-filling,
+       Wiener; deepinv's exact ``BlurFFT`` pseudo-inverse of noisy data, values of
+       :math:`\pm 10^3`, is not);
+    2. ``"cg"``: for a linear operator, ``iterations`` CG steps on the normal equations
+       :math:`A^\top A x = A^\top y` from the prior mean (regularised by early stopping,
+       :func:`proximal_least_squares`);
+    3. ``"prior"``: the prior mean ``prior_mean()`` (a nonlinear operator whose ``A_dagger``
+       fails or is out of range).
+
+    The estimate is clamped to ``data_range``.
+    """
+    from deepinv.physics import LinearPhysics
+
+    lo, hi = data_range
+
+    def in_range(a: Tensor) -> bool:
+        inside = a.clamp(lo, hi)
+        excess = (a - inside).reshape(a.shape[0], -1).norm(dim=1)
+        return bool(torch.isfinite(a).all() and (excess <= 0.25 * inside.reshape(a.shape[0], -1).norm(dim=1)).all())
+
+    try:
+        start = physics.A_dagger(y).real.reshape(shape)
+    except Exception:  # a nonlinear deepinv physics without a pseudo-inverse of its own
+        start = None
+    if start is not None and in_range(start):
+        return start.clamp(lo, hi), "A_dagger"
+    mean = prior_mean().reshape(shape)
+    if isinstance(physics, LinearPhysics):
+        start = proximal_least_squares(physics, mean.to(y.real.dtype), y, None, iterations)
+        if torch.isfinite(start).all():
+            return start.clamp(lo, hi), "cg"
+    return mean.clamp(lo, hi), "prior"
 
 
 # --------------------------------------------------------------------------- linear algebra
@@ -324,7 +407,8 @@ def likelihood_variance(
     """The measurement-noise variance of a Gaussian (approximate) likelihood of ``y``.
 
     Returns ``(kind, v)`` with ``kind`` in ``"gaussian"``, ``"poisson"``, ``"none"`` and
-    ``v`` a number (``s^2``) or, for Poisson, a tensor shaped like ``y``:
+    ``v`` a number (``s^2``) or a tensor that broadcasts against ``y`` (shaped like ``y``
+    for Poisson, ``(B, 1, ..., 1)`` for per-image Gaussian levels):
 
     * ``"gaussian"``: :math:`v = s^2`, ``s`` = ``noise_sigma``, else the physics'
       :class:`~deepinv.physics.GaussianNoise` sigma; on a Poisson physics the homoscedastic
@@ -347,24 +431,22 @@ def likelihood_variance(
         likelihood = "gaussian"
     needs_physics = poisson_gain is None if likelihood == "poisson" else noise_sigma is None
     if needs_physics:
-        kind, level = measurement_noise(physics)
+        kind, level = measurement_noise(physics, y.shape[0])
+        level = per_image(level, y.ndim)
     else:
         kind, level = "given", 0.0
     if likelihood == "auto":
         likelihood = kind if kind in ("gaussian", "poisson") else "none"
     if likelihood == "poisson":
         gain = float(poisson_gain) if poisson_gain is not None else (level if kind == "poisson" else None)
-        if gain is None or gain <= 0:
+        if gain is None or bool(torch.as_tensor(gain <= 0).any()):
             raise ValueError("likelihood='poisson' needs poisson_gain > 0 or a physics with deepinv PoissonNoise, "
                              f"got noise model {type(getattr(physics, 'noise_model', None)).__name__}")
         return "poisson", gain * y.abs().clamp_min(gain)
     if likelihood == "none":
         return "none", 0.0
-    if noise_sigma is not None:
-        return "gaussian", float(noise_sigma) ** 2
-    if kind == "poisson":  # a Gaussian likelihood for Poisson data: the mean Poisson variance
-        return "gaussian", level * float(y.abs().mean())
-    return "gaussian", level**2
+    # a Gaussian likelihood (for Poisson data: the mean Poisson variance)
+    return "gaussian", per_image(gaussian_noise_std(physics, y, noise_sigma), y.ndim) ** 2
 
 
 def project_measurements(

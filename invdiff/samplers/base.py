@@ -140,21 +140,34 @@ class Sampler(Reconstructor):
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
         x_init: Tensor | None = None,
         callback: Callable[[dict], None] | None = None,
+        *,
+        seed: int | None = None,
+        x_gt: Tensor | None = None,
+        compute_metrics: bool = False,
         **kwargs,
-    ) -> Tensor:
+    ) -> Tensor | tuple[Tensor, dict]:
         """Draw one posterior sample per measurement.
 
         :param y: measurements ``(B, ...)``, as produced by ``physics(x)``.
         :param physics: the forward operator (a :class:`deepinv.physics.Physics`).
         :param generator: source of all randomness (a ``torch.Generator``, or one per batch
-            element). When ``None`` a fresh generator is seeded from the OS and its seed is
-            recorded in ``last_run.seed``; the global RNG is never touched.
+            element). When ``None`` a fresh generator is seeded from ``seed``, or from the OS
+            (its seed is recorded in ``last_run.seed``); the global RNG is never touched.
         :param x_init: optional starting point ``(B, C, H, W)`` where the method has one.
         :param callback: called after every step with ``dict(i, sigma, x, x0)``.
-        :returns: reconstructions ``(B, C, H, W)``.
+        :param seed: deepinv's convention: seed of the generator when none is passed.
+        :param x_gt: ground truth, for ``compute_metrics`` (deepinv's ``Trainer.test`` passes it).
+        :param compute_metrics: also return deepinv's convergence metrics, ``{"psnr": ...,
+            "residual": ...}`` with one list per image and one value per step (the PSNR of
+            the step's denoised estimate ``x0`` against ``x_gt``, and
+            :math:`\|x_{k+1} - x_k\| / \|x_k\|`), as deepinv's iterative algorithms do.
+        :returns: reconstructions ``(B, C, H, W)``, and the metrics when ``compute_metrics``.
+
+        The loop runs under ``torch.no_grad()`` (fast, no graph kept) unless
+        :attr:`differentiable` is set.
         """
         if kwargs:
-            unknown = sorted(k for k in kwargs if k not in ("x_gt",))
+            unknown = sorted(k for k in kwargs if k not in ("update_parameters",))
             if unknown:
                 raise TypeError(f"{self.name}: unexpected arguments {unknown}")
         y = self._check_measurement(y, physics)
@@ -163,17 +176,21 @@ class Sampler(Reconstructor):
             raise ValueError(
                 f"{self.name}: x_init has shape {tuple(x_init.shape)}, expected {(batch, *self.prior.image_shape)}"
             )
-        seed = None
         if generator is None:
             generator = torch.Generator(device=y.device)
-            seed = generator.seed()
+            seed = generator.seed() if seed is None else generator.manual_seed(int(seed)).initial_seed()
+        else:
+            seed = None
+        metrics = None
+        if compute_metrics:
+            metrics, callback = self._metrics_callback(x_gt, batch, callback)
         self._info = RunInfo(sampler=self.name, batch=batch, seed=seed)
         cuda = y.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(y.device)
         start = time.perf_counter()
         try:
-            with torch.no_grad():
+            with torch.set_grad_enabled(self.differentiable and torch.is_grad_enabled()):
                 x = self._run(y, physics, x_init, generator, callback)
         finally:
             if cuda:
@@ -181,7 +198,43 @@ class Sampler(Reconstructor):
                 self._info.peak_memory = torch.cuda.max_memory_allocated(y.device)
             self._info.wall_time = time.perf_counter() - start
             self.last_run, self._info = self._info, None
-        return x
+        return (x, metrics) if compute_metrics else x
+
+    #: Run the loop with autograd on (when the caller's grad mode is on), so that a loss on
+    #: the output can train the prior's network (deepinv's ``Trainer.train``, unrolled
+    #: networks). Off by default: sampling keeps no graph, which is what makes it fast and
+    #: light. Gradients flow through every network call and operator application of the
+    #: loop; the guidance gradients of DPS-type methods (an inner ``autograd.grad``) are
+    #: constants of that graph (no second-order terms). Set it on an instance:
+    #: ``sampler.differentiable = True``.
+    differentiable: bool = False
+
+    @staticmethod
+    def _metrics_callback(x_gt: Tensor | None, batch: int, callback):
+        """deepinv's convergence metrics (psnr of ``x0`` vs ``x_gt``, residual) per image and step."""
+        metrics: dict[str, list[list[float]]] = {"residual": [[] for _ in range(batch)]}
+        if x_gt is not None:
+            metrics["psnr"] = [[] for _ in range(batch)]
+        previous: list[Tensor | None] = [None]
+
+        def record(info: dict) -> None:
+            x = info["x"].detach()
+            flat = x.reshape(batch, -1)
+            if previous[0] is not None:
+                prev = previous[0].reshape(batch, -1)
+                res = (flat - prev).norm(dim=1) / prev.norm(dim=1).clamp_min(1e-12)
+                for b in range(batch):
+                    metrics["residual"][b].append(float(res[b]))
+            previous[0] = x
+            if x_gt is not None:
+                x0 = info["x0"].detach().real.clamp(0, 1).reshape(batch, -1)
+                mse = ((x0 - x_gt.detach().to(x0).reshape(batch, -1)) ** 2).mean(1)
+                for b in range(batch):
+                    metrics["psnr"][b].append(float(-10 * torch.log10(mse[b].clamp_min(1e-20))))
+            if callback is not None:
+                callback(info)
+
+        return metrics, record
 
     def sample(
         self,
@@ -195,14 +248,13 @@ class Sampler(Reconstructor):
         """``n`` posterior samples per measurement, batched through the network in one run.
 
         The measurement batch is repeated ``n`` times (sample ``k`` of image ``b`` is row
-        ``k * B + b`` of the run), so the operator must accept a batch of ``n * B``; an
-        operator whose parameters have a batch dimension > 1 is rejected.
+        ``k * B + b`` of the run); per-image operator parameters (masks, kernels, noise
+        levels of a deepinv physics generator) are repeated with it.
         """
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         b = y.shape[0]
-        if n > 1:
-            self._check_operator_batch(physics, b, "call sample() once per measurement")
+        physics = self._expand_physics(physics, b, n)
         y_rep = y.repeat(n, *([1] * (y.ndim - 1)))
         x0 = None if x_init is None else x_init.repeat(n, 1, 1, 1)
         x = self.forward(y_rep, physics, generator=generator, x_init=x0, callback=callback)
@@ -210,15 +262,38 @@ class Sampler(Reconstructor):
         std = samples.std(0, unbiased=True) if n > 1 else torch.zeros_like(samples[0])
         return PosteriorSamples(samples, samples.mean(0), std)
 
-    # --- checks -------------------------------------------------------------------------
-    def _check_operator_batch(self, physics, b: int, advice: str) -> None:
-        """Refuse an operator whose mask / coil maps / filter has a batch dimension of ``b > 1``:
-        it cannot take the measurements repeated into a larger batch (samples, particles)."""
-        if b <= 1:
-            return
-        for name, buf in list(physics.named_buffers()) + list(physics.named_parameters()):
-            if buf.ndim >= 1 and buf.shape[0] == b and name.split(".")[-1] in ("mask", "coil_maps", "filter"):
-                raise ValueError(f"{self.name}: the operator's {name!r} has a batch dimension of {b}; {advice}")
+    # --- checks ---------------------------------------------------------------------------
+    #: Names of operator parameters that may carry one entry per image (deepinv's physics
+    #: generators: masks, kernels and their FFTs, coil maps, noise levels and gains).
+    _PER_IMAGE_PARAMETERS = ("mask", "coil_maps", "filter", "angle", "sigma", "gain")
+
+    def _expand_physics(self, physics, b: int, n: int, interleave: bool = False):
+        """``physics`` for a batch of ``n * b`` rows (samples, particles) over ``b`` images.
+
+        Per-image parameters (a mask, kernel, coil maps or noise level whose first dimension
+        is ``b > 1``) are repeated so that each row sees its own image's parameters: row
+        ``k * b + j`` is image ``j`` (``interleave=False``, :meth:`sample` and SMC) or row
+        ``j * n + k`` (``interleave=True``, EnKG's ensembles). The operator is copied only
+        when it has such parameters; the caller's operator is never changed."""
+        if n <= 1 or b <= 1:
+            return physics
+        targets = [name for name, t in list(physics.named_buffers()) + list(physics.named_parameters())
+                   if t.ndim >= 1 and t.shape[0] == b and name.split(".")[-1] in self._PER_IMAGE_PARAMETERS]
+        if not targets:
+            return physics
+        import copy
+
+        expanded = copy.deepcopy(physics)
+        for name in targets:
+            path, _, attr = name.rpartition(".")
+            module = expanded.get_submodule(path) if path else expanded
+            t = getattr(module, attr)
+            rep = t.detach().repeat_interleave(n, 0) if interleave else t.detach().repeat(n, *([1] * (t.ndim - 1)))
+            if isinstance(t, torch.nn.Parameter):
+                setattr(module, attr, torch.nn.Parameter(rep, requires_grad=False))
+            else:
+                setattr(module, attr, rep)
+        return expanded
 
     def _check_measurement(self, y: Tensor, physics) -> Tensor:
         from deepinv.physics import LinearPhysics

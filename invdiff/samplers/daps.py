@@ -12,7 +12,7 @@ from typing import Callable
 from torch import Tensor
 
 from ..priors.base import DiffusionPrior
-from ._steps import karras_sigmas, measurement_noise, operator_norm_squared, randn_like
+from ._steps import gaussian_noise_std, karras_sigmas, operator_norm_squared, per_image, randn_like
 from .base import Sampler
 
 __all__ = ["DAPS", "ode_x0"]
@@ -166,20 +166,12 @@ class DAPS(Sampler):
         self.operator_norm = operator_norm
         self.clip = clip
 
-    def _noise_std(self, physics) -> float:
-        if self.noise_sigma is not None:
-            return max(float(self.noise_sigma), self.min_noise)
-        kind, level = measurement_noise(physics)
-        if kind == "poisson":
-            raise ValueError("daps: Poisson noise needs an explicit noise_sigma (an equivalent Gaussian std)")
-        return max(level, self.min_noise)
-
     def _run(self, y: Tensor, physics, x_init: Tensor | None, generator, callback: Callable | None) -> Tensor:
         sigmas = self.sigmas.tolist()
         levels = len(sigmas) - 1
         shape = (y.shape[0], *self.prior.image_shape)
         dtype = y.real.dtype
-        s2 = self._noise_std(physics) ** 2
+        s2 = per_image(gaussian_noise_std(physics, y, self.noise_sigma, self.min_noise)) ** 2
         norm_a = self.operator_norm
         if norm_a is None:
             norm_a = operator_norm_squared(physics, self.prior.image_shape, device=y.device, dtype=dtype)

@@ -12,7 +12,7 @@ from typing import Callable
 from torch import Tensor
 
 from ..priors.base import DiffusionPrior
-from ._steps import measurement_noise, proximal_least_squares, randn_like
+from ._steps import gaussian_noise_std, per_image, proximal_least_squares, randn_like
 from .base import Sampler
 from .dps import make_sigmas
 
@@ -131,22 +131,21 @@ class DDS(Sampler):
         self.clip = clip
         self.cg_tol = float(cg_tol)
 
-    def _gamma(self, sigma: float, noise_sigma: float) -> float | None:
+    def _gamma(self, sigma: float, noise_sigma: float | Tensor) -> float | Tensor | None:
         """Weight of the data term at noise level ``sigma``; ``None`` = noiseless (hard constraint)."""
         if self.gamma is not None:
             return float(self.gamma)
-        if noise_sigma <= 0:
+        if isinstance(noise_sigma, Tensor):  # per-image levels: a (B, 1, 1, 1) weight
+            if not bool((noise_sigma > 0).any()):
+                return None
+            noise_sigma = per_image(noise_sigma.clamp_min(1e-6))
+        elif noise_sigma <= 0:
             return None
         sd2 = self.prior.sigma_data**2
         return self.gamma_scale * (sigma**2 * sd2 / (sigma**2 + sd2)) / noise_sigma**2
 
     def _run(self, y: Tensor, physics, x_init: Tensor | None, generator, callback: Callable | None) -> Tensor:
-        if self.noise_sigma is None:
-            kind, noise_sigma = measurement_noise(physics)
-            if kind == "poisson":
-                raise ValueError(f"{self.name}: Poisson noise is not supported; pass noise_sigma explicitly")
-        else:
-            noise_sigma = float(self.noise_sigma)
+        noise_sigma = gaussian_noise_std(physics, y, self.noise_sigma)
         sigmas = self.sigmas.tolist()
         shape = (y.shape[0], *self.prior.image_shape)
         dtype = y.real.dtype

@@ -15,7 +15,7 @@ from deepinv.physics import DecomposablePhysics, Downsampling
 from torch import Tensor
 
 from ..priors.base import DiffusionPrior
-from ._steps import ddpm_sigmas, measurement_noise, proximal_least_squares, randn_like
+from ._steps import ddpm_sigmas, gaussian_noise_std, per_image, proximal_least_squares, randn_like
 from .base import Sampler
 from .dps import make_sigmas
 
@@ -180,13 +180,7 @@ class DiffPIR(Sampler):
         return proximal_least_squares(physics, x0, y, 1.0 / rho, self.cg_iterations, self.cg_tol)
 
     def _run(self, y: Tensor, physics, x_init: Tensor | None, generator, callback: Callable | None) -> Tensor:
-        if self.noise_sigma is None:
-            kind, noise_sigma = measurement_noise(physics)
-            if kind == "poisson":
-                raise ValueError(f"{self.name}: Poisson noise is not supported; pass noise_sigma explicitly")
-        else:
-            noise_sigma = float(self.noise_sigma)
-        s = max(noise_sigma, self.min_noise)
+        s = per_image(gaussian_noise_std(physics, y, self.noise_sigma, self.min_noise))
         closed_form = self.data_solver == "prox" or (self.data_solver == "auto" and has_closed_form_prox(physics))
         sigmas = self.sigmas.tolist()
         shape = (y.shape[0], *self.prior.image_shape)

@@ -245,9 +245,8 @@ class EnKG(Sampler):
         sigmas = self.sigmas.tolist()
         n = len(sigmas) - 1
         batch, members, shape = y.shape[0], self._members, self.prior.image_shape
-        self._check_operator_batch(physics, batch, "the ensemble is a batch of particles x measurements; "
-                                                   "reconstruct one measurement at a time")
         _, noise_var = likelihood_variance(physics, y, self.likelihood, self.noise_sigma)
+        physics = self._expand_physics(physics, batch, members, interleave=True)  # row j * members + m
         if torch.is_tensor(noise_var):
             noise_var = noise_var.clamp_min(self.min_noise**2)
         else:

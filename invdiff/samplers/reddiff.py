@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..priors.base import DiffusionPrior
-from ._steps import measurement_noise, randn_like
+from ._steps import gaussian_noise_std, initial_estimate, per_image, randn_like
 from .base import Sampler
 from .dps import make_sigmas
 
@@ -107,6 +107,13 @@ class REDDiff(Sampler):
     up to 1000). ``clip`` clamps the initial :math:`A^\dagger y` and the returned
     :math:`\mu` (the official code clips when saving images).
 
+    **Departure: a start that is safe for every operator.** The paper starts at
+    :math:`A^\dagger y`. That is kept when it is in the data range; an unregularised
+    pseudo-inverse of noisy data (deepinv's ``BlurFFT``) or a nonlinear operator without
+    one starts instead from a CG-regularised least-squares solution or the prior mean
+    (:func:`~invdiff.samplers._steps.initial_estimate`; ``last_run.extra["start"]`` says
+    which).
+
     RED-Diff returns a **point estimate** (a regularised MAP-like solution), not a posterior
     sample: :meth:`sample` runs ``n`` optimisations with different :math:`\epsilon` draws,
     and their spread is optimisation noise, not posterior uncertainty. Measured on the
@@ -130,6 +137,8 @@ class REDDiff(Sampler):
     :param noise_sigma: measurement noise std; read from ``physics.noise_model`` when ``None``.
     :param min_noise: floor of the noise std in the likelihood (noiseless measurements).
     :param clip: range of the initialisation and of the output, ``None`` for none.
+    :param start: ``"auto"`` (default: :math:`A^\dagger y` when it is in range, else a
+        regularised start, see above) or ``"A_dagger"`` (the paper's, always).
     :param verbose: tqdm progress bar.
 
     Example::
@@ -163,10 +172,14 @@ class REDDiff(Sampler):
         noise_sigma: float | None = None,
         min_noise: float = 1e-3,
         clip: tuple[float, float] | None = (0.0, 1.0),
+        start: str = "auto",
         verbose: bool = False,
     ) -> None:
         super().__init__(prior, verbose=verbose)
         snr_weight(1.0, weighting)  # validate
+        if start not in ("auto", "A_dagger"):
+            raise ValueError(f"start must be 'auto' or 'A_dagger', got {start!r}")
+        self.start = start
         if data_weighting not in ("likelihood", "paper"):
             raise ValueError(f"data_weighting must be 'likelihood' or 'paper', got {data_weighting!r}")
         self.sigmas = make_sigmas(prior, steps, schedule, sigmas)
@@ -175,18 +188,16 @@ class REDDiff(Sampler):
         self.noise_sigma, self.min_noise = noise_sigma, float(min_noise)
         self.clip = clip
 
-    def _data_weight(self, y: Tensor, physics, n_pixels: int) -> float:
+    def _data_weight(self, y: Tensor, physics, n_pixels: int) -> float | Tensor:
         """The factor in front of ``||y - A mu||^2 / 2`` (see the class docstring)."""
         if self.data_weighting == "paper":
             return 2.0 * self.v * n_pixels / y[0].numel()
-        if self.noise_sigma is not None:
-            s = float(self.noise_sigma)
-        else:
-            kind, s = measurement_noise(physics)
-            if kind == "poisson":
-                raise ValueError("reddiff: Poisson noise needs an explicit noise_sigma (an equivalent Gaussian std)")
-        s = max(s, self.min_noise)
+        s = per_image(gaussian_noise_std(physics, y, self.noise_sigma, self.min_noise))
         return self.v * 2.0 * REFERENCE_NOISE**2 / s**2
+
+    def _prior_mean(self, shape, y: Tensor) -> Tensor:
+        """The prior mean, :math:`D(0, \sigma_\max) \approx \mathbb{E}[x_0]` (one network call)."""
+        return self.denoise(y.new_zeros(shape, dtype=y.real.dtype), self.prior.sigma_max)
 
     def _run(self, y: Tensor, physics, x_init: Tensor | None, generator, callback: Callable | None) -> Tensor:
         sigmas = self.sigmas.tolist()[:-1]
@@ -194,9 +205,13 @@ class REDDiff(Sampler):
         dtype = y.real.dtype
         data_weight = self._data_weight(y, physics, math.prod(self.prior.image_shape))
         # Alg. 1 line 1: mu initialised at the pseudo-inverse (or the given start)
-        mu = x_init.to(dtype) if x_init is not None else physics.A_dagger(y).to(dtype).reshape(shape)
-        if self.clip is not None:
-            mu = mu.clamp(*self.clip)
+        if x_init is not None or self.start == "A_dagger":
+            mu = (x_init if x_init is not None else physics.A_dagger(y).reshape(shape)).to(dtype)
+            mu = mu.clamp(*self.clip) if self.clip is not None else mu
+        else:
+            mu, self._info.extra["start"] = initial_estimate(physics, y, shape, lambda: self._prior_mean(shape, y),
+                                                             self.clip or (-math.inf, math.inf))
+            mu = mu.to(dtype)
         mu = mu.clone().requires_grad_(True)  # a leaf for Adam; gradients are set by hand
         optimizer = torch.optim.Adam([mu], lr=self.lr, betas=(0.9, 0.99))
         for i in self.progress(range(len(sigmas))):

@@ -380,7 +380,7 @@ class ReSample(Sampler):
     def _stop_residual(self, y: Tensor, var: float | Tensor) -> Tensor:
         """Per-image early-stopping level ``tau * E||noise||^2``, shape ``(B,)``."""
         if isinstance(var, Tensor):
-            energy = var.reshape(y.shape[0], -1).sum(1)
+            energy = torch.broadcast_to(var, y.shape).reshape(y.shape[0], -1).sum(1)  # per-image or per-entry
         else:
             energy = torch.full((y.shape[0],), float(var) * y[0].numel(), device=y.device)
         m = y[0].numel() * (2 if y.is_complex() else 1)  # real degrees of freedom of the noise

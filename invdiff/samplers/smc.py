@@ -240,11 +240,9 @@ class SMC(Sampler):
     def _run(self, y: Tensor, physics, x_init: Tensor | None, generator, callback: Callable | None) -> Tensor:
         sigmas = self.sigmas.tolist()
         k, b = self.particles, y.shape[0]
-        if self.particles > 1:
-            self._check_operator_batch(physics, b, "the particles are a batch of particles x measurements; "
-                                                   "reconstruct one measurement at a time")
         dtype = y.real.dtype
         noise_var = self._noise_variance(physics, y)
+        physics = self._expand_physics(physics, b, k)  # particle (k, b) is row k * B + b
         y_rep = y.repeat(k, *([1] * (y.ndim - 1)))  # particle (k, b) is row k * B + b
         var_rep = noise_var.repeat(k, *([1] * (y.ndim - 1))) if isinstance(noise_var, Tensor) else noise_var
         norm_a = self.operator_norm
