@@ -326,3 +326,31 @@ def test_no_learning_column_on_invdiff_ct_needs_a_dagger(prior):
     dagger = dinv.test(_make("dds", prior), loader, physics, no_learning_method="A_dagger", **kw)
     assert adjoint["PSNR no learning"] < 0 < dagger["PSNR no learning"] - 20
     assert dagger["PSNR"] > dagger["PSNR no learning"] + 3
+
+
+def test_stacked_physics_through_every_sampler(prior, truth):
+    """deepinv's ``StackedLinearPhysics`` (``TensorList`` measurements, a noise level per
+    component) through every sampler: the stack is whitened into one operator with the same
+    likelihood, and every sampler approaches the exact posterior of the two measurements."""
+    from invdiff.operators import whitened_stack
+
+    stack = dinv.physics.StackedLinearPhysics([
+        dinv.physics.Inpainting(SHAPE, mask=0.5, rng=_rng(0), noise_model=_gaussian(1, 0.05)),
+        dinv.physics.BlurFFT(SHAPE, filter=dinv.physics.blur.gaussian_blur(1.0), noise_model=_gaussian(2, 0.1)),
+    ])
+    y = stack(truth)
+    flat = whitened_stack(stack)
+    y_flat = flat.whiten(y)
+    # the whitened operator: exact adjoint, and the likelihood of the two parts
+    x, v = torch.rand(2, *SHAPE, generator=_rng(5)), torch.randn(y_flat.shape, generator=_rng(6))
+    torch.testing.assert_close((flat.A(x) * v).sum(), (x * flat.A_adjoint(v)).sum(), rtol=1e-5, atol=1e-5)
+    parts = stack.A(x)
+    nll = sum(((y[i] - parts[i]) ** 2).sum() / (2 * s**2) for i, s in enumerate((0.05, 0.1)))
+    torch.testing.assert_close(((y_flat - flat.A(x)) ** 2).sum() / 2, nll, rtol=1e-5, atol=1e-3)
+    exact = prior.posterior(y_flat, flat, 1.0).mean.float()
+    for name in samplers.available():
+        est = _make(name, prior).sample(y, stack, n=2, generator=_rng(0)).mean
+        assert rel_err(est, exact, torch.full_like(exact, 0.5)) < 0.6, name
+    with pytest.raises(ValueError, match="component 1 .*Gaussian noise with one level > 0"):
+        whitened_stack(dinv.physics.StackedLinearPhysics([stack.physics_list[0],
+                                                            dinv.physics.Denoising(noise_model=dinv.physics.ZeroNoise())]))

@@ -13,6 +13,7 @@ from .mri import MultiCoilMRIOperator, SingleCoilMRI, birdcage_coil_maps, cartes
 from .natural import ClosedFormDownsampling, WienerBlurFFT
 from .phase_retrieval import FourierPhaseRetrieval
 from .registry import TASK_EXAMPLES, available, describe, make
+from .stacked import WhitenedStack, whitened_stack
 
 __all__ = [
     "make",
@@ -30,4 +31,6 @@ __all__ = [
     "WienerBlurFFT",
     "ClosedFormDownsampling",
     "FourierPhaseRetrieval",
+    "WhitenedStack",
+    "whitened_stack",
 ]

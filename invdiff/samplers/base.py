@@ -170,6 +170,7 @@ class Sampler(Reconstructor):
             unknown = sorted(k for k in kwargs if k not in ("update_parameters",))
             if unknown:
                 raise TypeError(f"{self.name}: unexpected arguments {unknown}")
+        y, physics = self._single_tensor(y, physics)
         y = self._check_measurement(y, physics)
         batch = y.shape[0]
         if x_init is not None and tuple(x_init.shape) != (batch, *self.prior.image_shape):
@@ -253,6 +254,7 @@ class Sampler(Reconstructor):
         """
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
+        y, physics = self._single_tensor(y, physics)
         b = y.shape[0]
         physics = self._expand_physics(physics, b, n)
         y_rep = y.repeat(n, *([1] * (y.ndim - 1)))
@@ -263,6 +265,19 @@ class Sampler(Reconstructor):
         return PosteriorSamples(samples, samples.mean(0), std)
 
     # --- checks ---------------------------------------------------------------------------
+    @staticmethod
+    def _single_tensor(y, physics):
+        """A deepinv stack (``StackedPhysics``, ``TensorList`` measurements) as one whitened
+        operator on one tensor (:func:`invdiff.operators.whitened_stack`: the same likelihood)."""
+        from deepinv.physics import StackedPhysics
+
+        if isinstance(physics, StackedPhysics):
+            from ..operators.stacked import whitened_stack
+
+            physics = whitened_stack(physics)
+            y = physics.whiten(y)
+        return y, physics
+
     #: Names of operator parameters that may carry one entry per image (deepinv's physics
     #: generators: masks, kernels and their FFTs, coil maps, noise levels and gains).
     _PER_IMAGE_PARAMETERS = ("mask", "coil_maps", "filter", "angle", "sigma", "gain")
