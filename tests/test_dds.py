@@ -3,7 +3,7 @@ import pytest
 import torch
 from conftest import demo_problem_psnr, gaussian_blur_problem, gaussian_inpainting_problem, rel_err
 
-from invdiff.samplers._steps import proximal_least_squares
+from invdiff.samplers.steps import proximal_least_squares
 from invdiff.samplers.dds import DDS
 
 

@@ -52,7 +52,7 @@ def test_cg_data_step_matches_the_closed_form():
 
 
 def test_quad_schedule_is_the_official_one():
-    from invdiff.samplers._steps import ddpm_sigmas
+    from invdiff.samplers.steps import ddpm_sigmas
 
     sig = quad_sigmas(100)
     table = ddpm_sigmas()

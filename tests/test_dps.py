@@ -7,7 +7,7 @@ from conftest import gaussian_blur_problem, gaussian_inpainting_problem, rel_err
 
 from invdiff.priors import GaussianMixturePrior, GaussianPrior
 from invdiff.samplers import DPS, SamplerDivergedError
-from invdiff.samplers._steps import ddpm_sigmas
+from invdiff.samplers.steps import ddpm_sigmas
 
 
 @pytest.mark.parametrize("operator", ["inpainting", "blur"])

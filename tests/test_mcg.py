@@ -11,7 +11,7 @@ import torch
 from invdiff import operators
 from invdiff.priors import GaussianPrior
 from invdiff.samplers import DPS, MCG
-from invdiff.samplers._steps import likelihood_variance, project_measurements
+from invdiff.samplers.steps import likelihood_variance, project_measurements
 
 from conftest import rel_err
 
@@ -107,7 +107,7 @@ def test_poisson_likelihood_is_used_and_helps():
     y = physics(x, seed=1)
     sampler = MCG(prior, steps=60, clip=None)
     state = sampler._setup(y, physics)
-    assert state["kind"] == "poisson" and torch.is_tensor(state["noise_var"])
+    assert state.kind == "poisson" and torch.is_tensor(state.noise_var)
     out = sampler.sample(y, physics, n=4, generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(out.samples).all()
     assert (out.mean - x).norm() < 0.5 * (physics.A_dagger(y) - x).norm()

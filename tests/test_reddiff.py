@@ -7,7 +7,7 @@ from conftest import demo_problem_psnr, gaussian_blur_problem, gaussian_inpainti
 from invdiff.priors import GaussianPrior
 from invdiff.samplers import SamplerDivergedError
 from invdiff.samplers.reddiff import REDDiff, snr_weight
-from invdiff.samplers._steps import ddpm_sigmas
+from invdiff.samplers.steps import ddpm_sigmas
 
 
 @pytest.mark.parametrize("operator", ["inpainting", "blur"])

@@ -9,7 +9,7 @@ from conftest import gaussian_inpainting_problem, rel_err
 from invdiff import operators
 from invdiff.priors import GaussianPrior, IdentityAutoencoder, LatentDiffusionPrior
 from invdiff.samplers import ReSample
-from invdiff.samplers._steps import cgls
+from invdiff.samplers.steps import cgls
 from invdiff.samplers.resample import resample_gamma, stochastic_resample
 
 

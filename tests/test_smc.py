@@ -11,7 +11,7 @@ from conftest import gaussian_blur_problem, gaussian_inpainting_problem, rel_err
 from invdiff import operators
 from invdiff.priors import GaussianMixturePrior, GaussianPrior
 from invdiff.samplers import SMC, WeightedParticles
-from invdiff.samplers._steps import effective_sample_size, systematic_resample
+from invdiff.samplers.steps import effective_sample_size, systematic_resample
 
 SMALL = (1, 4, 4)  # d = 16: dense posterior covariances are cheap
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from invdiff.priors import GaussianPrior
-from invdiff.samplers._steps import (
+from invdiff.samplers.steps import (
     ddim_step,
     ddpm_sigmas,
     ddpm_timestep,

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import torch
 from torch import Tensor, nn
 
 from .adm import ADMConfig, GuidedDiffusionUNet

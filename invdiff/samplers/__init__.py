@@ -11,7 +11,8 @@ from .daps import DAPS
 from .dds import DDS
 from .diffpir import DiffPIR
 from .enkg import EnKG
-from .dps import DPS, make_sigmas
+from .dps import DPS
+from .steps import make_sigmas
 from .mcg import MCG
 from .reddiff import REDDiff
 from .resample import ReSample

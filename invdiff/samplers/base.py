@@ -19,6 +19,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..priors.base import DiffusionPrior
+from .steps.randomness import randn_like
 
 __all__ = ["Sampler", "RunInfo", "PosteriorSamples", "SamplerDivergedError"]
 
@@ -122,6 +123,21 @@ class Sampler(Reconstructor):
                 f"{self.name}: diverged at step {step} (sigma={float(sigma):.4g}): "
                 f"{bad} of {x.numel()} values are NaN/Inf; lower the step size or check the measurement scale"
             )
+
+    def initial_noise(self, shape, sigma: float, x_init: Tensor | None, generator, like: Tensor) -> Tensor:
+        """The start of a diffusion loop, :math:`x_N = x_\\text{init} + \\sigma_N z` (``x_init``
+        = 0 when ``None``), in the real dtype and on the device of ``like`` (the measurement)."""
+        x = sigma * randn_like(like.new_zeros(tuple(shape), dtype=like.real.dtype), generator)
+        return x if x_init is None else x + x_init.to(x.dtype)
+
+    def step_done(self, i: int, sigma: float, x: Tensor, x0: Tensor, callback: Callable[[dict], None] | None,
+                  check: Tensor | None = None, **extra) -> None:
+        """The end of step ``i``: the divergence check on ``x`` (or on ``check``: all particles,
+        log-weights), the step count, and ``callback(dict(i, sigma, x, x0, **extra))``."""
+        self.check_finite(x if check is None else check, i, sigma)
+        self._info.steps += 1
+        if callback is not None:
+            callback(dict(i=i, sigma=sigma, x=x, x0=x0, **extra))
 
     def progress(self, iterable, total: int | None = None):
         """Wrap ``iterable`` in a tqdm bar when ``verbose``."""

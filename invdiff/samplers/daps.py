@@ -12,7 +12,7 @@ from typing import Callable
 from torch import Tensor
 
 from ..priors.base import DiffusionPrior
-from ._steps import gaussian_noise_std, karras_sigmas, operator_norm_squared, per_image, randn_like
+from .steps import gaussian_noise_std, karras_sigmas, operator_norm_squared, per_image, randn_like
 from .base import Sampler
 
 __all__ = ["DAPS", "ode_x0"]
@@ -176,9 +176,7 @@ class DAPS(Sampler):
         if norm_a is None:
             norm_a = operator_norm_squared(physics, self.prior.image_shape, device=y.device, dtype=dtype)
         # Alg. 1 line 1: x_N ~ N(x_init or 0, sigma_max^2 I)
-        x_t = sigmas[0] * randn_like(y.new_zeros(shape, dtype=dtype), generator)
-        if x_init is not None:
-            x_t = x_t + x_init.to(dtype)
+        x_t = self.initial_noise(shape, sigmas[0], x_init, generator, y)
         for i in self.progress(range(levels)):
             sigma, sigma_next = sigmas[i], sigmas[i + 1]
             # Alg. 1 line 3: x0_hat by the probability-flow ODE (eq. 8)
@@ -190,10 +188,7 @@ class DAPS(Sampler):
             x = self._langevin(x0, x0, y, physics, s2, r2, eta, generator)
             # Alg. 1 line 7: decoupled re-noising to the next level
             x_t = x + sigma_next * randn_like(x, generator) if sigma_next > 0 else x
-            self.check_finite(x_t, i, sigma)
-            self._info.steps += 1
-            if callback is not None:
-                callback(dict(i=i, sigma=sigma, x=x_t, x0=x0))
+            self.step_done(i, sigma, x_t, x0, callback)
         return x_t.clamp(*self.clip) if self.clip is not None else x_t
 
     def _langevin(self, x: Tensor, x0: Tensor, y: Tensor, physics, s2: float, r2: float, eta: float,

@@ -6,15 +6,14 @@ Problems", ICLR 2024 (arXiv:2303.05754); official code HJ-harry/DDS.
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 from torch import Tensor
 
 from ..priors.base import DiffusionPrior
-from ._steps import gaussian_noise_std, per_image, proximal_least_squares, randn_like
+from .steps import (ddim_step, denoiser_error_variance, gaussian_noise_std, make_sigmas, per_image,
+                    proximal_least_squares, randn_like)
 from .base import Sampler
-from .dps import make_sigmas
 
 __all__ = ["DDS"]
 
@@ -141,17 +140,13 @@ class DDS(Sampler):
             noise_sigma = per_image(noise_sigma.clamp_min(1e-6))
         elif noise_sigma <= 0:
             return None
-        sd2 = self.prior.sigma_data**2
-        return self.gamma_scale * (sigma**2 * sd2 / (sigma**2 + sd2)) / noise_sigma**2
+        return self.gamma_scale * denoiser_error_variance(sigma, self.prior.sigma_data) / noise_sigma**2
 
     def _run(self, y: Tensor, physics, x_init: Tensor | None, generator, callback: Callable | None) -> Tensor:
         noise_sigma = gaussian_noise_std(physics, y, self.noise_sigma)
         sigmas = self.sigmas.tolist()
         shape = (y.shape[0], *self.prior.image_shape)
-        dtype = y.real.dtype
-        x = sigmas[0] * randn_like(y.new_zeros(shape, dtype=dtype), generator)
-        if x_init is not None:  # warm start: x_init noised to the first level
-            x = x + x_init.to(dtype)
+        x = self.initial_noise(shape, sigmas[0], x_init, generator, y)  # x_init (warm start) noised to sigma_0
         for i in self.progress(range(len(sigmas) - 1)):
             sigma, sigma_next = sigmas[i], sigmas[i + 1]
             # Alg. 1 line 3: Tweedie denoising, and the network's noise estimate
@@ -163,15 +158,7 @@ class DDS(Sampler):
             x0 = proximal_least_squares(physics, x0, y, self._gamma(sigma, noise_sigma), self.cg_iterations,
                                         self.cg_tol)
             # Alg. 1 line 5: DDIM renoising with the CG-corrected x0 and the network's eps
-            if sigma_next > 0:
-                c = self.eta * sigma_next * math.sqrt(max(0.0, 1 - sigma_next**2 / sigma**2))
-                x = x0 + math.sqrt(max(0.0, sigma_next**2 - c**2)) * eps
-                if c > 0:
-                    x = x + c * randn_like(x, generator)
-            else:
-                x = x0
-            self.check_finite(x, i, sigma)
-            self._info.steps += 1
-            if callback is not None:
-                callback(dict(i=i, sigma=sigma, x=x, x0=x0))
+            noise = randn_like(x, generator) if (self.eta > 0 and sigma_next > 0) else None
+            x = ddim_step(x, x0, sigma, sigma_next, self.eta, noise, eps=eps)
+            self.step_done(i, sigma, x, x0, callback)
         return x

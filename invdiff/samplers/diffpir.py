@@ -15,9 +15,8 @@ from deepinv.physics import DecomposablePhysics, Downsampling
 from torch import Tensor
 
 from ..priors.base import DiffusionPrior
-from ._steps import ddpm_sigmas, gaussian_noise_std, per_image, proximal_least_squares, randn_like
+from .steps import ddpm_sigmas, gaussian_noise_std, make_sigmas, per_image, proximal_least_squares, randn_like
 from .base import Sampler
-from .dps import make_sigmas
 
 __all__ = ["DiffPIR", "quad_sigmas", "has_closed_form_prox"]
 
@@ -184,10 +183,7 @@ class DiffPIR(Sampler):
         closed_form = self.data_solver == "prox" or (self.data_solver == "auto" and has_closed_form_prox(physics))
         sigmas = self.sigmas.tolist()
         shape = (y.shape[0], *self.prior.image_shape)
-        dtype = y.real.dtype
-        x = sigmas[0] * randn_like(y.new_zeros(shape, dtype=dtype), generator)
-        if x_init is not None:  # warm start: x_init noised to the first level
-            x = x + x_init.to(dtype)
+        x = self.initial_noise(shape, sigmas[0], x_init, generator, y)  # x_init (warm start) noised to sigma_0
         for i in self.progress(range(len(sigmas) - 1)):
             sigma, sigma_next = sigmas[i], sigmas[i + 1]
             # Alg. 1 line 3: x0 = D(x_t) (eq. 12)
@@ -204,8 +200,5 @@ class DiffPIR(Sampler):
                 x = x0 + sigma_next * (math.sqrt(1 - self.zeta) * eps + math.sqrt(self.zeta) * z)
             else:  # last step: the denoised estimate, no data step (official code)
                 x = x0
-            self.check_finite(x, i, sigma)
-            self._info.steps += 1
-            if callback is not None:
-                callback(dict(i=i, sigma=sigma, x=x, x0=x0))
+            self.step_done(i, sigma, x, x0, callback)
         return x

@@ -6,6 +6,7 @@ Problems", ICLR 2023 (arXiv:2209.14687); official code DPS2022/diffusion-posteri
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -13,36 +14,33 @@ from deepinv.physics import LinearPhysics
 from torch import Tensor
 
 from ..priors.base import DiffusionPrior
-from ._steps import (
+from .steps import (
     LIKELIHOODS,
+    GaussianGuidance,
+    denoiser_error_variance,
     ddim_step,
-    ddpm_sigmas,
     ddpm_timestep,
-    conjugate_gradient,
     guidance_gradient,
-    karras_sigmas,
     likelihood_variance,
+    make_sigmas,
     operator_norm_squared,
     randn_like,
 )
 from .base import Sampler
 
-__all__ = ["DPS", "make_sigmas"]
+__all__ = ["DPS"]
 
 
-def make_sigmas(prior: DiffusionPrior, steps: int, schedule: str, sigmas: Tensor | None) -> Tensor:
-    """An explicit noise schedule: ``sigmas`` checked, or ``"karras"`` / ``"ddpm"`` with ``steps``."""
-    if sigmas is None:
-        if schedule == "karras":
-            sigmas = karras_sigmas(steps, prior.sigma_min, prior.sigma_max)
-        elif schedule == "ddpm":
-            sigmas = ddpm_sigmas(steps)
-        else:
-            raise ValueError(f"schedule must be 'karras' or 'ddpm', got {schedule!r}")
-    sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
-    if sigmas.ndim != 1 or sigmas.numel() < 2 or sigmas[-1] != 0 or (sigmas[1:] >= sigmas[:-1]).any():
-        raise ValueError("sigmas must be a strictly decreasing 1-d tensor ending at 0")
-    return sigmas
+@dataclass
+class DPSRun:
+    """The per-run state of DPS (and MCG): the likelihood, and the step rule's pieces."""
+
+    kind: str
+    noise_var: float | Tensor
+    weight: Tensor | None = None  # paper rule: the misfit weight (Pearson residual for Poisson)
+    scale: list[float] = field(default_factory=list)  # paper rule: gamma_i / zeta
+    guidance: GaussianGuidance | None = None  # likelihood rule
+    noisy: bool = False  # MCG: project onto the noised measurement with a Tikhonov relaxation
 
 
 class DPS(Sampler):
@@ -179,71 +177,49 @@ class DPS(Sampler):
         spanned = ddpm_timestep(s) - ddpm_timestep(s_next)
         return (0.5 * torch.sqrt((1 + 4 * s**2) * (1 + 4 * s_next**2)) * spanned).tolist()
 
-    def _setup(self, y: Tensor, physics) -> dict:
-        """What the guidance needs for the whole run: the likelihood's noise variance, and
-        the paper rule's scales or the likelihood rule's operator norm and CG warm start."""
+    def _setup(self, y: Tensor, physics) -> "DPSRun":
+        """What the guidance needs for the whole run: the likelihood's noise variance, and the
+        paper rule's weights and scales or the likelihood rule's :class:`GaussianGuidance`."""
         kind, noise_var = likelihood_variance(physics, y, self.likelihood, self.noise_sigma, self.poisson_gain)
-        state = dict(kind=kind, noise_var=noise_var)
+        run = DPSRun(kind=kind, noise_var=noise_var)
         if self.weighting == "paper":
             # Pearson residual r / sqrt|y| for Poisson data
-            state["weight"] = 1.0 / y.abs().clamp_min(1e-3) if kind == "poisson" else None
-            state["scale"] = self._paper_scale()
+            run.weight = 1.0 / y.abs().clamp_min(1e-3) if kind == "poisson" else None
+            run.scale = self._paper_scale()
         else:
             norm_a = self.operator_norm
             if norm_a is None and (self.cg_iterations == 0 or not isinstance(physics, LinearPhysics)):
                 norm_a = operator_norm_squared(physics, self.prior.image_shape, device=y.device, dtype=y.real.dtype)
-            state["norm_a"] = norm_a
-            state["warm"] = [None]  # previous CG solution, a warm start for the next
-        return state
+            run.guidance = GaussianGuidance(physics, noise_var, norm_a, self.cg_iterations, self.cg_tol)
+        return run
 
-    def _guidance(self, x: Tensor, i: int, y: Tensor, physics, state: dict) -> tuple[Tensor, Tensor]:
+    def _guidance(self, x: Tensor, i: int, y: Tensor, physics, run: "DPSRun") -> tuple[Tensor, Tensor]:
         """Alg. 1 lines 4-5: ``x0_hat = D(x_i)`` and the guidance step ``gamma_i * grad`` through the network."""
         sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
         if self.weighting == "paper":
-            x0, grad, _ = guidance_gradient(self.denoise, x, sigma, y, physics, "norm", state["weight"], self.clip)
-            return x0, self.zeta * state["scale"][i] * grad
-        sd2 = self.prior.sigma_data**2
-        r2 = sigma**2 * sd2 / (sigma**2 + sd2)  # scalar variance of the denoiser's error
-        precision = self._precision(physics, state["noise_var"], r2, state["norm_a"], state["warm"])
+            x0, grad, _ = guidance_gradient(self.denoise, x, sigma, y, physics, "norm", run.weight, self.clip)
+            return x0, self.zeta * run.scale[i] * grad
+        precision = run.guidance.precision(denoiser_error_variance(sigma, self.prior.sigma_data))
         x0, grad, _ = guidance_gradient(self.denoise, x, sigma, y, physics, "squared", precision, self.clip)
         return x0, self.zeta * (sigma**2 - sigma_next**2) * grad
 
     def _run(self, y: Tensor, physics, x_init: Tensor | None, generator, callback: Callable | None) -> Tensor:
         sigmas = self.sigmas.tolist()
         shape = (y.shape[0], *self.prior.image_shape)
-        state = self._setup(y, physics)
-        x = sigmas[0] * randn_like(y.new_zeros(shape, dtype=y.real.dtype), generator)
-        if x_init is not None:  # warm start: x_init noised to the first level
-            x = x + x_init.to(x.dtype)
+        run = self._setup(y, physics)
+        x = self.initial_noise(shape, sigmas[0], x_init, generator, y)  # x_init (warm start) noised to sigma_0
         for i in self.progress(range(len(sigmas) - 1)):
             sigma, sigma_next = sigmas[i], sigmas[i + 1]
             # Alg. 1 lines 4-5: x0_hat = D(x_i) and the misfit gradient through the network
-            x0, step = self._guidance(x, i, y, physics, state)
+            x0, step = self._guidance(x, i, y, physics, run)
             # Alg. 1 lines 6-7: ancestral step of the prior
             noise = randn_like(x, generator) if (self.eta > 0 and sigma_next > 0) else None
             x_prior = ddim_step(x, x0, sigma, sigma_next, self.eta, noise)
             # Alg. 1 line 8: data-consistency step
-            x = self._correct(x_prior - step, i, y, physics, state, generator)
-            self.check_finite(x, i, sigma)
-            self._info.steps += 1
-            if callback is not None:
-                callback(dict(i=i, sigma=sigma, x=x, x0=x0))
+            x = self._correct(x_prior - step, i, y, physics, run, generator)
+            self.step_done(i, sigma, x, x0, callback)
         return x
 
-    def _correct(self, x: Tensor, i: int, y: Tensor, physics, state: dict, generator) -> Tensor:
+    def _correct(self, x: Tensor, i: int, y: Tensor, physics, run: "DPSRun", generator) -> Tensor:
         """A correction after the guided step; none for DPS (MCG projects onto the measurements)."""
         return x
-
-    def _precision(self, physics, noise_var, r2: float, norm_a: float | None, warm: list):
-        """``r -> (s^2 I + r_t^2 A A^T)^{-1} r``: warm-started CG for linear operators, scalar otherwise."""
-        if norm_a is not None:
-            return 1.0 / (noise_var + r2 * norm_a)
-
-        def solve(r: Tensor) -> Tensor:
-            def apply(v: Tensor) -> Tensor:
-                return noise_var * v + r2 * physics.A(physics.A_adjoint(v))
-
-            warm[0] = conjugate_gradient(apply, r, x0=warm[0], iterations=self.cg_iterations, tol=self.cg_tol)
-            return warm[0]
-
-        return solve

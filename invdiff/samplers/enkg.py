@@ -13,9 +13,8 @@ import torch
 from torch import Tensor
 
 from ..priors.base import DiffusionPrior
-from ._steps import ddim_step, likelihood_variance, randn_like
+from .steps import ddim_step, denoiser_error_variance, likelihood_variance, make_sigmas, randn_like
 from .base import PosteriorSamples, Sampler
-from .dps import make_sigmas
 
 __all__ = ["EnKG", "ensemble_kalman_coefficients"]
 
@@ -252,15 +251,14 @@ class EnKG(Sampler):
         else:
             noise_var = max(float(noise_var), self.min_noise**2)
         guided = [i for i in range(n) if self.guided(i)]
-        sd2 = self.prior.sigma_data**2
-        shares = torch.tensor([(sd2 / (sigmas[i] ** 2 + sd2)) ** self.tempering_power for i in guided],
-                              dtype=torch.float64)
+        # a level's share grows as the signal is resolved: (r_t^2 / sigma_t^2)^p = (sigma_d^2 / (sigma_t^2 + sigma_d^2))^p
+        shares = torch.tensor([(denoiser_error_variance(sigmas[i], self.prior.sigma_data) / sigmas[i] ** 2)
+                               ** self.tempering_power for i in guided], dtype=torch.float64)
         betas = dict(zip(guided, (shares / shares.sum()).tolist())) if guided else {}
         # generator lists are per measurement: expand them to one per particle row
         gen = [g for g in generator for _ in range(members)] if isinstance(generator, (list, tuple)) else generator
-        x = sigmas[0] * randn_like(y.new_zeros((batch * members, *shape), dtype=y.real.dtype), gen)
-        if x_init is not None:
-            x = x + x_init.to(x.dtype).repeat_interleave(members, 0)
+        x_init = None if x_init is None else x_init.repeat_interleave(members, 0)
+        x = self.initial_noise((batch * members, *shape), sigmas[0], x_init, gen, y)
         for i in self.progress(range(n)):
             sigma, sigma_next = sigmas[i], sigmas[i + 1]
             x0 = self._denoise_ensemble(x, sigma)
@@ -274,11 +272,9 @@ class EnKG(Sampler):
                     tf += coef @ anomalies
             noise = randn_like(x, gen) if (self.eta > 0 and sigma_next > 0) else None
             x = ddim_step(x, x0, sigma, sigma_next, self.eta, noise)
-            self.check_finite(x, i, sigma)
-            self._info.steps += 1
-            if callback is not None:
-                callback(dict(i=i, sigma=sigma, x=x.reshape(batch, members, *shape).mean(1),
-                              x0=x0.reshape(batch, members, *shape).mean(1)))
+            # every particle is checked; the callback sees the ensemble means
+            self.step_done(i, sigma, x.reshape(batch, members, *shape).mean(1),
+                           x0.reshape(batch, members, *shape).mean(1), callback, check=x)
         particles = x.reshape(batch, members, *shape)
         self.last_particles = particles.transpose(0, 1).contiguous()
         return particles.mean(1)

@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 
 from ..priors.base import DiffusionPrior
-from ._steps import project_measurements, randn_like
-from .dps import DPS
+from .steps import project_measurements, randn_like
+from .dps import DPS, DPSRun
 
 __all__ = ["MCG"]
 
@@ -109,16 +109,16 @@ class MCG(DPS):
         self.projection_tol = float(projection_tol)
         self.relax_scale = float(relax_scale)
 
-    def _setup(self, y: Tensor, physics) -> dict:
-        state = super()._setup(y, physics)
-        state["noisy"] = self.relax and bool(torch.as_tensor(state["noise_var"]).max() > 0)
-        return state
+    def _setup(self, y: Tensor, physics) -> DPSRun:
+        run = super()._setup(y, physics)
+        run.noisy = self.relax and bool(torch.as_tensor(run.noise_var).max() > 0)
+        return run
 
-    def _correct(self, x: Tensor, i: int, y: Tensor, physics, state: dict, generator) -> Tensor:
+    def _correct(self, x: Tensor, i: int, y: Tensor, physics, run: DPSRun, generator) -> Tensor:
         """Step 3: project onto ``{A x = y + sigma_{i+1} A eps}`` (relaxed when the data are noisy)."""
         sigma_next = float(self.sigmas[i + 1])
-        if state["noisy"] and sigma_next == 0:  # the last step is not projected onto noisy data
+        if run.noisy and sigma_next == 0:  # the last step is not projected onto noisy data
             return x
         y_t = y + sigma_next * physics.A(randn_like(x, generator)) if sigma_next > 0 else y
-        weight = self.relax_scale * sigma_next**2 / state["noise_var"] if state["noisy"] else None
+        weight = self.relax_scale * sigma_next**2 / run.noise_var if run.noisy else None
         return project_measurements(physics, x, y_t, weight, self.projection_iterations, self.projection_tol)

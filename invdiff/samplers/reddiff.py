@@ -14,9 +14,8 @@ import torch
 from torch import Tensor
 
 from ..priors.base import DiffusionPrior
-from ._steps import gaussian_noise_std, initial_estimate, per_image, randn_like
+from .steps import gaussian_noise_std, initial_estimate, make_sigmas, per_image, randn_like
 from .base import Sampler
-from .dps import make_sigmas
 
 __all__ = ["REDDiff", "snr_weight"]
 
@@ -227,9 +226,6 @@ class REDDiff(Sampler):
             grad_data = physics.A_vjp(mu.detach(), residual).real.to(dtype)
             mu.grad = w_t * (eps_hat - eps) + data_weight * grad_data
             optimizer.step()  # Alg. 1 line 5
-            self.check_finite(mu, i, sigma)
-            self._info.steps += 1
-            if callback is not None:
-                callback(dict(i=i, sigma=sigma, x=mu.detach(), x0=x0))
+            self.step_done(i, sigma, mu.detach(), x0, callback)
         out = mu.detach()
         return out.clamp(*self.clip) if self.clip is not None else out

@@ -9,6 +9,7 @@ Hard Data Consistency", ICLR 2024 (arXiv:2307.08123); official code soominkwon/r
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -17,18 +18,20 @@ from torch import Tensor
 
 from ..priors.base import DiffusionPrior
 from ..priors.latent import IdentityAutoencoder, LatentDiffusionPrior
-from ._steps import (
+from .steps import (
     LIKELIHOODS,
+    GaussianGuidance,
+    ancestral_std,
     cgls,
-    conjugate_gradient,
     ddim_step,
+    denoiser_error_variance,
     guidance_gradient,
     likelihood_variance,
+    make_sigmas,
     operator_norm_squared,
     randn_like,
 )
 from .base import Sampler
-from .dps import make_sigmas
 
 __all__ = ["ReSample", "stochastic_resample", "resample_gamma"]
 
@@ -61,7 +64,17 @@ def resample_gamma(sigma: float, sigma_next: float, scale: float = 40.0) -> floa
 
     40 times the variance of the ancestral (DDPM posterior) step.
     """
-    return scale * sigma_next**2 * (1 - sigma_next**2 / sigma**2)
+    return scale * ancestral_std(sigma, sigma_next) ** 2
+
+
+@dataclass
+class ReSampleRun:
+    """The per-run state of ReSample: the operator norm, the decoder's Jacobian norm (computed
+    at the first denoised latent unless given) and the shared Gaussian guidance."""
+
+    norm_a: float
+    decoder_norm: float | None
+    guidance: GaussianGuidance
 
 
 class ReSample(Sampler):
@@ -282,15 +295,17 @@ class ReSample(Sampler):
         norm_a = self.operator_norm
         if norm_a is None:
             norm_a = operator_norm_squared(physics, self.prior.image_shape, device=y.device, dtype=dtype)
-        state = dict(noise_var=noise_var, norm_a=norm_a, decoder_norm=self.decoder_norm)
-        z = sigmas[0] * randn_like(y.new_zeros((y.shape[0], *self.prior.latent_shape), dtype=dtype), generator)
-        if x_init is not None:
-            z = z + self.prior.encode(x_init.to(dtype)).detach()
+        cg = self.cg_iterations > 0 and isinstance(physics, LinearPhysics)
+        run = ReSampleRun(norm_a=norm_a, decoder_norm=self.decoder_norm,
+                          guidance=GaussianGuidance(physics, noise_var, None if cg else norm_a, self.cg_iterations,
+                                                    self.cg_tol))
+        z_init = None if x_init is None else self.prior.encode(x_init.to(dtype)).detach()
+        z = self.initial_noise((y.shape[0], *self.prior.latent_shape), sigmas[0], z_init, generator, y)
         for i in self.progress(range(n)):
             sigma, sigma_next = sigmas[i], sigmas[i + 1]
             index = n - 1 - i  # the official code's step index, counting down to 0
             # Alg. 1 lines 3-5: DDIM step (eta 0) with the latent DPS correction
-            z0, step = self._latent_dps(z, i, y, physics, state)
+            z0, step = self._latent_dps(z, i, y, physics, run)
             z_next = ddim_step(z, z0, sigma, sigma_next, 0.0, None) - step
             # Alg. 1 lines 6-11: hard data consistency and stochastic resampling
             if sigma_next > 0 and 0 < index <= n - split and index % self.consistency_every == 0:
@@ -305,10 +320,7 @@ class ReSample(Sampler):
                 gamma = resample_gamma(sigma, sigma_next, self.gamma_scale)
                 z_next = stochastic_resample(z0_y, z_next, sigma_next, gamma, randn_like(z_next, generator))
             z = z_next
-            self.check_finite(z, i, sigma)
-            self._info.steps += 1
-            if callback is not None:
-                callback(dict(i=i, sigma=sigma, x=z, x0=z0))
+            self.step_done(i, sigma, z, z0, callback)
         if self.final_consistency:  # official: one more latent optimisation from z_N
             z = self._latent_consistency(z, y, physics, threshold)
             self.check_finite(z, n - 1, sigmas[-2])
@@ -316,7 +328,7 @@ class ReSample(Sampler):
         return x.clamp(*self.clip) if self.clip is not None else x
 
     # --- the pieces ---------------------------------------------------------------------------
-    def _latent_dps(self, z: Tensor, i: int, y: Tensor, physics, state: dict) -> tuple[Tensor, Tensor]:
+    def _latent_dps(self, z: Tensor, i: int, y: Tensor, physics, run: "ReSampleRun") -> tuple[Tensor, Tensor]:
         """``(z0_hat, zeta_i * grad)``: the latent DPS correction, one backward pass through the network."""
         sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
         held: list[Tensor] = []
@@ -327,24 +339,15 @@ class ReSample(Sampler):
 
         if self.weighting == "paper":  # the official rule: 0.5 abar_t grad_z ||y - A(D(z0))|| (see above)
             _, grad, _ = guidance_gradient(denoise_decode, z, sigma, y, physics, "norm", None, None)
-            scale = math.sqrt((1 + sigma_next**2) / (1 + sigma**2)) / math.sqrt(state["norm_a"])
+            scale = math.sqrt((1 + sigma_next**2) / (1 + sigma**2)) / math.sqrt(run.norm_a)
             return held[-1].detach(), self.zeta * scale * grad
-        sd2 = self.prior.latent.sigma_data**2
-        r2 = sigma**2 * sd2 / (sigma**2 + sd2)  # variance of the latent denoiser's error
+        r2 = denoiser_error_variance(sigma, self.prior.latent.sigma_data)  # of the latent denoiser
 
         def precision(r: Tensor) -> Tensor:  # (s^2 I + r_i^2 ||J_D||^2 A A^T)^{-1} r, J_D at the first z0
-            if state["decoder_norm"] is None:
-                state["decoder_norm"] = self._decoder_norm_squared(held[-1].detach())
-            r2x, nv = r2 * state["decoder_norm"], state["noise_var"]
-            if self.cg_iterations == 0 or not isinstance(physics, LinearPhysics):
-                return r / (nv + r2x * state["norm_a"])
-
-            def apply(v: Tensor) -> Tensor:
-                return nv * v + r2x * physics.A(physics.A_adjoint(v))
-
-            state["warm"] = conjugate_gradient(apply, r, x0=state.get("warm"), iterations=self.cg_iterations,
-                                               tol=self.cg_tol)
-            return state["warm"]
+            if run.decoder_norm is None:
+                run.decoder_norm = self._decoder_norm_squared(held[-1].detach())
+            weight = run.guidance.precision(r2 * run.decoder_norm)
+            return weight(r) if callable(weight) else r * weight
 
         _, grad, _ = guidance_gradient(denoise_decode, z, sigma, y, physics, "squared", precision, None)
         return held[-1].detach(), self.zeta * (sigma**2 - sigma_next**2) * grad

@@ -8,7 +8,6 @@ blt2114/twisted_diffusion_sampler (``image_exp/image_diffusion/feynman_kac_image
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -17,17 +16,19 @@ from deepinv.physics import LinearPhysics
 from torch import Tensor
 
 from ..priors.base import DiffusionPrior
-from ._steps import (
+from .steps import (
     LIKELIHOODS,
-    conjugate_gradient,
+    GaussianGuidance,
+    ancestral_std,
+    denoiser_error_variance,
     effective_sample_size,
     guidance_gradient,
     likelihood_variance,
+    make_sigmas,
     operator_norm_squared,
     systematic_resample,
 )
 from .base import Sampler
-from .dps import make_sigmas
 
 __all__ = ["SMC", "WeightedParticles"]
 
@@ -276,18 +277,18 @@ class SMC(Sampler):
                 resampled += 1
             if sigma_next > 0:
                 # Alg. 1 line 5: twisted proposal, the ancestral step from the twisted x0 estimate
-                c2 = sigma_next**2 * (1 - sigma_next**2 / sigma**2)
+                c = ancestral_std(sigma, sigma_next)
                 x0_twisted = x0 + sigma**2 * grad
                 if self.clip is not None:
                     x0_twisted = x0_twisted.clamp(*self.clip)
                 mean_prior = x0 + (sigma_next**2 / sigma**2) * (x - x0)
                 mean_twisted = x0_twisted + (sigma_next**2 / sigma**2) * (x - x0_twisted)
                 z = self._randn((k, b, *self.prior.image_shape), dtype, y.device, generator).reshape(x.shape)
-                x_new = mean_twisted + math.sqrt(c2) * z
+                x_new = mean_twisted + c * z
                 # log p(x_new | x) - log q(x_new | x) for x_new = mean_twisted + c z, d = mean_twisted - mean_prior:
                 # (|c z|^2 - |c z + d|^2) / (2 c^2), written without the cancellation
                 d = mean_twisted - mean_prior
-                log_kernel = -_sqnorm(z * d, squared=False) / math.sqrt(c2) - _sqnorm(d) / (2 * c2)
+                log_kernel = -_sqnorm(z * d, squared=False) / c - _sqnorm(d) / (2 * c**2)
                 self.check_finite(x_new, i, sigma)
                 # Alg. 1 lines 6-7: the next twist (one network call) and the incremental weight
                 x0_new, grad, log_twist_new = twist(x_new, sigma_next)
@@ -301,10 +302,7 @@ class SMC(Sampler):
                 x0_new = x_new
             log_w = log_w + (log_twist_new - log_twist + log_kernel).reshape(k, b)
             x, x0, log_twist = x_new, x0_new, log_twist_new
-            self.check_finite(log_w, i, sigma)
-            self._info.steps += 1
-            if callback is not None:
-                callback(dict(i=i, sigma=sigma, x=x, x0=x0, log_weights=log_w))
+            self.step_done(i, sigma, x, x0, callback, check=log_w, log_weights=log_w)
 
         log_w = log_w - torch.logsumexp(log_w, 0, keepdim=True)
         particles = x.reshape(k, b, *self.prior.image_shape)
@@ -357,12 +355,11 @@ class _Twist:
 
     def __init__(self, sampler: SMC, physics, y: Tensor, noise_var, norm_a: float | None) -> None:
         self.sampler, self.physics, self.y, self.noise_var, self.norm_a = sampler, physics, y, noise_var, norm_a
-        self.sd2 = sampler.prior.sigma_data**2
 
     def _error_variance(self, sigma: float) -> float:
         if self.sampler.twist == "tds":
             return sigma**2
-        return sigma**2 * self.sd2 / (sigma**2 + self.sd2)
+        return denoiser_error_variance(sigma, self.sampler.prior.sigma_data)
 
     def __call__(self, x: Tensor, sigma: float) -> tuple[Tensor, Tensor, Tensor]:
         size = self.sampler.max_batch or x.shape[0]
@@ -372,24 +369,17 @@ class _Twist:
     def _chunk(self, x: Tensor, sigma: float, rows: slice) -> tuple[Tensor, Tensor, Tensor]:
         y = self.y[rows]
         nv = self.noise_var[rows] if isinstance(self.noise_var, Tensor) else self.noise_var
-        r2 = self._error_variance(sigma)
+        guidance = GaussianGuidance(self.physics, nv, self.norm_a, self.sampler.cg_iterations, self.sampler.cg_tol,
+                                    warm_start=False)
+        precision = guidance.precision(self._error_variance(sigma))
         quad: list[Tensor] = []
+
+        def solve(r: Tensor) -> Tensor:  # Sigma^{-1} r, and the quadratic form r^T Sigma^{-1} r on the way
+            wr = precision(r) if callable(precision) else r * precision
+            quad.append(_sqnorm((r.conj() * wr).real, squared=False))
+            return wr
+
         physics = self.physics
-
-        if self.norm_a is not None:
-            def solve(r: Tensor) -> Tensor:
-                wr = r / (nv + r2 * self.norm_a)
-                quad.append(_sqnorm((r.conj() * wr).real, squared=False))
-                return wr
-        else:
-            def solve(r: Tensor) -> Tensor:
-                def apply(v: Tensor) -> Tensor:
-                    return nv * v + r2 * physics.A(physics.A_adjoint(v))
-
-                wr = conjugate_gradient(apply, r, iterations=self.sampler.cg_iterations, tol=self.sampler.cg_tol)
-                quad.append(_sqnorm((r.conj() * wr).real, squared=False))
-                return wr
-
         # grad of the misfit 1/2 r^T Sigma^{-1} r through the denoiser; log p~ = -misfit
         x0, grad, _ = guidance_gradient(self.sampler.denoise, x, sigma, y, physics, "squared", solve, None)
         return x0, -grad, -0.5 * quad[0]

@@ -1,0 +1,50 @@
+"""The prior's update from one noise level to the next, in VE form.
+
+* :func:`ancestral_std` — the std of the DDPM posterior step, the one formula behind DDIM's
+  ``eta``, DDS's re-noising, SMC's proposal and ReSample's resampling variance;
+* :func:`ddim_step` — the DDIM / ancestral update (Song et al. 2021, eq. 12).
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor
+
+__all__ = ["ancestral_std", "ddim_step"]
+
+
+def ancestral_std(sigma: float, sigma_next: float) -> float:
+    """Std of the ancestral (DDPM posterior) step :math:`q(x_{i+1} \\mid x_i, x_0)` from
+    ``sigma`` to ``sigma_next`` in VE form:
+
+    .. math:: c = \\sigma_{i+1} \\sqrt{1 - \\sigma_{i+1}^2 / \\sigma_i^2}.
+    """
+    return sigma_next * math.sqrt(max(0.0, 1 - sigma_next**2 / sigma**2))
+
+
+def ddim_step(x: Tensor, x0: Tensor, sigma: float, sigma_next: float, eta: float, noise: Tensor | None,
+              eps: Tensor | None = None) -> Tensor:
+    """One DDIM step from noise level ``sigma`` to ``sigma_next`` in VE form (Song et al. 2021, eq. 12).
+
+    .. math::
+
+        c = \\eta\\, \\sigma_{i+1} \\sqrt{1 - \\sigma_{i+1}^2 / \\sigma_i^2}, \\qquad
+        x_{i+1} = \\hat x_0 + \\sqrt{\\sigma_{i+1}^2 - c^2}\\, \\frac{x_i - \\hat x_0}{\\sigma_i} + c\\, z.
+
+    ``eta = 1`` is the ancestral DDPM step (the posterior ``q(x_{i+1} | x_i, x0)``),
+    ``eta = 0`` the deterministic DDIM / probability-flow step; ``sigma_next = 0`` returns ``x0``.
+    ``eps`` replaces the noise direction :math:`(x_i - \\hat x_0) / \\sigma_i` when given.
+    """
+    if sigma_next <= 0:
+        return x0
+    c = eta * ancestral_std(sigma, sigma_next)
+    if eps is None:
+        out = x0 + math.sqrt(max(0.0, sigma_next**2 - c**2)) / sigma * (x - x0)
+    else:  # a noise estimate of its own (DDS keeps the network's eps beside a corrected x0)
+        out = x0 + math.sqrt(max(0.0, sigma_next**2 - c**2)) * eps
+    if c > 0:
+        if noise is None:
+            raise ValueError("ddim_step needs noise when eta > 0")
+        out = out + c * noise
+    return out
