@@ -14,12 +14,12 @@ the best any sampler can do on average.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from .files import atomic_file, atomic_write
 
 __all__ = ["run_demo", "run_analytic_demo", "DEMO_TASKS", "ANALYTIC_TASKS", "DEMO_OVERRIDES", "prior_for_task"]
 
@@ -43,14 +43,8 @@ def _metrics(x_hat: torch.Tensor, x: torch.Tensor) -> tuple[float, float]:
 
 
 def _save_png_atomic(fig, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path, overwrite=True) as tmp:
         fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def run_analytic_demo(
@@ -283,10 +277,6 @@ def run_demo(
     fig.tight_layout()
     _save_png_atomic(fig, out / "demo.png")
     plt.close(fig)
-    md = out / "demo.md"
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".demo.md.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(table + "\n")
-    os.replace(tmp, md)
+    md = atomic_write(out / "demo.md", table + "\n", fsync=False)
     print(f"wrote {out / 'demo.png'} and {md}")
     return rows

@@ -17,10 +17,10 @@ import io
 import math
 import os
 import statistics
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..files import atomic_file, atomic_write
 from . import store
 from .grid import canonical_json
 
@@ -269,15 +269,11 @@ def write_grid(rows: Sequence[dict], folder: Path, path: Path, figure_images: in
             ax.set_ylabel("ground truth", fontsize=8)
     fig.suptitle(f"prior {prior}, seed {seed}", fontsize=8)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=".grid.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        with atomic_file(path, overwrite=True) as tmp:
+            fig.savefig(tmp, dpi=110)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 
@@ -289,8 +285,8 @@ def write_report(rows: Sequence[dict], out: str | os.PathLike, folder: str | os.
     out.mkdir(parents=True, exist_ok=True)
     folder = Path(folder) if folder is not None else out
     stats = summarize(rows)
-    store.atomic_write(out / "summary.md", summary_markdown(stats, rows))
-    store.atomic_write(out / "summary.csv", summary_csv(stats))
+    atomic_write(out / "summary.md", summary_markdown(stats, rows))
+    atomic_write(out / "summary.csv", summary_csv(stats))
     paths = {"summary.md": out / "summary.md", "summary.csv": out / "summary.csv"}
     grid = write_grid(rows, folder, out / "grid.png", figure_images)
     if grid is not None:

@@ -43,7 +43,9 @@ import torch
 from deepinv.models import Reconstructor
 from torch import Tensor
 
+from ..files import atomic_file
 from . import store
+from .baseline import bench_sampler_class
 from .grid import (
     Cell,
     SamplerSpec,
@@ -56,7 +58,6 @@ from .grid import (
     task_specs,
     tensor_hash,
 )
-from .baseline import bench_sampler_class
 from .images import BenchImage, load_images
 from .metrics import image_metrics
 
@@ -324,14 +325,9 @@ def _save_recon(out: Path, cell: Cell, x_hat: Tensor, x: Tensor) -> str:
     folder = out / "recon"
     folder.mkdir(exist_ok=True)
     path = folder / f"{cell.cell_id}.safetensors"
-    tmp = folder / f".{cell.cell_id}.{os.getpid()}.tmp"
-    try:
+    with atomic_file(path, overwrite=True) as tmp:
         save_file({"x_hat": x_hat.detach().cpu().float().contiguous(), "x": x.detach().cpu().float().contiguous()},
                   str(tmp), metadata={"cell_id": cell.cell_id})
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return f"recon/{path.name}"
 
 

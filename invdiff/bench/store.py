@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
+
+from ..files import atomic_write
 
 __all__ = [
     "RESULTS",
@@ -37,7 +38,6 @@ __all__ = [
     "rank_files",
     "rank_file",
     "merge",
-    "atomic_write",
     "count_lines",
 ]
 
@@ -122,21 +122,6 @@ def load_results(path: str | os.PathLike) -> list[dict]:
         raise FileNotFoundError(f"no results file or benchmark folder at {path.resolve()}")
     rows = [row for f in files for row in read_rows(f)]
     return dedupe(rows)
-
-
-def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def merge(out: Path, order: Sequence[str] | None = None) -> list[dict]:

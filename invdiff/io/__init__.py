@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ._atomic import atomic_dir, atomic_file, check_new_path
+from ..files import atomic_dir, atomic_file, check_new_path
 from .dicom import headers_from_json, headers_to_json, is_dicom_file, read_dicom, write_dicom_series
 from .fastmri import KSpaceData, estimate_coil_maps, read_fastmri, write_fastmri
 from .images import IMAGE_SUFFIXES, read_image, write_image, write_png

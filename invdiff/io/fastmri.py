@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._atomic import atomic_file
+from ..files import atomic_file
 
 __all__ = ["KSpaceData", "read_fastmri", "write_fastmri", "estimate_coil_maps", "acs_columns", "is_fastmri_file"]
 

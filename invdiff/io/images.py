@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._atomic import atomic_file
+from ..files import atomic_file
 from .stack import ImageStack
 
 __all__ = ["IMAGE_SUFFIXES", "read_image", "write_image", "write_png"]

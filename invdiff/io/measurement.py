@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._atomic import atomic_file
+from ..files import atomic_file
 from .intensity import ValueMap
 
 __all__ = ["Measurement", "save_measurement", "load_measurement", "FORMAT", "ACQUIRED_MRI"]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._atomic import atomic_file
+from ..files import atomic_file
 from .stack import ImageStack
 
 __all__ = ["NIFTI_SUFFIXES", "read_nifti", "write_nifti", "resampled_affine"]

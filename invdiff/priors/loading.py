@@ -24,7 +24,6 @@ import json
 import os
 import pickle
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -32,6 +31,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor, nn
 
+from ..files import atomic_file
 from .adm import ADMConfig, ADMPrior, GuidedDiffusionUNet
 from .base import DiffusionPrior
 
@@ -491,23 +491,9 @@ def save(prior: DiffusionPrior, path: str | os.PathLike, card: Mapping[str, Any]
         "card": json.dumps(dict(card or {})),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; a weights file is world-readable like any other
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_file(path, overwrite=True) as tmp:  # a weights file is world-readable like any other
+        save_file(tensors, str(tmp), metadata=metadata)
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def model_card(name_or_path: str | os.PathLike) -> dict[str, Any]:

@@ -10,13 +10,13 @@ from .base import PosteriorSamples, RunInfo, Sampler, SamplerDivergedError
 from .daps import DAPS
 from .dds import DDS
 from .diffpir import DiffPIR
-from .enkg import EnKG
 from .dps import DPS
-from .steps import make_sigmas
+from .enkg import EnKG
 from .mcg import MCG
 from .reddiff import REDDiff
 from .resample import ReSample
 from .smc import SMC, WeightedParticles
+from .steps import make_sigmas
 
 _REGISTRY: dict[str, type[Sampler]] = {"dps": DPS, "dds": DDS, "diffpir": DiffPIR, "reddiff": REDDiff, "daps": DAPS,
                                      "smc": SMC, "resample": ReSample, "mcg": MCG, "enkg": EnKG}

@@ -12,8 +12,14 @@ from typing import Callable
 from torch import Tensor
 
 from ..priors.base import DiffusionPrior
-from .steps import gaussian_noise_std, karras_sigmas, operator_norm_squared, per_image, randn_like
 from .base import Sampler
+from .steps import (
+    gaussian_noise_std,
+    karras_sigmas,
+    operator_norm_squared,
+    per_image,
+    randn_like,
+)
 
 __all__ = ["DAPS", "ode_x0"]
 

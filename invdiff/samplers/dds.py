@@ -11,9 +11,16 @@ from typing import Callable
 from torch import Tensor
 
 from ..priors.base import DiffusionPrior
-from .steps import (ddim_step, denoiser_error_variance, gaussian_noise_std, make_sigmas, per_image,
-                    proximal_least_squares, randn_like)
 from .base import Sampler
+from .steps import (
+    ddim_step,
+    denoiser_error_variance,
+    gaussian_noise_std,
+    make_sigmas,
+    per_image,
+    proximal_least_squares,
+    randn_like,
+)
 
 __all__ = ["DDS"]
 

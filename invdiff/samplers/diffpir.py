@@ -15,8 +15,15 @@ from deepinv.physics import DecomposablePhysics, Downsampling
 from torch import Tensor
 
 from ..priors.base import DiffusionPrior
-from .steps import ddpm_sigmas, gaussian_noise_std, make_sigmas, per_image, proximal_least_squares, randn_like
 from .base import Sampler
+from .steps import (
+    ddpm_sigmas,
+    gaussian_noise_std,
+    make_sigmas,
+    per_image,
+    proximal_least_squares,
+    randn_like,
+)
 
 __all__ = ["DiffPIR", "quad_sigmas", "has_closed_form_prox"]
 

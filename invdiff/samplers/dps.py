@@ -14,19 +14,19 @@ from deepinv.physics import LinearPhysics
 from torch import Tensor
 
 from ..priors.base import DiffusionPrior
+from .base import Sampler
 from .steps import (
     LIKELIHOODS,
     GaussianGuidance,
-    denoiser_error_variance,
     ddim_step,
     ddpm_timestep,
+    denoiser_error_variance,
     guidance_gradient,
     likelihood_variance,
     make_sigmas,
     operator_norm_squared,
     randn_like,
 )
-from .base import Sampler
 
 __all__ = ["DPS"]
 

@@ -13,8 +13,14 @@ import torch
 from torch import Tensor
 
 from ..priors.base import DiffusionPrior
-from .steps import ddim_step, denoiser_error_variance, likelihood_variance, make_sigmas, randn_like
 from .base import PosteriorSamples, Sampler
+from .steps import (
+    ddim_step,
+    denoiser_error_variance,
+    likelihood_variance,
+    make_sigmas,
+    randn_like,
+)
 
 __all__ = ["EnKG", "ensemble_kalman_coefficients"]
 

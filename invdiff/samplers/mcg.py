@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 
 from ..priors.base import DiffusionPrior
-from .steps import project_measurements, randn_like
 from .dps import DPS, DPSRun
+from .steps import project_measurements, randn_like
 
 __all__ = ["MCG"]
 

@@ -14,8 +14,14 @@ import torch
 from torch import Tensor
 
 from ..priors.base import DiffusionPrior
-from .steps import gaussian_noise_std, initial_estimate, make_sigmas, per_image, randn_like
 from .base import Sampler
+from .steps import (
+    gaussian_noise_std,
+    initial_estimate,
+    make_sigmas,
+    per_image,
+    randn_like,
+)
 
 __all__ = ["REDDiff", "snr_weight"]
 

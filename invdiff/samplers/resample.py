@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ..priors.base import DiffusionPrior
 from ..priors.latent import IdentityAutoencoder, LatentDiffusionPrior
+from .base import Sampler
 from .steps import (
     LIKELIHOODS,
     GaussianGuidance,
@@ -31,7 +32,6 @@ from .steps import (
     operator_norm_squared,
     randn_like,
 )
-from .base import Sampler
 
 __all__ = ["ReSample", "stochastic_resample", "resample_gamma"]
 

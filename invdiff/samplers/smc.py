@@ -16,6 +16,7 @@ from deepinv.physics import LinearPhysics
 from torch import Tensor
 
 from ..priors.base import DiffusionPrior
+from .base import Sampler
 from .steps import (
     LIKELIHOODS,
     GaussianGuidance,
@@ -28,7 +29,6 @@ from .steps import (
     operator_norm_squared,
     systematic_resample,
 )
-from .base import Sampler
 
 __all__ = ["SMC", "WeightedParticles"]
 

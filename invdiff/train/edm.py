@@ -32,7 +32,6 @@ import math
 import os
 import shlex
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..files import atomic_file, atomic_write
 from ..priors.adm import GuidedDiffusionUNet
 from ..priors.edm import EDMPrior, small_unet_config
 from ..priors.loading import save
@@ -193,15 +193,8 @@ def _augment(x: Tensor, config: TrainConfig, g: torch.Generator) -> Tensor:
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_file(path, overwrite=True) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _load_checkpoint(path: Path) -> dict[str, Any]:
@@ -435,10 +428,4 @@ def _write_markdown(card: dict[str, Any], path: Path) -> None:
         if key in card:
             lines.append(f"| {key} | {card[key]} |")
     lines += ["", "Reproduce with:", "", "```", card["command"], "```", ""]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write("\n".join(lines))
-    from ..priors.loading import _umask
-
-    os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, path)
+    atomic_write(path, "\n".join(lines), fsync=False)

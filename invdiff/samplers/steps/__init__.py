@@ -13,10 +13,22 @@ All samplers work in the variance-exploding (VE) parametrisation of the prior co
 """
 
 from .guidance import GaussianGuidance, batch_norm, guidance_gradient
-from .likelihood import (LIKELIHOODS, denoiser_error_variance, gaussian_noise_std, likelihood_variance,
-                         measurement_noise, per_image)
-from .linalg import (cgls, conjugate_gradient, initial_estimate, operator_norm_squared, project_measurements,
-                     proximal_least_squares)
+from .likelihood import (
+                         LIKELIHOODS,
+                         denoiser_error_variance,
+                         gaussian_noise_std,
+                         likelihood_variance,
+                         measurement_noise,
+                         per_image,
+)
+from .linalg import (
+                         cgls,
+                         conjugate_gradient,
+                         initial_estimate,
+                         operator_norm_squared,
+                         project_measurements,
+                         proximal_least_squares,
+)
 from .particles import effective_sample_size, systematic_resample
 from .randomness import randn_like
 from .schedules import ddpm_sigmas, ddpm_timestep, karras_sigmas, make_sigmas

@@ -11,7 +11,6 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-
 __all__ = ["conjugate_gradient", "cgls", "proximal_least_squares", "project_measurements", "operator_norm_squared", "initial_estimate"]
 
 

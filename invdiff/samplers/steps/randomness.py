@@ -8,7 +8,6 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-
 __all__ = ["randn_like"]
 
 

@@ -1,9 +1,12 @@
-"""Write-then-rename helpers: nothing half-written is ever left at the final path.
+"""Write-then-rename: nothing half-written is ever left at the final path. The one
+implementation every writer of invdiff uses (measurement files, DICOM / NIfTI / PNG
+outputs, weights, training checkpoints, benchmark results, figures).
 
 A file is written to a hidden temporary file in the *same* folder and moved into place
 with :func:`os.replace` (atomic on POSIX and Windows within one file system); a folder is
 built under a hidden temporary name next to its final place and renamed when complete.
-On any error the temporary is removed and the final path is untouched.
+On any error the temporary is removed and the final path is untouched. This module is at
+the bottom of the layers: it imports nothing from invdiff.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_file", "atomic_dir", "check_new_path"]
+__all__ = ["atomic_file", "atomic_write", "atomic_dir", "check_new_path", "umask"]
 
 
 def check_new_path(path: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -32,7 +35,8 @@ def check_new_path(path: str | os.PathLike, overwrite: bool = False) -> Path:
     return path
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process's file-creation mask (read without changing it)."""
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
@@ -44,8 +48,12 @@ def _tmp_name(final: Path) -> str:
 
 
 @contextmanager
-def atomic_file(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success move it to ``path``.
+def atomic_file(path: str | os.PathLike, overwrite: bool = False, fsync: bool = False) -> Iterator[Path]:
+    """Yield a temporary path next to ``path`` (same suffixes); on success move it to ``path``.
+
+    :param overwrite: replace an existing ``path`` (else :func:`check_new_path` refuses it).
+    :param fsync: flush the file to disk before the rename (results that must survive a
+        power cut, e.g. the benchmark's result lines).
 
     >>> import tempfile, pathlib
     >>> with tempfile.TemporaryDirectory() as folder:
@@ -59,13 +67,23 @@ def atomic_file(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     fd, name = tempfile.mkstemp(prefix=_tmp_name(final), suffix="".join(final.suffixes), dir=final.parent)
     os.close(fd)
     tmp = Path(name)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it the usual mode
+    os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes it private; give it the usual mode
     try:
         yield tmp
+        if fsync:
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str, overwrite: bool = True, fsync: bool = True) -> Path:
+    """Write ``data`` (text as UTF-8) to ``path`` through :func:`atomic_file`; returns ``path``."""
+    with atomic_file(path, overwrite=overwrite, fsync=fsync) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    return Path(path)
 
 
 @contextmanager
@@ -77,7 +95,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     """
     final = check_new_path(path, overwrite)
     tmp = Path(tempfile.mkdtemp(prefix=_tmp_name(final), dir=final.parent))
-    os.chmod(tmp, 0o777 & ~_umask())
+    os.chmod(tmp, 0o777 & ~umask())
     try:
         yield tmp
         if final.exists():
