@@ -32,7 +32,7 @@ from pydicom.uid import generate_uid
 
 from invdiff import priors
 from invdiff.io import read_dicom
-from invdiff.workflows import reconstruct, simulate, write_reconstruction
+from invdiff.apps.workflows import reconstruct, simulate, write_reconstruction
 
 torch.set_num_threads(2)
 

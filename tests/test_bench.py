@@ -165,7 +165,7 @@ def test_two_process_gloo_run_equals_one_process_run(full, tmp_path):
     out = tmp_path / "dist"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "invdiff", "bench", "--tasks", TASKS, "--samplers", SAMPLERS, "--prior", PRIOR,
-           "--images", "2", "--steps", str(STEPS), "--out", str(out), "--no-progress"]
+           "--images", "2", "--steps", str(STEPS), "--out", str(out), "-q"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -215,7 +215,7 @@ def test_toml_config_cli_and_report(tmp_path, capsys):
         '[[samplers]]\nname = "reddiff"\nlam = 0.1\n'
         '[[samplers]]\nname = "dds"\nsteps = 6\n'
     )
-    assert main(["bench", "--config", str(config), "--no-progress"]) == 0
+    assert main(["bench", "--config", str(config), "-q"]) == 0
     out = tmp_path / "res"
     rows = store.read_rows(out / "results.jsonl")
     assert {r["sampler"] for r in rows} == {"reddiff:lam=0.1", "dds:steps=6"}
@@ -240,7 +240,7 @@ def test_toml_config_cli_and_report(tmp_path, capsys):
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, argv, message):
     out = tmp_path / "never"
-    argv = ["bench", *argv, "--out", str(out), "--no-progress"]
+    argv = ["bench", *argv, "--out", str(out), "-q"]
     if "--prior" not in argv:
         argv += ["--prior", PRIOR]
     assert main(argv) == 1

@@ -3,7 +3,7 @@ from pathlib import Path
 import sys
 
 from invdiff.cli import main
-from invdiff.demo import run_analytic_demo
+from invdiff.apps.demo import run_analytic_demo
 
 
 def test_list_prints_operators_samplers_priors(capsys):
@@ -62,7 +62,7 @@ def test_shipped_priors_are_listed_loadable_and_small(capsys):
 
 
 def test_demo_on_shipped_priors_beats_the_baselines(tmp_path):
-    from invdiff.demo import run_demo
+    from invdiff.apps.demo import run_demo
 
     rows = run_demo(out=tmp_path, images=2, samples=2, steps=30, sampler_names=("dps",))
     psnr = {(r["task"], r["sampler"]): r["psnr_ssim"][0] for r in rows}

@@ -8,7 +8,7 @@ import torch
 from invdiff.io import estimate_coil_maps, read_fastmri, write_fastmri
 from invdiff.io.fastmri import acs_columns
 from invdiff.operators import birdcage_coil_maps, cartesian_mask
-from invdiff.workflows import fastmri_measurement
+from invdiff.apps.workflows import fastmri_measurement
 
 
 def fft2c(x):

@@ -12,7 +12,7 @@ from pydicom.data import get_testdata_file
 from invdiff import operators
 from invdiff.io import load_measurement, read, save_measurement, write_fastmri
 from invdiff.operators import birdcage_coil_maps
-from invdiff.workflows import simulate
+from invdiff.apps.workflows import simulate
 
 CT_SERIES = Path(get_testdata_file("CT_small.dcm")).parent / "dicomdirtests" / "98892001" / "CT5N"
 

@@ -4,7 +4,7 @@ Each sampler is built with ``samplers.make(name, prior, steps=...)`` (every samp
 ``steps``). The prior is wrapped so the test counts the real network calls and compares them
 with ``last_run``; a prior that starts returning NaN checks the divergence guard.
 
-The kind of prior comes from the sampler class's ``prior_kind`` (``"pixel"`` when absent): a
+The kind of prior comes from the sampler class's ``prior_kind`` (``"pixel"`` by default): a
 ``"latent"`` sampler (ReSample) gets a :class:`~invdiff.priors.LatentDiffusionPrior` with a linear
 2x-upsampling decoder over a Gaussian latent prior, and the counting wrapper sits on the latent
 prior, whose network calls are the ones ``nfe`` counts.
@@ -54,7 +54,7 @@ def latent_base():
 
 
 def _prior_kind(name: str) -> str:
-    return getattr(samplers.get(name), "prior_kind", "pixel")
+    return samplers.get(name).prior_kind
 
 
 def _counted(name, base_prior, latent_base, nan_below=None):
@@ -76,7 +76,7 @@ def _make(name, prior):
 
 
 def _nonlinear_ok(sampler) -> bool:
-    return getattr(sampler, "supports_nonlinear", True)
+    return sampler.supports_nonlinear
 
 
 @pytest.mark.parametrize("task", LINEAR_TASKS + ["phase-retrieval"])

@@ -14,7 +14,7 @@ from pydicom.data import get_testdata_file
 from invdiff.cli import main
 from invdiff.io import load_measurement, read, read_dicom, write_fastmri, write_image
 from invdiff.priors import ADMConfig, ADMPrior, GuidedDiffusionUNet, save
-from invdiff.workflows import load_prior, reconstruct
+from invdiff.apps.workflows import load_prior, reconstruct
 
 DATA = Path(get_testdata_file("CT_small.dcm")).parent
 CT_SERIES = DATA / "dicomdirtests" / "98892001" / "CT5N"  # 5 real 16x16 CT slices
@@ -189,7 +189,7 @@ def test_errors_are_one_line_and_leave_nothing(prior_path, series_run, tmp_path,
 
 
 def test_failure_while_writing_leaves_no_partial_series(prior_path, tmp_path, monkeypatch, capsys):
-    import invdiff.workflows as wf
+    import invdiff.apps.workflows as wf
 
     real = wf.write_dicom_series
 
@@ -207,7 +207,7 @@ def test_failure_while_writing_leaves_no_partial_series(prior_path, tmp_path, mo
 
 
 def test_output_formats_map_values_exactly(tmp_path):
-    from invdiff.workflows import Reconstruction, simulate, write_reconstruction
+    from invdiff.apps.workflows import Reconstruction, simulate, write_reconstruction
 
     m, x = simulate(CT_SERIES, "ct-sparse-30", seed=0)
     g = torch.Generator().manual_seed(0)

@@ -43,16 +43,19 @@ import hashlib
 import inspect
 import json
 import os
-import re
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10: the same parser, as the tomli package
     import tomli as tomllib
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
+
+from ..specs import parse_spec
 
 __all__ = [
     "TaskSpec",
@@ -139,26 +142,6 @@ def split_list(text: str) -> list[str]:
         cur.append(ch)
     items.append("".join(cur).strip())
     return [i for i in items if i]
-
-
-def _literal(text: str) -> Any:
-    """A TOML literal (number, bool, string, array, inline table), or the text itself."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
-def parse_spec(text: str) -> tuple[str, dict]:
-    """``"name:key=value:key=value"`` -> ``(name, {key: value})`` (values as TOML literals)."""
-    parts = [p.strip() for p in re.split(r":(?=[A-Za-z_][A-Za-z_0-9]*=)", text.strip())]
-    name, overrides = parts[0], {}
-    if not name or "=" in name:
-        raise ValueError(f"bad specification {text!r}: expected NAME[:key=value...]")
-    for part in parts[1:]:
-        key, _, value = part.partition("=")
-        overrides[key.strip()] = _literal(value.strip())
-    return name, overrides
 
 
 def _label(name: str, overrides: Mapping[str, Any]) -> str:

@@ -218,7 +218,7 @@ def load_measurement(path: str | os.PathLike, check: bool = True) -> Measurement
         if fmt != FORMAT:
             if "kspace" in f:
                 raise ValueError(f"{path}: a fastMRI k-space file, not an invdiff measurement; "
-                                 "reconstruct it directly (invdiff.workflows.fastmri_measurement)")
+                                 "reconstruct it directly (invdiff.apps.workflows.fastmri_measurement)")
             raise ValueError(f"{path}: not an invdiff measurement file (invdiff_format {fmt!r}, expected {FORMAT!r})")
         if "y" not in f:
             raise ValueError(f"{path}: measurement file has no 'y' dataset")

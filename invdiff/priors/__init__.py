@@ -13,7 +13,8 @@ from .base import DiffusionPrior, as_sigma
 from .edm import EDMPrior, small_unet_config
 from .latent import (ConvAutoencoder, IdentityAutoencoder, LatentDiffusionPrior, LatentGaussianPosterior,
                      LinearAutoencoder)
-from .loading import PriorFamily, available, extract_state_dict, families, load, model_card, register_family, save
+from .loading import (PriorFamily, available, extract_state_dict, families, family_of, get_family, load, model_card,
+                      register_family, save)
 
 __all__ = [
     "DiffusionPrior",
@@ -39,6 +40,8 @@ __all__ = [
     "available",
     "model_card",
     "families",
+    "family_of",
+    "get_family",
     "register_family",
     "PriorFamily",
     "extract_state_dict",

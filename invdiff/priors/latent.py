@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from .analytic import GaussianMixturePosterior, GaussianMixturePrior, stationary_covariance
 from .base import DiffusionPrior
-from .loading import _FAMILIES, PriorFamily, _family, register_family
+from .loading import PriorFamily, families, family_of, get_family, register_family
 
 __all__ = [
     "LatentDiffusionPrior",
@@ -419,9 +419,9 @@ def _device_of(*modules: nn.Module) -> torch.device:
 
 
 def _latent_family_of(prior: DiffusionPrior) -> PriorFamily:
-    fam = next((f for f in _FAMILIES.values() if f.name != "latent" and isinstance(prior, f.prior_type)), None)
+    fam = family_of(prior, exclude=("latent",))
     if fam is None:
-        names = ", ".join(sorted(n for n in _FAMILIES if n != "latent"))
+        names = ", ".join(n for n in families() if n != "latent")
         raise ValueError(f"cannot save a latent prior of type {type(prior).__name__}: no registered family saves it "
                          f"(families: {names})")
     return fam
@@ -452,7 +452,7 @@ def _latent_build(config: Any, options: dict) -> LatentDiffusionPrior:
     latent_options = dict(config.get("latent_options") or {})
     if latent_options.get("image_shape") is not None:
         latent_options["image_shape"] = tuple(latent_options["image_shape"])
-    latent = _family(config["latent_family"]).build(config["latent_config"], latent_options)
+    latent = get_family(config["latent_family"]).build(config["latent_config"], latent_options)
     shape = options.get("image_shape")
     return LatentDiffusionPrior(ae, latent, tuple(shape) if shape is not None else None)
 

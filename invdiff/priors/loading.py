@@ -40,6 +40,8 @@ __all__ = [
     "WEIGHTS_DIR",
     "available",
     "families",
+    "family_of",
+    "get_family",
     "load",
     "model_card",
     "register_family",
@@ -107,10 +109,16 @@ def families() -> list[str]:
     return sorted(_FAMILIES)
 
 
-def _family(name: str) -> PriorFamily:
+def get_family(name: str) -> PriorFamily:
+    """The registered checkpoint family called ``name`` (``ValueError`` naming the known ones)."""
     if name not in _FAMILIES:
         raise ValueError(f"unknown prior family {name!r}; known: {', '.join(families())}")
     return _FAMILIES[name]
+
+
+def family_of(prior: DiffusionPrior, exclude: tuple[str, ...] = ()) -> PriorFamily | None:
+    """The first registered family (not in ``exclude``) whose prior type ``prior`` is, or ``None``."""
+    return next((f for f in _FAMILIES.values() if f.name not in exclude and isinstance(prior, f.prior_type)), None)
 
 
 # --- guided-diffusion / ADM -----------------------------------------------------------
@@ -424,7 +432,7 @@ def load(
                 f"{path}: cannot tell which model family these weights belong to; pass family= "
                 f"(one of {', '.join(families())})"
             )
-    fam = _family(family)
+    fam = get_family(family)
     state = {k: v for k, v in state.items() if k not in fam.ignored_keys}
     if config is None:
         if fam.infer_config is None:

@@ -22,6 +22,24 @@ _REGISTRY: dict[str, type[Sampler]] = {"dps": DPS, "dds": DDS, "diffpir": DiffPI
                                      "smc": SMC, "resample": ReSample, "mcg": MCG, "enkg": EnKG}
 
 
+def register(cls: type[Sampler], *, replace: bool = False) -> type[Sampler]:
+    """Make a :class:`Sampler` subclass available to :func:`make`, ``invdiff bench``,
+    ``invdiff reconstruct --sampler`` and the demo under ``cls.name`` (usable as a class
+    decorator). A name already taken is refused unless ``replace``."""
+    if not (isinstance(cls, type) and issubclass(cls, Sampler)):
+        raise TypeError(f"register() takes a Sampler subclass, got {cls!r}")
+    key = cls.name.lower()
+    if key in _REGISTRY and _REGISTRY[key] is not cls and not replace:
+        raise ValueError(f"a sampler called {key!r} is already registered ({_REGISTRY[key].__name__})")
+    _REGISTRY[key] = cls
+    return cls
+
+
+def unregister(name: str) -> None:
+    """Remove the sampler called ``name`` from the registry."""
+    _REGISTRY.pop(name.lower(), None)
+
+
 def available() -> list[str]:
     """Names accepted by :func:`make`."""
     return sorted(_REGISTRY)
@@ -46,6 +64,11 @@ def make(name: str, prior, **overrides) -> Sampler:
 
 
 __all__ = [
+    "register",
+    "unregister",
+    "available",
+    "get",
+    "make",
     "Sampler",
     "RunInfo",
     "PosteriorSamples",
@@ -61,7 +84,4 @@ __all__ = [
     "WeightedParticles",
     "ReSample",
     "make_sigmas",
-    "available",
-    "get",
-    "make",
 ]

@@ -81,6 +81,10 @@ class Sampler(Reconstructor):
     """
 
     name = "sampler"
+    #: ``"pixel"`` (the default: the sampler denoises images) or ``"latent"`` (it samples the
+    #: latents of a :class:`~invdiff.priors.LatentDiffusionPrior`; a pixel prior is then used
+    #: through the identity autoencoder). A pixel sampler refuses a latent prior.
+    prior_kind: str = "pixel"
     #: False for methods that need ``A_adjoint`` (CG / proximal data steps); they refuse a
     #: nonlinear operator with a clear error instead of failing inside the loop.
     supports_nonlinear = True
@@ -94,7 +98,7 @@ class Sampler(Reconstructor):
             )
         from ..priors.latent import LatentDiffusionPrior
 
-        if isinstance(prior, LatentDiffusionPrior) and getattr(type(self), "prior_kind", "pixel") != "latent":
+        if isinstance(prior, LatentDiffusionPrior) and type(self).prior_kind != "latent":
             raise TypeError(
                 f"{type(self).__name__} samples in pixel space and cannot use a LatentDiffusionPrior; "
                 "use a latent sampler (ReSample) or a pixel prior"

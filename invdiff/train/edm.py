@@ -31,7 +31,6 @@ import json
 import math
 import os
 import shlex
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +49,7 @@ __all__ = ["TrainConfig", "TrainResult", "train", "training_images", "denoising_
 #: Augmentations accepted in :attr:`TrainConfig.augment`.
 AUGMENTATIONS = ("hflip", "vflip", "rot90", "rotate")
 
-_DESCRIPTIONS = {
+DESCRIPTIONS = {
     "ct-phantom": "procedural anatomical CT slices (invdiff.data.phantoms.ct, seed 0, stream 0), "
                   "HU window [-1000, 1000] -> [0, 1]",
     "mri-brain": "MNI152 T1 template slices shipped by nilearn (axial, coronal, sagittal; "
@@ -236,6 +235,25 @@ def _ema_beta(config: TrainConfig, images_seen: int) -> float:
     return 0.5 ** (config.batch / max(halflife, 1e-8))
 
 
+def reproduce_command(config: TrainConfig, out: str | os.PathLike, latent: Any = None) -> str:
+    """The ``invdiff train`` command that reproduces ``config``'s weights in one uninterrupted
+    run (recorded in the model card): the settings that change the weights, with
+    ``{steps}`` standing for the steps actually trained (filled in at the end); how a run was
+    split (``--resume``, ``--time-limit``, ``--checkpoint``, ``--threads``) is left out.
+    ``latent`` (a :class:`~invdiff.train.latent.LatentTrainConfig`) adds the ``--latent`` flags."""
+    flags = dict(data=config.data, size=config.size, channels=config.channels, width=config.width,
+                 patch=config.patch, steps="{steps}", batch=config.batch, lr=config.lr,
+                 ema_halflife=config.ema_halflife, augment=",".join(config.augment), n_images=config.n_images,
+                 seed=config.seed, out=out)
+    head = "invdiff train "
+    if latent is not None:
+        head += "--latent " + " ".join(f"--{k} {v}" for k, v in (("ae-steps", latent.steps),
+                                                                  ("latent-channels", latent.latent_channels),
+                                                                  ("ae-width", latent.width))) + " "
+    return head + " ".join(f"--{k.replace('_', '-')} {v if k == 'steps' else shlex.quote(str(v))}"
+                           for k, v in flags.items())
+
+
 def train(
     config: TrainConfig,
     out: str | os.PathLike | None = None,
@@ -263,7 +281,7 @@ def train(
     :param time_limit: stop (cleanly, with a checkpoint and an output file) after this
         many minutes; the card records the steps actually done.
     :param name: prior name for the card (default: the file stem).
-    :param command: the command line recorded in the card (default: ``sys.argv``); ``{steps}``
+    :param command: the command line recorded in the card (default: :func:`reproduce_command`); ``{steps}``
         in it is replaced by the number of steps trained.
     :param images: training images to use instead of :func:`training_images` (tests).
     :raises ValueError: mismatched or unreadable checkpoint, bad data.
@@ -373,7 +391,7 @@ def train(
                        command, x_all.shape[0])
     if out_path is not None:
         save(ema, out_path, card=card)
-        _write_markdown(card, out_path.with_suffix(".md"))
+        write_card_markdown(card, out_path.with_suffix(".md"))
     return TrainResult(prior=ema, path=out_path, card=card, losses=losses)
 
 
@@ -385,7 +403,7 @@ def _model_card(config: TrainConfig, prior: EDMPrior, step: int, loss: float | N
         "name": name,
         "description": f"EDM denoiser on {config.data} at {config.size}x{config.size}",
         "data": config.data,
-        "data_description": _DESCRIPTIONS.get(config.data, f"images from the folder {config.data}"),
+        "data_description": DESCRIPTIONS.get(config.data, f"images from the folder {config.data}"),
         "training_images": int(n_images),
         "image_size": config.size,
         "channels": config.channels,
@@ -402,8 +420,8 @@ def _model_card(config: TrainConfig, prior: EDMPrior, step: int, loss: float | N
         "config": config.to_dict(),
         "invdiff_version": __version__,
         "torch_version": torch.__version__,
-        "command": (command if command is not None
-                    else "invdiff " + " ".join(shlex.quote(a) for a in sys.argv[1:])).replace("{steps}", str(step)),
+        "command": (command if command is not None else reproduce_command(config, f"{name or 'prior'}.safetensors")
+                    ).replace("{steps}", str(step)),
     }
     if config.data == "ct-phantom":
         card["value_range"] = "HU window [-1000, 1000] mapped to [0, 1]"
@@ -418,7 +436,7 @@ def _model_card(config: TrainConfig, prior: EDMPrior, step: int, loss: float | N
     return card
 
 
-def _write_markdown(card: dict[str, Any], path: Path) -> None:
+def write_card_markdown(card: dict[str, Any], path: Path) -> None:
     lines = [f"# {card.get('name') or 'invdiff prior'}", "", card["description"], "",
              "| field | value |", "|---|---|"]
     for key in ("data_description", "training_images", "image_size", "channels", "parameters", "steps", "final_loss",

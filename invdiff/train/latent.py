@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shlex
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +32,7 @@ from torch import Tensor
 from ..priors.latent import LatentDiffusionPrior
 from ..priors.loading import save
 from .autoencoder import encode_images, train_autoencoder
-from .edm import TrainConfig, _write_markdown, train, training_images
+from .edm import TrainConfig, reproduce_command, train, training_images, write_card_markdown
 
 __all__ = ["LatentTrainConfig", "LatentTrainResult", "train_latent"]
 
@@ -163,9 +161,8 @@ def train_latent(
         "autoencoder_config": dataclasses.asdict(autoencoder),
         "invdiff_version": __version__,
         "torch_version": torch.__version__,
-        "command": (command if command is not None
-                    else "invdiff " + " ".join(shlex.quote(a) for a in sys.argv[1:])).replace(
-                        "{steps}", str(latent_card["steps"])),
+        "command": (command if command is not None else reproduce_command(config, out_path or f"{name or 'prior'}.safetensors", autoencoder)).replace(
+            "{steps}", str(latent_card["steps"])),
     }
     if config.data == "ct-phantom":
         card["value_range"] = "HU window [-1000, 1000] mapped to [0, 1]"
@@ -177,11 +174,11 @@ def train_latent(
             f"sigma={s}*sigma_data": round(decoded_denoising_psnr(prior, heldout, s * sd), 2) for s in (0.1, 0.5)}
     if out_path is not None:
         save(prior, out_path, card=card)
-        _write_markdown(card, out_path.with_suffix(".md"))
+        write_card_markdown(card, out_path.with_suffix(".md"))
     return LatentTrainResult(prior=prior, path=out_path, card=card)
 
 
 def builtin_description(data: str) -> str:
-    from .edm import _DESCRIPTIONS
+    from .edm import DESCRIPTIONS
 
-    return _DESCRIPTIONS.get(data, f"images from the folder {data}")
+    return DESCRIPTIONS.get(data, f"images from the folder {data}")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import shlex
+
+from .options import add_device, add_progress, add_seed, progress
 
 __all__ = ["register"]
 
@@ -11,7 +12,7 @@ __all__ = ["register"]
 def _cmd_train(args: argparse.Namespace) -> int:
     import torch
 
-    from .edm import TrainConfig, train
+    from ..train.edm import TrainConfig, reproduce_command, train
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -20,30 +21,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
         batch=args.batch, lr=args.lr, ema_halflife=args.ema_halflife,
         augment=tuple(a for a in args.augment.split(",") if a), n_images=args.n_images, seed=args.seed,
     )
-    # the command recorded in the model card reproduces the weights in one uninterrupted run: the
-    # settings that change them, with the steps actually trained (filled in by train());
-    # --resume, --time-limit, --checkpoint and --threads only change how the run was split
-    if args.command is None:
-        flags = dict(data=args.data, size=args.size, channels=args.channels, width=args.width, patch=args.patch,
-                     steps="{steps}", batch=args.batch, lr=args.lr, ema_halflife=args.ema_halflife,
-                     augment=args.augment, n_images=args.n_images, seed=args.seed, out=args.out)
-        command = "invdiff train " + " ".join(
-            f"--{k.replace('_', '-')} {v if k == 'steps' else shlex.quote(str(v))}" for k, v in flags.items())
-    else:
-        command = args.command
+    # the command recorded in the model card reproduces the weights in one uninterrupted run
+    # (train.reproduce_command); --command (hidden) replaces it
+    command = args.command
     if args.latent:
-        from .latent import LatentTrainConfig, train_latent
+        from ..train.latent import LatentTrainConfig, train_latent
 
         if args.resume or args.device != "cpu":
             raise ValueError("--latent trains on the CPU in one run (no --resume, no --device)")
         ae = LatentTrainConfig(steps=args.ae_steps, latent_channels=args.latent_channels, width=args.ae_width)
-        if args.command is None:
-            command = command.replace("invdiff train ", "invdiff train --latent " + " ".join(
-                f"--{k} {v}" for k, v in (("ae-steps", ae.steps), ("latent-channels", ae.latent_channels),
-                                          ("ae-width", ae.width))) + " ", 1)
+        command = command or reproduce_command(config, args.out, ae)
         result = train_latent(config, ae, args.out, checkpoint=args.checkpoint,
                               checkpoint_every=args.checkpoint_every, time_limit=args.time_limit, name=args.name,
-                              command=command, progress=not args.quiet)
+                              command=command, progress=progress(args))
         card = result.card
         print(f"wrote {result.path} ({card['parameters']:,} parameters, autoencoder held-out PSNR "
               f"{card['heldout_reconstruction_psnr']} dB, latent prior {card['steps']} steps, "
@@ -51,9 +41,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if "heldout_denoising_psnr" in card:
             print(f"held-out decoded denoising PSNR: {card['heldout_denoising_psnr']}")
         return 0
+    command = command or reproduce_command(config, args.out)
     result = train(config, args.out, checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
                    resume=args.resume, device=args.device, time_limit=args.time_limit, name=args.name,
-                   command=command, progress=not args.quiet)
+                   command=command, progress=progress(args))
     card = result.card
     print(f"wrote {result.path} ({card['parameters']:,} parameters, {card['steps']} steps, "
           f"final loss {card['final_loss']}, {card['steps_per_second']} steps/s)")
@@ -76,8 +67,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ema-halflife", type=float, default=5_000.0, help="EMA half-life in images")
     p.add_argument("--augment", default="hflip", help="comma-separated: hflip,vflip,rot90,rotate (default hflip)")
     p.add_argument("--n-images", type=int, default=4096, help="pool size for generated data (default 4096)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    add_seed(p)
+    add_device(p)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
     p.add_argument("--checkpoint", default=None, help="training checkpoint (default: OUT with .ckpt)")
     p.add_argument("--checkpoint-every", type=int, default=500)
@@ -91,5 +82,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--latent-channels", type=int, default=4, help="--latent: latent channels (default 4)")
     p.add_argument("--ae-width", type=int, default=32, help="--latent: autoencoder base width (default 32)")
     p.add_argument("--command", default=None, help=argparse.SUPPRESS)
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_progress(p, verbose="(no extra bars for training)")
     p.set_defaults(func=_cmd_train)

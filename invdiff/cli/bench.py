@@ -9,6 +9,8 @@ import argparse
 import os
 from pathlib import Path
 
+from .options import add_device, add_progress, progress
+
 __all__ = ["register"]
 
 _EXAMPLE = ("example: invdiff bench --tasks ct-sparse-30,mri-4x --samplers dps,reddiff --prior ct-phantom-64 "
@@ -16,8 +18,8 @@ _EXAMPLE = ("example: invdiff bench --tasks ct-sparse-30,mri-4x --samplers dps,r
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from .grid import load_toml
-    from .runner import run
+    from ..bench.grid import load_toml
+    from ..bench.runner import run
 
     cfg = load_toml(args.config) if args.config else {}
     flags = {
@@ -35,7 +37,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         if not cfg.get(key):
             raise ValueError(f"bench: {flag} is required (on the command line or in --config)")
     cfg.setdefault("out", "invdiff-bench")
-    result = run(**cfg, progress=not args.no_progress)
+    result = run(**cfg, progress=progress(args))
     if int(os.environ.get("RANK", "0")) == 0:
         summary = result.files.get("summary.md")
         if summary is not None:
@@ -47,7 +49,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .report import report
+    from ..bench.report import report
 
     paths = report(args.results, out=args.out, figure_images=args.figure_images)
     print(Path(paths["summary.md"]).read_text())
@@ -75,15 +77,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", default=None, help="a count S (seeds 0..S-1) or a comma list (default 1)")
     p.add_argument("--steps", type=int, default=None, help="override every sampler's number of steps")
     p.add_argument("--out", default=None, help="output folder (default ./invdiff-bench); rerunning resumes")
-    p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1")
+    add_device(p, from_config=True)
     p.add_argument("--rerun-failed", action="store_true", help="run again the cells recorded as failed")
     p.add_argument("--save-recon", default=None, choices=["figure", "all", "none"],
                    help="reconstructions to keep (default: those of the figure)")
     p.add_argument("--figure-images", type=int, default=None, help="images shown in grid.png (default 2)")
     p.add_argument("--no-lpips", action="store_true", help="do not compute LPIPS even if its weights are here")
     p.add_argument("--lpips-net", default=None, choices=["alex", "vgg", "squeeze"])
-    p.add_argument("-v", "--verbose", action="store_true", help="show each sampler's progress bar")
-    p.add_argument("--no-progress", action="store_true", help="hide the grid's progress bar")
+    add_progress(p)
     p.set_defaults(func=_cmd_bench)
 
     actions = p.add_subparsers(dest="bench_action", metavar="{report}")

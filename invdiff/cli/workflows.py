@@ -1,12 +1,14 @@
 """``invdiff simulate`` and ``invdiff reconstruct``: the medical workflows of
-:mod:`invdiff.workflows` on the command line. Torch-heavy imports happen inside the
+:mod:`invdiff.apps.workflows` on the command line. Torch-heavy imports happen inside the
 command functions so ``invdiff --help`` stays fast."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
+
+from .options import (add_device, add_params, add_progress, add_seed, command_line, parse_key_values, parse_spec,
+                      progress)
+from .options import device as resolve_device
 
 __all__ = ["register"]
 
@@ -21,47 +23,24 @@ def _window(text: str) -> tuple[float, float]:
     return low, high
 
 
-def _params(items: list[str] | None) -> dict:
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ValueError(f"--param expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
-    return out
-
-
 def _common(p: argparse.ArgumentParser, seed_help: str, sigma_help: str) -> None:
-    p.add_argument("--seed", type=int, default=0, help=seed_help)
+    add_seed(p, seed_help)
     p.add_argument("--noise", default="gaussian", choices=["gaussian", "poisson", "none"], help="measurement noise")
     p.add_argument("--noise-sigma", type=float, default=None, help=sigma_help)
     p.add_argument("--window", type=_window, default=None, metavar="LOW,HIGH",
                    help="CT: HU window mapped to [0, 1] (default -1000,1000; write --window=-1000,1000)")
     p.add_argument("--modality", default="auto", choices=["auto", "CT", "MR"], help="NIfTI sources only (default: guess)")
-    p.add_argument("--param", action="append", metavar="KEY=VALUE",
-                   help="task parameter override, e.g. --param fbp_filter=hann (repeatable; JSON values)")
+    add_params(p, "task parameter override, e.g. --param fbp_filter=hann (repeatable; TOML values)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-
-
-def _device(name: str):
-    import torch
-
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {name}: CUDA is not available on this machine")
-    return device
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from ..io.intensity import HU_WINDOW
-    from ..workflows import simulate_to_file
+    from ..apps.workflows import simulate_to_file
 
     m = simulate_to_file(
         args.input, args.task, args.out, overwrite=args.overwrite, size=args.size, seed=args.seed, noise=args.noise,
-        noise_sigma=args.noise_sigma, window=args.window or HU_WINDOW, modality=args.modality, params=_params(args.param),
+        noise_sigma=args.noise_sigma, window=args.window or HU_WINDOW, modality=args.modality, params=parse_key_values(args.param),
     )
     rs = m.resample
     resized = f", resampled {rs['source_shape'][0]}x{rs['source_shape'][1]} -> {rs['shape'][0]}x{rs['shape'][1]}" \
@@ -76,7 +55,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 def _cmd_reconstruct(args: argparse.Namespace) -> int:
     from ..io import check_new_path, read
     from ..io.intensity import HU_WINDOW
-    from ..workflows import load_prior, open_measurement, reconstruct, simulate, write_reconstruction
+    from ..apps.workflows import load_prior, open_measurement, reconstruct, simulate, write_reconstruction
 
     if (args.measurement is None) == (args.input is None):
         raise ValueError("give either --measurement FILE or --input SCAN with --task NAME")
@@ -87,12 +66,11 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     if args.samples < 1:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
     from .. import samplers
-    from ..bench.grid import parse_spec
 
     sampler_name, sampler_options = parse_spec(args.sampler)
     samplers.get(sampler_name)  # an unknown name fails before any work
     check_new_path(args.out, args.overwrite)
-    device = _device(args.device)
+    device = resolve_device(args.device)
     prior = load_prior(args.prior, device)
     shape = tuple(int(s) for s in prior.image_shape)
     reference = None
@@ -108,7 +86,7 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.input}: images have {stack.shape[1]} channel(s), the prior takes {shape[0]}")
         m, reference = simulate(stack, args.task, size=shape[1:], seed=args.seed, noise=args.noise,
                                 noise_sigma=args.noise_sigma, window=args.window or HU_WINDOW,
-                                params=_params(args.param))
+                                params=parse_key_values(args.param))
         origin = f"{args.input} ({stack.kind}, {stack.modality}) simulated with {args.task}"
     else:
         m = open_measurement(args.measurement, shape, resize=args.resize, noise_sigma=args.noise_sigma)
@@ -119,10 +97,10 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     print(f"invdiff reconstruct: {m.n_slices} slice(s) {m.img_size[1]}x{m.img_size[2]} from {origin}{resized}; "
           f"sampler {args.sampler}, {args.samples} sample(s)/slice, prior {args.prior}, device {device}, seed {args.seed}")
     rec = reconstruct(m, prior, sampler_name, samples=args.samples, seed=args.seed, device=device, steps=args.steps,
-                      options=sampler_options, progress=not args.quiet, reference=reference,
+                      options=sampler_options, progress=progress(args), reference=reference,
                       prior_name=str(args.prior))
     record = write_reconstruction(args.out, rec, m, fmt=args.format, png=args.png, overwrite=args.overwrite,
-                                  extra={"command": "invdiff " + " ".join(sys.argv[1:]) if sys.argv else None})
+                                  extra={"command": command_line(args)})
     nfe = sum(r["nfe"] for r in rec.runs)
     secs = sum(r["wall_time"] for r in rec.runs)
     print(f"{rec.info['sampler']}: {nfe} network calls, {secs:.1f} s in the sampler")
@@ -166,13 +144,13 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="output folder (must not exist)")
     p.add_argument("--samples", type=int, default=1, help="posterior samples per slice; K > 1 writes the std map")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the sampler's)")
-    p.add_argument("--device", default="cpu")
+    add_device(p)
     p.add_argument("--resize", action="store_true",
                    help="allow resampling images (or cropping k-space) to the prior's size; the factor is recorded")
     p.add_argument("--format", default="auto", choices=["auto", "dicom", "nifti", "png", "tiff", "h5"],
                    help="output format (default: the source's)")
     p.add_argument("--png", action="store_true", help="also write quick-look PNGs (png/mean_0001.png, png/std_0001.png)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_progress(p, verbose="(no extra bars)")
     _common(p, "sampler seed, slice k uses seed + k (default 0); with --input also the operator's and noise seed",
             "noise std on the [0, 1] image scale: simulated with --input (default: the task's); "
             "assumed for a fastMRI file (default: estimated from the outer k-space rows)")

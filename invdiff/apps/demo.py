@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .files import atomic_file, atomic_write
+from ..files import atomic_file, atomic_write
 
 __all__ = ["run_demo", "run_analytic_demo", "DEMO_TASKS", "ANALYTIC_TASKS", "DEMO_OVERRIDES", "prior_for_task"]
 
@@ -69,8 +69,8 @@ def run_analytic_demo(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from . import operators, samplers
-    from .priors import GaussianPrior
+    from .. import operators, samplers
+    from ..priors import GaussianPrior
 
     if size < 16:
         raise ValueError(f"--size must be at least 16, got {size}")
@@ -186,7 +186,7 @@ def run_demo(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from . import data, operators, priors, samplers
+    from .. import data, operators, priors, samplers
 
     names = tuple(sampler_names) if sampler_names else tuple(sorted(samplers.available(), key=lambda n: n != "dps"))
     for name in names:
@@ -220,10 +220,10 @@ def run_demo(
         results = {}
         physics = physics.to(dev)
         latent_name = LATENT_PRIORS.get(prior_name)
-        wants_latent = any(getattr(samplers.get(n), "prior_kind", "pixel") == "latent" for n in names)
+        wants_latent = any(samplers.get(n).prior_kind == "latent" for n in names)
         latent = priors.load(latent_name, device=dev) if wants_latent and latent_name in priors.available() else None
         for name in names:
-            kind = getattr(samplers.get(name), "prior_kind", "pixel")
+            kind = samplers.get(name).prior_kind
             use = latent if (kind == "latent" and latent is not None) else prior
             sampler = samplers.make(name, use, verbose=verbose, **{**DEMO_OVERRIDES.get(name, {}), **overrides})
             post = sampler.sample(y.to(dev), physics, n=samples, generator=torch.Generator(dev).manual_seed(seed))

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .io import (
+from ..io import (
     ImageStack,
     Measurement,
     ValueMap,
@@ -52,9 +52,9 @@ from .io import (
     write_nifti,
     write_png,
 )
-from .io.fastmri import estimate_coil_maps, is_fastmri_file
-from .io.intensity import HU_WINDOW, ROBUST_PERCENTILE
-from .io.measurement import ACQUIRED_MRI
+from ..io.fastmri import estimate_coil_maps, is_fastmri_file
+from ..io.intensity import HU_WINDOW, ROBUST_PERCENTILE
+from ..io.measurement import ACQUIRED_MRI
 
 __all__ = [
     "parse_size",
@@ -110,7 +110,7 @@ def _resample_record(source_shape, shape, method: str) -> dict:
 
 def load_prior(name_or_path: str | os.PathLike, device: torch.device | str = "cpu"):
     """``invdiff.priors.load`` on ``device``, in eval mode."""
-    from . import priors
+    from .. import priors
 
     return priors.load(name_or_path).to(device).eval()
 
@@ -154,7 +154,7 @@ def simulate(
     :returns: the measurement (with the operator's record and seed) and the clean slices
         ``(N, C, h, w)`` in [0, 1] (the reference; not part of the measurement).
     """
-    from . import operators
+    from .. import operators
 
     stack = source if isinstance(source, ImageStack) else read(source, modality)
     value_map = stack.value_map(window, percentile)
@@ -247,7 +247,7 @@ def fastmri_measurement(
         maps_t = torch.stack([estimate_coil_maps(k_t[s], mask_t) for s in range(S)])
         maps_kind = "acs-lowres"
     else:
-        from .operators import normalize_coil_maps
+        from ..operators import normalize_coil_maps
 
         maps_t = torch.stack([normalize_coil_maps(torch.from_numpy(maps[s])) for s in range(S)])
         maps_kind = "file"
@@ -357,7 +357,7 @@ def reconstruct(
     """
     from tqdm.auto import tqdm
 
-    from . import samplers
+    from .. import samplers
 
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
@@ -462,7 +462,7 @@ def write_reconstruction(
 
     :returns: the provenance record written.
     """
-    from . import __version__
+    from .. import __version__
 
     fmt = _output_format(m, fmt)
     vm = m.value_map

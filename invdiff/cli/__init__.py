@@ -1,0 +1,48 @@
+"""The ``invdiff`` command line: ``demo``, ``list``, ``train``, ``bench``, ``simulate``, ``reconstruct``.
+
+One module per command (:mod:`.demo`, :mod:`.listing`, :mod:`.train`, :mod:`.bench`,
+:mod:`.workflows`), each with ``register(subparsers)``; the options every command shares
+(``--device``, ``--seed``, ``-v/-q``, ``KEY=VALUE``) are in :mod:`.options`. Every command
+exits non-zero with a one-line ``invdiff: error: ...`` message on bad input. Top-level
+imports stay light (torch-heavy code is imported inside the command functions) so
+``invdiff --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+__all__ = ["main", "build_parser", "COMMAND_MODULES"]
+
+#: The command modules, in the order ``invdiff --help`` lists them. To add a command, write a
+#: module with ``register(subparsers)`` that adds its parser with ``set_defaults(func=...)``.
+COMMAND_MODULES: tuple[str, ...] = ("demo", "listing", "train", "bench", "workflows")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="invdiff", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in COMMAND_MODULES:
+        importlib.import_module(f"{__name__}.{module}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by commands that log provenance
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError, OSError, ImportError) as err:
+        # ImportError: an optional extra is missing; its message names the pip command
+        print(f"invdiff: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("invdiff: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""What every ``invdiff`` command shares: ``--device``, ``--seed``, ``-v/-q``, the
+``KEY=VALUE`` options (:mod:`invdiff.specs`), the device check and the command line that
+provenance records. Light at import time (no torch) so that ``invdiff --help`` stays fast."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+
+from ..specs import parse_key_values, parse_spec
+
+__all__ = ["add_device", "add_seed", "add_progress", "add_params", "device", "command_line", "progress",
+           "parse_key_values", "parse_spec"]
+
+
+def add_device(p: argparse.ArgumentParser, from_config: bool = False) -> None:
+    """``--device``, ``cpu`` by default (``from_config``: unset, so a ``--config`` file's value holds)."""
+    p.add_argument("--device", default=None if from_config else "cpu",
+                   help="cpu (default" + (", or the --config file's" if from_config else "") + "), cuda, cuda:1")
+
+
+def add_seed(p: argparse.ArgumentParser, help: str = "seed of every random draw (default 0)") -> None:
+    p.add_argument("--seed", type=int, default=0, help=help)
+
+
+def add_progress(p: argparse.ArgumentParser, verbose: str = "also show each sampler's progress bar") -> None:
+    """``-v/--verbose`` (more progress bars) and ``-q/--quiet`` (none), the same on every command."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("-v", "--verbose", action="store_true", help=verbose)
+    group.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def add_params(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--param", action="append", metavar="KEY=VALUE", help=help)
+
+
+def progress(args: argparse.Namespace) -> bool:
+    """Whether the command shows its own progress bar (off with ``-q``)."""
+    return not getattr(args, "quiet", False)
+
+
+def device(name: str):
+    """``torch.device(name)``, refusing CUDA where none is available (one line)."""
+    import torch
+
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {name}: CUDA is not available on this machine")
+    return dev
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command as typed (``invdiff ...``), for provenance and model cards."""
+    return "invdiff " + " ".join(shlex.quote(a) for a in getattr(args, "argv", []))
