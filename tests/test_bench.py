@@ -17,12 +17,12 @@ import pytest
 import torch
 
 from invdiff import operators, samplers
-from invdiff.bench import SeededSampler, deepinv_metrics, resolve_priors, run
-from invdiff.bench import store
+from invdiff.bench import SeededSampler, deepinv_metrics, resolve_priors, run, store
 from invdiff.bench.grid import parse_seeds, parse_spec, task_specs
 from invdiff.bench.images import load_images, prior_images
 from invdiff.bench.report import summarize
 from invdiff.cli import main
+from invdiff.operators import task_info
 from invdiff.priors import DiffusionPrior
 
 TASKS = "ct-sparse-30,mri-4x"
@@ -66,7 +66,7 @@ def test_tiny_grid_rows_summary_and_figure(full):
         x_hat = sampler(y, physics)
         assert torch.equal(x_hat, saved["x_hat"])
         # PSNR from its definition: peak 1 (CT) or the ground truth's max (MRI, fastMRI)
-        peak = 1.0 if r["task"].startswith("ct") else float(x.max())
+        peak = 1.0 if task_info(r["task_name"]).metric_range == "unit" else float(x.max())
         mse = float(((x_hat.clamp(0, 1) - x) ** 2).mean())
         assert r["psnr"] == pytest.approx(-10 * math.log10(mse / peak**2 + 1e-8), abs=1e-4)  # deepinv's +1e-8
         assert r["psnr_range"] == ("gt-max" if r["task"] == "mri-4x" else "1")
@@ -195,7 +195,7 @@ def test_deepinv_test_gives_the_bench_psnr(full, task):
     assert len({r["sampler_seed"] for r in rows}) == 1
     model = SeededSampler(samplers.make("reddiff", prior, steps=STEPS), rows[0]["sampler_seed"])
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=1)
-    metrics = dinv.test(model, loader, physics, metrics=deepinv_metrics("mri" if task.startswith("mri") else "image"),
+    metrics = dinv.test(model, loader, physics, metrics=deepinv_metrics("mri" if task_info(task).family == "mri" else "image"),
                         online_measurements=False, compare_no_learning=False, verbose=False,
                         show_progress_bar=False)
     psnr = [r["psnr"] for r in rows]

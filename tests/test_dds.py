@@ -56,22 +56,6 @@ def test_dds_noiseless_is_data_consistent():
     assert DDS(prior)._gamma(1.0, 0.0) is None
 
 
-def test_same_seed_same_output_and_nfe_accounting():
-    prior, physics, x, y = gaussian_inpainting_problem(shape=(1, 8, 8))
-    sampler = DDS(prior, steps=20)
-    calls = []
-    a = sampler(y, physics, generator=torch.Generator().manual_seed(7), callback=calls.append)
-    info = sampler.last_run
-    b = sampler(y, physics, generator=torch.Generator().manual_seed(7))
-    c = sampler(y, physics, generator=torch.Generator().manual_seed(8))
-    assert torch.equal(a, b) and not torch.equal(a, c)
-    assert info.nfe == 20 and info.nfe_backward == 0 and info.steps == 20 and info.batch == 1
-    assert [k["i"] for k in calls] == list(range(20)) and calls[-1]["sigma"] == pytest.approx(prior.sigma_min)
-    assert torch.equal(calls[-1]["x"], a)
-    out = sampler.sample(y, physics, n=3, generator=torch.Generator().manual_seed(0))
-    assert sampler.last_run.nfe == 20 and sampler.last_run.batch == 3 and (out.std > 0).all()
-
-
 def test_bad_arguments():
     prior, physics, x, y = gaussian_inpainting_problem(shape=(1, 8, 8))
     with pytest.raises(ValueError, match="eta"):

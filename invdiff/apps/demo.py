@@ -34,12 +34,10 @@ ANALYTIC_TASKS = ("ct-sparse-30", "mri-4x", "inpaint-random-70", "deblur-gauss")
 
 
 def _metrics(x_hat: torch.Tensor, x: torch.Tensor) -> tuple[float, float]:
-    """Mean PSNR (dB, peak 1) and SSIM over the batch (deepinv's metrics)."""
-    from deepinv.loss.metric import PSNR, SSIM
+    """Mean PSNR (dB, peak 1) and SSIM over the batch (the benchmark's metrics)."""
+    from ..bench.metrics import mean_psnr_ssim
 
-    x_hat = x_hat.float().clamp(0, 1)
-    return (float(PSNR(max_pixel=1.0)(x_hat, x.float()).mean()),
-            float(SSIM(max_pixel=1.0)(x_hat, x.float()).mean()))
+    return mean_psnr_ssim(x_hat, x)
 
 
 def _save_png_atomic(fig, path: Path) -> None:
@@ -149,14 +147,17 @@ def run_analytic_demo(
     fig.tight_layout()
     _save_png_atomic(fig, out / "demo.png")
     plt.close(fig)
-    (out / "demo.md").write_text(table + "\n")
+    atomic_write(out / "demo.md", table + "\n", fsync=False)
     print(f"wrote {out / 'demo.png'} and {out / 'demo.md'}")
     return rows
 
 
 def prior_for_task(task: str, size: int = 64) -> tuple[str, str]:
     """``(shipped prior name, held-out dataset)`` used by the demo for ``task``."""
-    return (f"mri-brain-{size}", "mri-brain") if task.startswith("mri") else (f"ct-phantom-{size}", "ct-phantom")
+    from ..operators import task_info
+
+    family = task_info(task).family
+    return (f"mri-brain-{size}", "mri-brain") if family == "mri" else (f"ct-phantom-{size}", "ct-phantom")
 
 
 def run_demo(

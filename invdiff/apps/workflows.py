@@ -317,17 +317,13 @@ def _display(x: Tensor) -> Tensor:
 
 
 def _metrics(estimates: dict[str, Tensor], reference: Tensor) -> dict:
-    import deepinv as dinv
+    """PSNR (peak 1) and SSIM of each estimate against the reference (the benchmark's metrics)."""
+    from ..bench.metrics import mean_psnr_ssim
 
-    psnr, ssim = dinv.metric.PSNR(max_pixel=1.0), None
-    if min(reference.shape[-2:]) >= 11:
-        ssim = dinv.metric.SSIM(max_pixel=1.0)
     out = {}
     for name, est in estimates.items():
-        est = est.clamp(0, 1)
-        out[name] = {"psnr": float(psnr(est, reference).mean())}
-        if ssim is not None:
-            out[name]["ssim"] = float(ssim(est, reference).mean())
+        psnr, ssim = mean_psnr_ssim(est, reference)
+        out[name] = {"psnr": psnr} if ssim is None else {"psnr": psnr, "ssim": ssim}
     return out
 
 

@@ -168,7 +168,9 @@ class TaskSpec:
     @property
     def family(self) -> str:
         """``"mri"`` for MRI tasks (metrics over the ground truth's range), else ``"image"``."""
-        return "mri" if self.name.startswith("mri") else "image"
+        from ..operators import task_info
+
+        return "mri" if task_info(self.name).metric_range == "data" else "image"
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-__all__ = ["deepinv_metrics", "image_metrics", "lpips_weights_path", "LPIPS_BACKBONES"]
+__all__ = ["deepinv_metrics", "image_metrics", "mean_psnr_ssim", "lpips_weights_path", "LPIPS_BACKBONES"]
 
 #: torchvision backbone of each LPIPS network type
 LPIPS_BACKBONES = {"alex": "AlexNet_Weights", "vgg": "VGG16_Weights", "squeeze": "SqueezeNet1_1_Weights"}
@@ -106,3 +106,17 @@ def image_metrics(x_hat: Tensor, x: Tensor, family: str, lpips: bool = True, lpi
     if lpips:
         out["lpips"], out["notes"] = _lpips(x_hat, x, lpips_net)
     return out
+
+
+#: SSIM's Gaussian window (11 pixels): smaller images have no SSIM
+SSIM_MIN_SIZE = 11
+
+
+def mean_psnr_ssim(x_hat: Tensor, x: Tensor, family: str = "image") -> tuple[float, float | None]:
+    """Mean over a batch of the benchmark's PSNR and SSIM (:func:`deepinv_metrics`), as the
+    demo and ``invdiff reconstruct`` report them; SSIM is ``None`` for images smaller than
+    its window."""
+    x_hat, x = x_hat.detach().float(), x.detach().float()
+    psnr, ssim = deepinv_metrics(family, x.shape[1])
+    mean_ssim = float(ssim(x_hat, x).mean()) if min(x.shape[-2:]) >= SSIM_MIN_SIZE else None
+    return float(psnr(x_hat, x).mean()), mean_ssim

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..files import atomic_file, atomic_write
+from ..operators import task_info
 from . import store
 from .grid import canonical_json
 
@@ -254,7 +255,8 @@ def write_grid(rows: Sequence[dict], folder: Path, path: Path, figure_images: in
             data = _load_recon(folder, r["recon"]) if r else None
             if data is not None:
                 truth = data["x"] if truth is None else truth
-                peak = float(_show(data["x"]).max()) if r["task_name"].startswith("mri") else 1.0  # as the PSNR
+                data_range = task_info(r["task_name"]).metric_range == "data"
+                peak = float(_show(data["x"]).max()) if data_range else 1.0  # as the PSNR
                 ax.imshow(_show(data["x_hat"]), cmap="gray", vmin=0, vmax=peak)
                 ax.text(1, 1, f"{r['psnr']:.1f} dB", color="yellow", fontsize=7, va="top")
             ax.set_xticks([]), ax.set_yticks([])

@@ -9,16 +9,33 @@ See :func:`make` for the task list, noise conventions and the ``physics.task`` r
 """
 
 from .ct import FanBeamCT, ParallelBeamCT, ramp_filter
-from .mri import MultiCoilMRIOperator, SingleCoilMRI, birdcage_coil_maps, cartesian_mask, normalize_coil_maps
+from .mri import (
+    MultiCoilMRIOperator,
+    SingleCoilMRI,
+    birdcage_coil_maps,
+    cartesian_mask,
+    normalize_coil_maps,
+)
 from .natural import ClosedFormDownsampling, WienerBlurFFT
 from .phase_retrieval import FourierPhaseRetrieval
-from .registry import TASK_EXAMPLES, available, describe, make
+from .registry import (
+    TASK_EXAMPLES,
+    OperatorInfo,
+    available,
+    describe,
+    make,
+    operator_info,
+    task_info,
+)
 from .stacked import WhitenedStack, whitened_stack
 
 __all__ = [
     "make",
     "available",
     "describe",
+    "task_info",
+    "operator_info",
+    "OperatorInfo",
     "TASK_EXAMPLES",
     "ParallelBeamCT",
     "FanBeamCT",

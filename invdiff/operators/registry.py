@@ -41,11 +41,39 @@ from deepinv.physics.functional import gaussian_blur
 from deepinv.physics.generator import MotionBlurGenerator
 
 from .ct import FanBeamCT, ParallelBeamCT
-from .mri import MultiCoilMRIOperator, SingleCoilMRI, birdcage_coil_maps, cartesian_mask, normalize_coil_maps
+from .mri import (
+    MultiCoilMRIOperator,
+    SingleCoilMRI,
+    birdcage_coil_maps,
+    cartesian_mask,
+    normalize_coil_maps,
+)
 from .natural import ClosedFormDownsampling, WienerBlurFFT
 from .phase_retrieval import FourierPhaseRetrieval
 
-__all__ = ["make", "available", "describe", "TASK_EXAMPLES"]
+__all__ = ["make", "available", "describe", "task_info", "operator_info", "OperatorInfo", "TASK_EXAMPLES"]
+
+
+@dataclass(frozen=True)
+class OperatorInfo:
+    """What callers ask of an operator instead of parsing its name.
+
+    :ivar family: ``"ct"``, ``"mri"``, ``"natural"`` (blur, inpainting, super-resolution) or
+        ``"nonlinear"`` (phase retrieval) for invdiff's tasks; ``"other"`` for physics
+        invdiff did not make.
+    :ivar linear: a :class:`deepinv.physics.LinearPhysics` (``A_adjoint`` exists).
+    :ivar complex: the images are complex (MRI with 2 channels, real and imaginary).
+    """
+
+    family: str
+    linear: bool
+    complex: bool = False
+
+    @property
+    def metric_range(self) -> str:
+        """``"data"`` when PSNR/SSIM use the ground truth's range (MRI magnitudes are not on
+        ``[0, 1]``), ``"unit"`` when they use the peak 1."""
+        return "data" if self.family == "mri" else "unit"
 
 
 @dataclass(frozen=True)
@@ -229,6 +257,29 @@ def _lookup(name: str) -> tuple[_Task, int | None]:
     raise ValueError(f"unknown task {name!r}; available: {', '.join(available())}")
 
 
+def task_info(name: str, channels: int = 1) -> OperatorInfo:
+    """:class:`OperatorInfo` of the registered task ``name`` for images of ``channels``
+    channels, without building it.
+
+    >>> task_info("mri-4x", channels=2)
+    OperatorInfo(family='mri', linear=True, complex=True)
+    """
+    task, _ = _lookup(name)
+    return OperatorInfo(task.family, task.family != "nonlinear", task.family == "mri" and channels == 2)
+
+
+def operator_info(physics: Physics) -> OperatorInfo:
+    """:class:`OperatorInfo` of a built operator: the record invdiff attached in :func:`make`,
+    else what its class says (deepinv's ``MRI`` / ``MultiCoilMRI``, ``Tomography``)."""
+    info = getattr(physics, "info", None)
+    if isinstance(info, OperatorInfo):
+        return info
+    from deepinv.physics import MRI, LinearPhysics, MultiCoilMRI, Tomography
+
+    family = "mri" if isinstance(physics, (MRI, MultiCoilMRI)) else "ct" if isinstance(physics, Tomography) else "other"
+    return OperatorInfo(family, isinstance(physics, LinearPhysics), family == "mri")
+
+
 def describe(name: str) -> str:
     """One-line description of a task (a concrete name or a pattern from :func:`available`)."""
     for task in _TASKS:
@@ -340,4 +391,5 @@ def make(
     }
     json.dumps(record)  # must stay serialisable
     physics.task = record
+    physics.info = task_info(name, img_size[0])
     return physics
