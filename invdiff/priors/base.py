@@ -87,8 +87,8 @@ class DiffusionPrior(Denoiser):
     def denoise(self, x: Tensor, sigma: float | Tensor) -> Tensor:
         """Posterior mean ``E[x0 | x]`` of the clean image given ``x = x0 + sigma * n``.
 
-        At :math:`\sigma = 0` the denoiser is the identity, :math:`D(x, 0) = x` (exactly;
-        the network is not called at 0, where EDM's :math:`c_\text{noise} = \ln\sigma` is
+        At :math:`\\sigma = 0` the denoiser is the identity, :math:`D(x, 0) = x` (exactly;
+        the network is not called at 0, where EDM's :math:`c_\\text{noise} = \\ln\\sigma` is
         undefined), so deepinv schedules that end at 0 (DDRM's) are safe.
 
         :param x: noisy images ``(B, C, H, W)``.

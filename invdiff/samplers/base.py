@@ -180,7 +180,7 @@ class Sampler(Reconstructor):
         :param compute_metrics: also return deepinv's convergence metrics, ``{"psnr": ...,
             "residual": ...}`` with one list per image and one value per step (the PSNR of
             the step's denoised estimate ``x0`` against ``x_gt``, and
-            :math:`\|x_{k+1} - x_k\| / \|x_k\|`), as deepinv's iterative algorithms do.
+            :math:`\\|x_{k+1} - x_k\\| / \\|x_k\\|`), as deepinv's iterative algorithms do.
         :returns: reconstructions ``(B, C, H, W)``, and the metrics when ``compute_metrics``.
 
         The loop runs under ``torch.no_grad()`` (fast, no graph kept) unless
@@ -238,8 +238,12 @@ class Sampler(Reconstructor):
             metrics["psnr"] = [[] for _ in range(batch)]
         previous: list[Tensor | None] = [None]
 
+        def per_image(t: Tensor) -> Tensor:  # particles (row k * B + b, SMC) -> their mean per image
+            t = t.detach()
+            return t if t.shape[0] == batch else t.reshape(-1, batch, *t.shape[1:]).mean(0)
+
         def record(info: dict) -> None:
-            x = info["x"].detach()
+            x = per_image(info["x"])
             flat = x.reshape(batch, -1)
             if previous[0] is not None:
                 prev = previous[0].reshape(batch, -1)
@@ -248,7 +252,7 @@ class Sampler(Reconstructor):
                     metrics["residual"][b].append(float(res[b]))
             previous[0] = x
             if x_gt is not None:
-                x0 = info["x0"].detach().real.clamp(0, 1).reshape(batch, -1)
+                x0 = per_image(info["x0"]).real.clamp(0, 1).reshape(batch, -1)
                 mse = ((x0 - x_gt.detach().to(x0).reshape(batch, -1)) ** 2).mean(1)
                 for b in range(batch):
                     metrics["psnr"][b].append(float(-10 * torch.log10(mse[b].clamp_min(1e-20))))

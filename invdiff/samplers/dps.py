@@ -63,20 +63,20 @@ class DPS(Sampler):
     ``weighting="likelihood"`` (default): the guidance is the score of the Gaussian
     likelihood of ``y`` given :math:`x_i`, with the covariance of the measurement noise
     *plus* the denoiser's error pushed through ``A`` (ΠGDM's error model, Song, Vahdat,
-    Mardani & Kautz, ICLR 2023, with :math:`\sigma_d` the prior's ``sigma_data``),
+    Mardani & Kautz, ICLR 2023, with :math:`\\sigma_d` the prior's ``sigma_data``),
     applied with the reverse-SDE step size:
 
     .. math::
 
-        \gamma_i \nabla \mathcal L = \zeta\,(\sigma_i^2 - \sigma_{i+1}^2)\;
-            J^\top A^\top \big(s^2 I + r_i^2 A A^\top\big)^{-1} \big(A \hat x_0 - y\big),
-        \qquad r_i^2 = \frac{\sigma_i^2 \sigma_d^2}{\sigma_i^2 + \sigma_d^2},
+        \\gamma_i \\nabla \\mathcal L = \\zeta\\,(\\sigma_i^2 - \\sigma_{i+1}^2)\\;
+            J^\\top A^\\top \\big(s^2 I + r_i^2 A A^\\top\\big)^{-1} \\big(A \\hat x_0 - y\\big),
+        \\qquad r_i^2 = \\frac{\\sigma_i^2 \\sigma_d^2}{\\sigma_i^2 + \\sigma_d^2},
 
-    with :math:`J = \partial \hat x_0 / \partial x_i` (one backward pass) and the
+    with :math:`J = \\partial \\hat x_0 / \\partial x_i` (one backward pass) and the
     solve done by at most ``cg_iterations`` warm-started conjugate-gradient steps in measurement space (one
     ``A A^T`` each; exact in one step for inpainting and single-coil MRI, where
-    :math:`AA^\top` is diagonal). For a nonlinear operator, or when ``operator_norm`` is
-    given, :math:`AA^\top` is replaced by :math:`\|A\|^2 I`. The rule is invariant to the
+    :math:`AA^\\top` is diagonal). For a nonlinear operator, or when ``operator_norm`` is
+    given, :math:`AA^\\top` is replaced by :math:`\\|A\\|^2 I`. The rule is invariant to the
     scale of ``A`` and of ``y``, needs no per-task tuning, and keeps its meaning whatever
     the number of steps. Poisson noise (``gain`` g) uses the per-entry variance
     :math:`g|y|` instead of :math:`s^2`. Measured on a Gaussian prior (exact posterior
@@ -98,7 +98,7 @@ class DPS(Sampler):
 
     Measurement noise is on the ``[0, 1]`` image scale (the paper's sigma_y = 0.05 is 0.025
     here). Cost: one forward and one backward pass of the network per step, plus
-    ``cg_iterations`` applications of :math:`AA^\top` for the default weighting.
+    ``cg_iterations`` applications of :math:`AA^\\top` for the default weighting.
 
     :param prior: the diffusion prior.
     :param steps: number of steps (= network calls).

@@ -201,7 +201,7 @@ class REDDiff(Sampler):
         return self.v * 2.0 * REFERENCE_NOISE**2 / s**2
 
     def _prior_mean(self, shape, y: Tensor) -> Tensor:
-        """The prior mean, :math:`D(0, \sigma_\max) \approx \mathbb{E}[x_0]` (one network call)."""
+        """The prior mean, :math:`D(0, \\sigma_\\max) \\approx \\mathbb{E}[x_0]` (one network call)."""
         return self.denoise(y.new_zeros(shape, dtype=y.real.dtype), self.prior.sigma_max)
 
     def _run(self, y: Tensor, physics, x_init: Tensor | None, generator, callback: Callable | None) -> Tensor:

@@ -354,8 +354,8 @@ class ReSample(Sampler):
 
     def _decoder_norm_squared(self, z: Tensor, iterations: int = 10) -> float:
         """Largest squared singular value of the decoder's Jacobian :math:`J` at ``z`` (the largest
-        over the batch): power iteration on :math:`J^\top J` with one decoder pass; :math:`Jv` is
-        the derivative of the (linear in ``u``) vector-Jacobian product :math:`J^\top u`."""
+        over the batch): power iteration on :math:`J^\\top J` with one decoder pass; :math:`Jv` is
+        the derivative of the (linear in ``u``) vector-Jacobian product :math:`J^\\top u`."""
         gen = torch.Generator(device=z.device).manual_seed(0)
         v = torch.randn(z.shape, generator=gen, device=z.device, dtype=z.dtype)
         lam = torch.zeros(z.shape[0], device=z.device, dtype=z.dtype)

@@ -73,8 +73,8 @@ def gaussian_noise_std(physics, y: Tensor, noise_sigma: float | None = None,
                        floor: float = 0.0) -> float | Tensor:
     """The std :math:`s` of the Gaussian measurement noise that a Gaussian-likelihood step
     assumes, floored at ``floor``: ``noise_sigma`` when given, else the physics' Gaussian
-    sigma, else for Poisson data (gain :math:`g`, :math:`\mathrm{Var}\,y = g\,Ax`) the
-    homoscedastic equivalent :math:`s^2 = g\,\overline{|y|}`, the mean Poisson variance
+    sigma, else for Poisson data (gain :math:`g`, :math:`\\mathrm{Var}\\,y = g\\,Ax`) the
+    homoscedastic equivalent :math:`s^2 = g\\,\\overline{|y|}`, the mean Poisson variance
     (the rule DPS uses, :func:`likelihood_variance`), else 0. A number, or a ``(B,)``
     tensor for per-image noise levels (see :func:`per_image`)."""
     if noise_sigma is not None:

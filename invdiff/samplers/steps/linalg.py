@@ -185,9 +185,9 @@ def initial_estimate(physics, y: Tensor, shape: Sequence[int], prior_mean: Calla
     1. ``"A_dagger"``: ``physics.A_dagger(y)`` when it is in range, i.e. its energy outside
        ``data_range`` is below a quarter of its energy inside (invdiff's FBP, zero-filling,
        Wiener; deepinv's exact ``BlurFFT`` pseudo-inverse of noisy data, values of
-       :math:`\pm 10^3`, is not);
+       :math:`\\pm 10^3`, is not);
     2. ``"cg"``: for a linear operator, ``iterations`` CG steps on the normal equations
-       :math:`A^\top A x = A^\top y` from the prior mean (regularised by early stopping,
+       :math:`A^\\top A x = A^\\top y` from the prior mean (regularised by early stopping,
        :func:`proximal_least_squares`);
     3. ``"prior"``: the prior mean ``prior_mean()`` (a nonlinear operator whose ``A_dagger``
        fails or is out of range).
