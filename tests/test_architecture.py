@@ -23,7 +23,8 @@ ALLOWED = {
     "io": {"files", "operators", "__init__"},
     "train": {"files", "data", "io", "priors", "__init__"},
     "bench": {"files", "specs", "data", "io", "operators", "priors", "samplers", "__init__"},
-    "apps": {"files", "data", "io", "operators", "priors", "samplers", "__init__"},       # applications
+    "apps": {"files", "specs", "data", "io", "operators", "priors", "samplers", "bench", "train",
+             "__init__"},                                                                # applications
     "cli": {"specs", "apps", "bench", "io", "operators", "priors", "samplers", "train"},  # the command line
 }
 
