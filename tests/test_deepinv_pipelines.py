@@ -354,3 +354,15 @@ def test_stacked_physics_through_every_sampler(prior, truth):
     with pytest.raises(ValueError, match="component 1 .*Gaussian noise with one level > 0"):
         whitened_stack(dinv.physics.StackedLinearPhysics([stack.physics_list[0],
                                                             dinv.physics.Denoising(noise_model=dinv.physics.ZeroNoise())]))
+
+
+@pytest.mark.parametrize("name", ["enkg", "smc", "dps"])
+def test_dinv_test_with_a_mask_generator(name, prior):
+    """``dinv.test(..., physics_generator=...)`` with a new random mask per image (deepinv's
+    ``BernoulliSplittingMaskGenerator``): the particle samplers serve it too."""
+    data = prior.sample(4, _rng(7)).float().clamp(0, 1)
+    physics = dinv.physics.Inpainting(SHAPE, mask=0.5, rng=_rng(0), noise_model=_gaussian())
+    masks = dinv.physics.generator.BernoulliSplittingMaskGenerator(SHAPE, split_ratio=0.6, rng=_rng(9))
+    out = dinv.test(_make(name, prior), _loader(data), physics, physics_generator=masks, online_measurements=True,
+                    no_learning_method="A_dagger", show_progress_bar=False, verbose=False)
+    assert out["PSNR"] > out["PSNR no learning"] + 3
