@@ -20,6 +20,7 @@ import argparse
 
 import deepinv as dinv
 import torch
+from _docs import page
 
 from invdiff import operators, priors, samplers
 from invdiff.bench import SeededSampler
@@ -60,13 +61,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--sampler", default="dds")
+    parser.add_argument("--docs", action="store_true", help="also write the output to docs/benchmarks/deepinv_pipelines.md")
     args = parser.parse_args()
-    torch.set_num_threads(2)
-    print("| physics | method | PSNR (dB) | PSNR no learning (dB) |")
-    print("|---|---|---|---|")
-    for physics, method, psnr, base in run(args.images, args.sampler):
-        print(f"| {physics} | {method} | {psnr:.2f} | {base:.2f} |")
-    print(f"\nmean over {args.images} held-out ct-phantom images, ct-phantom-64 prior, sampler defaults")
+    with page("deepinv_pipelines", "invdiff inside deepinv pipelines", args.docs):
+        torch.set_num_threads(2)
+        print("| physics | method | PSNR (dB) | PSNR no learning (dB) |")
+        print("|---|---|---|---|")
+        for physics, method, psnr, base in run(args.images, args.sampler):
+            print(f"| {physics} | {method} | {psnr:.2f} | {base:.2f} |")
+        print(f"\nmean over {args.images} held-out ct-phantom images, ct-phantom-64 prior, sampler defaults")
 
 
 if __name__ == "__main__":

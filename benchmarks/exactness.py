@@ -39,6 +39,7 @@ import time
 
 import deepinv as dinv
 import torch
+from _docs import page
 
 from invdiff import samplers
 from invdiff.priors import GaussianMixturePrior, GaussianPrior, LatentDiffusionPrior
@@ -199,29 +200,31 @@ def main() -> None:
                         help="SMC noise levels: the first for every particle count, the others for the largest")
     parser.add_argument("--sections", default="pixel,smc,latent", help="tables to compute: pixel, smc, latent")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--docs", action="store_true", help="also write the output to docs/benchmarks/exactness.md")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    sections = {s.strip() for s in args.sections.split(",") if s.strip()}
-    unknown = sections - {"pixel", "smc", "latent"}
-    if unknown:
-        parser.error(f"unknown sections {sorted(unknown)}")
+    with page("exactness", "Exactness: every sampler against the closed-form posterior", args.docs):
+        torch.set_num_threads(args.threads)
+        sections = {s.strip() for s in args.sections.split(",") if s.strip()}
+        unknown = sections - {"pixel", "smc", "latent"}
+        if unknown:
+            parser.error(f"unknown sections {sorted(unknown)}")
 
-    if "pixel" in sections:
-        print_table(f"Exactness against the closed-form posterior ({args.n} samples, 16x16, noise {NOISE}); "
-                    "mean err: 0 is exact; std ratio: 1 is exact", pixel_rows(args.n))
-    if "latent" in sections:
-        print_table(f"ReSample on the analytic latent problem ({args.n} samples, 8x8 latents -> 16x16 images, "
-                    f"noise {NOISE})", latent_rows(args.n))
-    if "smc" in sections:
-        counts = tuple(int(k) for k in args.particles.split(","))
-        rows = smc_rows(args.runs, counts, tuple(int(n) for n in args.smc_steps.split(",")))
-        print(f"\nSMC (TDS) weighted particles vs the exact posterior, 4x4, 50 % inpainting, {args.runs} runs per "
-              "row; in brackets: the same statistic of K exact posterior samples; trace: tr(particle cov) / tr(C)")
-        print("| prior | steps | K | mean err | cov err | W2 (moments) | trace | seconds |\n"
-              "|---|---|---|---|---|---|---|---|")
-        for label, n_steps, k, err, cerr, w2, ferr, fcerr, fw2, trace, sec in rows:
-            print(f"| {label} | {n_steps} | {k} | {err:.3f} ({ferr:.3f}) | {cerr:.3f} ({fcerr:.3f}) | "
-                  f"{w2:.3f} ({fw2:.3f}) | {trace:.2f} | {sec:.1f} |")
+        if "pixel" in sections:
+            print_table(f"Exactness against the closed-form posterior ({args.n} samples, 16x16, noise {NOISE}); "
+                        "mean err: 0 is exact; std ratio: 1 is exact", pixel_rows(args.n))
+        if "latent" in sections:
+            print_table(f"ReSample on the analytic latent problem ({args.n} samples, 8x8 latents -> 16x16 images, "
+                        f"noise {NOISE})", latent_rows(args.n))
+        if "smc" in sections:
+            counts = tuple(int(k) for k in args.particles.split(","))
+            rows = smc_rows(args.runs, counts, tuple(int(n) for n in args.smc_steps.split(",")))
+            print(f"\nSMC (TDS) weighted particles vs the exact posterior, 4x4, 50 % inpainting, {args.runs} runs per "
+                  "row; in brackets: the same statistic of K exact posterior samples; trace: tr(particle cov) / tr(C)")
+            print("| prior | steps | K | mean err | cov err | W2 (moments) | trace | seconds |\n"
+                  "|---|---|---|---|---|---|---|---|")
+            for label, n_steps, k, err, cerr, w2, ferr, fcerr, fw2, trace, sec in rows:
+                print(f"| {label} | {n_steps} | {k} | {err:.3f} ({ferr:.3f}) | {cerr:.3f} ({fcerr:.3f}) | "
+                      f"{w2:.3f} ({fw2:.3f}) | {trace:.2f} | {sec:.1f} |")
 
 
 if __name__ == "__main__":

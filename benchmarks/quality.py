@@ -26,6 +26,7 @@ import time
 
 import deepinv as dinv
 import torch
+from _docs import page
 
 from invdiff import data, operators, priors, samplers
 
@@ -63,57 +64,59 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cpu-budget", action="store_true",
                         help=f"smaller ensembles / particle systems: {CPU_BUDGET}")
+    parser.add_argument("--docs", action="store_true", help="also write the output to docs/benchmarks/quality.md")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    dev = torch.device(args.device)
-    names = [n for n in args.samplers.split(",") if n]
-    overrides = {} if args.steps is None else {"steps": args.steps}
+    with page("quality", "Quality on the shipped priors", args.docs):
+        torch.set_num_threads(args.threads)
+        dev = torch.device(args.device)
+        names = [n for n in args.samplers.split(",") if n]
+        overrides = {} if args.steps is None else {"steps": args.steps}
 
-    rows = []
-    for task in [t for t in args.tasks.split(",") if t]:
-        prior_name, dataset = TASKS[task]
-        prior = priors.load(prior_name, device=dev)
-        x = data.heldout(dataset, args.images, size=64)
-        physics = operators.make(task, img_size=(1, 64, 64), seed=0)
-        y = physics(x, seed=1)
-        noise_sigma = float(getattr(physics.noise_model, "sigma", 0.0))
-        start = time.perf_counter()
-        base = physics.A_dagger(y)
-        rows.append((task, "baseline (A_dagger)", *metrics(base, x), 0, (time.perf_counter() - start) / len(x)))
-        physics, y = physics.to(dev), y.to(dev)
-        latent = priors.load(LATENT[prior_name], device=dev) if prior_name in LATENT else None
-        for name in names:
-            kind = getattr(samplers.get(name), "prior_kind", "pixel")
-            extra = CPU_BUDGET.get(name, {}) if args.cpu_budget else {}
-            sampler = samplers.make(name, latent if (kind == "latent" and latent is not None) else prior,
-                                    **overrides, **extra)
-            try:
-                out = sampler(y, physics, generator=torch.Generator(dev).manual_seed(2))
-                rows.append((task, f"invdiff {name}", *metrics(out.cpu(), x), sampler.last_run.nfe,
-                             sampler.last_run.wall_time / len(x)))
-            except (TypeError, ValueError, RuntimeError) as err:  # e.g. a sampler that needs a latent prior
-                rows.append((task, f"invdiff {name}: {str(err).splitlines()[0][:60]}", float("nan"), float("nan"),
-                             0, 0.0))
-            print(f"{task} {rows[-1][1]}: {rows[-1][2]:.2f} dB", flush=True)
-        if not args.no_deepinv:
-            theirs = (
-                (f"deepinv DPS ({args.deepinv_steps} steps)",
-                 dinv.sampling.DPS(prior, num_steps=args.deepinv_steps, device=dev, dtype=torch.float32),
-                 args.deepinv_steps),
-                ("deepinv DiffPIR (defaults)",
-                 dinv.sampling.DiffPIR(prior, dinv.optim.L2(), sigma=max(noise_sigma, 1e-3), device=dev), 100),
-            )
-            for label, model, nfe in theirs:
-                start = time.perf_counter()
-                out = model(y, physics, seed=3)  # deepinv seeds the global RNG itself
-                rows.append((task, label, *metrics(out.cpu(), x), nfe, (time.perf_counter() - start) / len(x)))
-                print(f"{task} {label}: {rows[-1][2]:.2f} dB", flush=True)
+        rows = []
+        for task in [t for t in args.tasks.split(",") if t]:
+            prior_name, dataset = TASKS[task]
+            prior = priors.load(prior_name, device=dev)
+            x = data.heldout(dataset, args.images, size=64)
+            physics = operators.make(task, img_size=(1, 64, 64), seed=0)
+            y = physics(x, seed=1)
+            noise_sigma = float(getattr(physics.noise_model, "sigma", 0.0))
+            start = time.perf_counter()
+            base = physics.A_dagger(y)
+            rows.append((task, "baseline (A_dagger)", *metrics(base, x), 0, (time.perf_counter() - start) / len(x)))
+            physics, y = physics.to(dev), y.to(dev)
+            latent = priors.load(LATENT[prior_name], device=dev) if prior_name in LATENT else None
+            for name in names:
+                kind = getattr(samplers.get(name), "prior_kind", "pixel")
+                extra = CPU_BUDGET.get(name, {}) if args.cpu_budget else {}
+                sampler = samplers.make(name, latent if (kind == "latent" and latent is not None) else prior,
+                                        **overrides, **extra)
+                try:
+                    out = sampler(y, physics, generator=torch.Generator(dev).manual_seed(2))
+                    rows.append((task, f"invdiff {name}", *metrics(out.cpu(), x), sampler.last_run.nfe,
+                                 sampler.last_run.wall_time / len(x)))
+                except (TypeError, ValueError, RuntimeError) as err:  # e.g. a sampler that needs a latent prior
+                    rows.append((task, f"invdiff {name}: {str(err).splitlines()[0][:60]}", float("nan"), float("nan"),
+                                 0, 0.0))
+                print(f"{task} {rows[-1][1]}: {rows[-1][2]:.2f} dB", flush=True)
+            if not args.no_deepinv:
+                theirs = (
+                    (f"deepinv DPS ({args.deepinv_steps} steps)",
+                     dinv.sampling.DPS(prior, num_steps=args.deepinv_steps, device=dev, dtype=torch.float32),
+                     args.deepinv_steps),
+                    ("deepinv DiffPIR (defaults)",
+                     dinv.sampling.DiffPIR(prior, dinv.optim.L2(), sigma=max(noise_sigma, 1e-3), device=dev), 100),
+                )
+                for label, model, nfe in theirs:
+                    start = time.perf_counter()
+                    out = model(y, physics, seed=3)  # deepinv seeds the global RNG itself
+                    rows.append((task, label, *metrics(out.cpu(), x), nfe, (time.perf_counter() - start) / len(x)))
+                    print(f"{task} {label}: {rows[-1][2]:.2f} dB", flush=True)
 
-    print(f"\nQuality on {args.images} held-out 64x64 images per task (PSNR dB / SSIM, mean over images); "
-          f"steps: {args.steps or 'defaults'}; {'CPU budget ' + str(CPU_BUDGET) if args.cpu_budget else ''}")
-    print("| task | method | PSNR | SSIM | NFE | s / image |\n|---|---|---|---|---|---|")
-    for task, method, psnr, ssim, nfe, sec in rows:
-        print(f"| {task} | {method} | {psnr:.2f} | {ssim:.3f} | {nfe} | {sec:.2f} |")
+        print(f"\nQuality on {args.images} held-out 64x64 images per task (PSNR dB / SSIM, mean over images); "
+              f"steps: {args.steps or 'defaults'}; {'CPU budget ' + str(CPU_BUDGET) if args.cpu_budget else ''}")
+        print("| task | method | PSNR | SSIM | NFE | s / image |\n|---|---|---|---|---|---|")
+        for task, method, psnr, ssim, nfe, sec in rows:
+            print(f"| {task} | {method} | {psnr:.2f} | {ssim:.3f} | {nfe} | {sec:.2f} |")
 
 
 if __name__ == "__main__":
