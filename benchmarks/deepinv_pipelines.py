@@ -9,7 +9,7 @@ Prints a markdown table of ``dinv.test`` results (PSNR of the sampler and of dee
   an unnormalised back-projection on invdiff's CT) and with ``no_learning_method="A_dagger"``
   (FBP), the call the README recommends;
 * deepinv's own ``BlurFFT`` with RED-Diff, whose start was ``A_dagger(y)`` (deepinv's exact
-  pseudo-inverse of noisy data) and is now :func:`~invdiff.samplers._steps.initial_estimate`;
+  pseudo-inverse of noisy data) and is now :func:`~invdiff.samplers.steps.initial_estimate`;
 * deepinv's ``Inpainting`` under a ``SigmaGenerator`` (a new noise level per image), which
   every sampler used to refuse.
 """

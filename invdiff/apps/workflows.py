@@ -18,7 +18,7 @@ and records the factor; k-space is cropped centrally (same field of view, coarse
 pixels). Tiled reconstruction is not offered: CT and MRI operators are global (every
 measurement mixes all pixels), so patches cannot be measured independently.
 
->>> from invdiff.workflows import parse_size
+>>> from invdiff.apps.workflows import parse_size
 >>> parse_size("64"), parse_size("48x64")
 ((64, 64), (48, 64))
 """

@@ -28,12 +28,12 @@ def ode_x0(denoise: Callable[[Tensor, float], Tensor], x: Tensor, sigma: float, 
            sigma_min: float) -> Tensor:
     r"""Solve the probability-flow ODE from ``x`` at level ``sigma`` down to 0 with Euler steps.
 
-    The levels are EDM's (:func:`~invdiff.samplers._steps.karras_sigmas`, rho 7) from
+    The levels are EDM's (:func:`~invdiff.samplers.steps.karras_sigmas`, rho 7) from
     ``sigma`` to ``sigma_min``, then 0; each step is one network call,
 
     .. math:: x \leftarrow x + (\sigma_{k+1} - \sigma_k)\,\frac{x - D(x, \sigma_k)}{\sigma_k},
 
-    so the last step returns :math:`D(x, \sigma_{\text{steps}-1})`. (A candidate for ``_steps``.)
+    so the last step returns :math:`D(x, \sigma_{\text{steps}-1})`. (A candidate for ``samplers.steps``.)
     """
     levels = karras_sigmas(steps, min(sigma_min, sigma), sigma).tolist()
     for k in range(steps):

@@ -34,7 +34,7 @@ def quad_sigmas(steps: int, num_timesteps: int = 1000) -> Tensor:
     The official code visits the DDPM timesteps :math:`t_k = T - 1 - \\lfloor\\sqrt{k/(N-1)}\\,T\\rfloor`
     (the last one moved to :math:`t = 1`), dense near :math:`t = 0`; each is mapped to
     :math:`\\sigma_t = \\tfrac12\\sqrt{(1-\\bar\\alpha_t)/\\bar\\alpha_t}` (see
-    :func:`~invdiff.samplers._steps.ddpm_sigmas`).
+    :func:`~invdiff.samplers.steps.ddpm_sigmas`).
     """
     if steps < 2:
         raise ValueError(f"the quad schedule needs steps >= 2, got {steps}")

@@ -92,7 +92,7 @@ class DPS(Sampler):
     coordinates the same update is
     :math:`\\gamma_i = \\tfrac{\\zeta}{2}\\sqrt{(1 + 4\\sigma_i^2)(1 + 4\\sigma_{i+1}^2)}\\,\\Delta t_i`
     with :math:`\\Delta t_i` the number of DDPM steps step ``i`` spans
-    (:func:`~invdiff.samplers._steps.ddpm_timestep`): on the 1000-step DDPM schedule the
+    (:func:`~invdiff.samplers.steps.ddpm_timestep`): on the 1000-step DDPM schedule the
     iterates are the official ones mapped to ``[0, 1]``; on a coarser schedule each step
     carries the guidance of the steps it replaces.
 

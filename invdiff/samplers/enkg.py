@@ -157,7 +157,7 @@ class EnKG(Sampler):
       one batched network call for the whole ensemble (``nfe`` = steps when the ensemble fits
       in ``max_batch``) instead of ``(ode_steps + 1) x updates``.
     * *Noise.* :math:`\Gamma` comes from the physics' noise model (Gaussian, or the Poisson
-      variance of :func:`~invdiff.samplers._steps.likelihood_variance`), floored at
+      variance of :func:`~invdiff.samplers.steps.likelihood_variance`), floored at
       ``min_noise^2``; the official code uses a fixed ``s``.
 
     Defaults: ``steps=80`` (paper), ``ensemble_size=1024`` (paper, FFHQ), ``eta=1`` (see above), guidance at every

@@ -37,7 +37,7 @@ class MCG(DPS):
        .. math:: x_{i+1} = x''_{i+1} + A^{+}(y_{i+1} - A x''_{i+1}),
 
        the minimum-norm correction, solved by CG on the normal equations for any linear
-       ``A`` (:func:`~invdiff.samplers._steps.project_measurements`). For inpainting it is the
+       ``A`` (:func:`~invdiff.samplers.steps.project_measurements`). For inpainting it is the
        paper's replacement of the measured pixels by the noised measurement; for CT it
        replaces the paper's ``lambda A^T(y - Ax) / (A^T A 1)`` sweep by the exact projection.
 

@@ -36,7 +36,7 @@ def snr_weight(sigma: float, kind: str = "linear") -> float:
     On ``[-1, 1]`` images in VP coordinates the official code uses
     :math:`\mathrm{snr}^{-1/2}_t = \sqrt{1 - \bar\alpha_t} / \sqrt{\bar\alpha_t}`, which on
     ``[0, 1]`` VE images is exactly :math:`2\sigma` (see
-    :func:`~invdiff.samplers._steps.ddpm_sigmas`). ``kind``: ``"linear"``
+    :func:`~invdiff.samplers.steps.ddpm_sigmas`). ``kind``: ``"linear"``
     (:math:`2\sigma`, the paper's default), ``"sqrt"`` (:math:`\sqrt{2\sigma}`),
     ``"square"`` (:math:`4\sigma^2`), ``"const"`` (1).
     """
@@ -106,7 +106,7 @@ class REDDiff(Sampler):
     regulariser).
 
     Other departures: the official ``sigma_x0`` (extra noise on :math:`\mu`, 0 by default)
-    is left out; the schedule is :func:`~invdiff.samplers._steps.ddpm_sigmas` (timesteps
+    is left out; the schedule is :func:`~invdiff.samplers.steps.ddpm_sigmas` (timesteps
     ``linspace(999, 0, steps)``, the official code uses ``range(0, 1000, 1000 // steps)``
     reversed); the default is 100 steps (the paper's README example; its experiments use
     up to 1000). ``clip`` clamps the initial :math:`A^\dagger y` and the returned
@@ -116,7 +116,7 @@ class REDDiff(Sampler):
     :math:`A^\dagger y`. That is kept when it is in the data range; an unregularised
     pseudo-inverse of noisy data (deepinv's ``BlurFFT``) or a nonlinear operator without
     one starts instead from a CG-regularised least-squares solution or the prior mean
-    (:func:`~invdiff.samplers._steps.initial_estimate`; ``last_run.extra["start"]`` says
+    (:func:`~invdiff.samplers.steps.initial_estimate`; ``last_run.extra["start"]`` says
     which).
 
     RED-Diff returns a **point estimate** (a regularised MAP-like solution), not a posterior

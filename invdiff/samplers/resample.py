@@ -153,7 +153,7 @@ class ReSample(Sampler):
     and the analytic latent problem of ``benchmarks/exactness.py`` a mean error of 0.12
     against 0.05 on blur.
     (b) For a linear operator the pixel-space problem is solved by CGLS from
-    :math:`\mathcal D(\hat z_0)` (:func:`~invdiff.samplers._steps.cgls`): the same limit as
+    :math:`\mathcal D(\hat z_0)` (:func:`~invdiff.samplers.steps.cgls`): the same limit as
     gradient descent from that point (the least-squares solution closest to it), in tens of
     iterations instead of thousands; nonlinear operators use the official Adam.
     (c) The DPS step (above). (d) The schedule is EDM's over the latent prior's sigma range (``steps`` levels;

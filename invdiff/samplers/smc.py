@@ -153,7 +153,7 @@ class SMC(Sampler):
     :param twist: ``"pigdm"`` or ``"tds"`` (twist variance, see above).
     :param schedule: ``"karras"`` (EDM) or ``"ddpm"``; or explicit ``sigmas``.
     :param noise_sigma: measurement noise std :math:`s`; read from ``physics.noise_model`` when ``None``.
-    :param likelihood: ``"auto"``, ``"gaussian"`` or ``"poisson"`` (see :func:`~invdiff.samplers._steps.likelihood_variance`).
+    :param likelihood: ``"auto"``, ``"gaussian"`` or ``"poisson"`` (see :func:`~invdiff.samplers.steps.likelihood_variance`).
     :param poisson_gain: gain of Poisson noise, when not read from the physics.
     :param min_noise: floor of :math:`s` (noiseless measurements).
     :param operator_norm: :math:`\|A\|^2` for the scalar twist (nonlinear operators: estimated as 1).
