@@ -192,7 +192,7 @@ def test_sigma_generator_in_dinv_test(prior):
     assert out["PSNR"] > out["PSNR no learning"] + 3
 
 
-def test_trainer_test_with_convergence_metrics(prior, tmp_path):
+def test_trainer_test_with_convergence_metrics(prior, tmp_path, monkeypatch):
     """``Trainer.test(plot_convergence_metrics=True)`` passes ``x_gt`` and ``compute_metrics``:
     the sampler returns deepinv's per-image, per-step metrics."""
     data = prior.sample(2, _rng(7)).float().clamp(0, 1)
@@ -204,6 +204,7 @@ def test_trainer_test_with_convergence_metrics(prior, tmp_path):
     import matplotlib
 
     matplotlib.use("Agg")
+    monkeypatch.chdir(tmp_path)  # deepinv writes the curves under "<save_folder_im>/", relative to the cwd
     loader = _loader(data)
     trainer = dinv.Trainer(sampler, physics=physics, train_dataloader=loader, online_measurements=True,
                            plot_convergence_metrics=True, save_path=str(tmp_path), show_progress_bar=False,
