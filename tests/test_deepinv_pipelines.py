@@ -90,8 +90,6 @@ def test_every_sampler_on_deepinv_physics_approaches_the_exact_posterior(name, p
     physics = DEEPINV_PHYSICS[physics_name]()
     y = physics(truth)
     sampler = _make(name, prior)
-    if name == "resample":
-        sampler = samplers.make("resample", prior, steps=100)
     est = sampler.sample(y, physics, n=2, generator=_rng(0)).mean
     sigma = float(physics.noise_model.sigma)
     assert _progress(prior, physics, y, est, sigma) < 0.6
@@ -168,14 +166,14 @@ def test_physics_generators_per_image_masks_kernels_and_noise_levels(prior, trut
     noise = dinv.physics.GaussianNoise(torch.tensor([0.02, 0.1]), rng=_rng(1))
     masks = (torch.rand(2, *SHAPE, generator=_rng(2)) > 0.5).float()
     kernels = dinv.physics.generator.DiffractionBlurGenerator((5, 5), rng=_rng(4)).step(batch_size=2)["filter"]
-    for physics in (dinv.physics.Inpainting(SHAPE, mask=masks, noise_model=noise),
-                    dinv.physics.BlurFFT(SHAPE, filter=kernels, noise_model=noise)):
+    cases = ((dinv.physics.Inpainting, "mask", masks), (dinv.physics.BlurFFT, "filter", kernels))
+    for make_physics, key, per_image in cases:
+        physics = make_physics(SHAPE, **{key: per_image}, noise_model=noise)
         y = physics(truth)
         for name in samplers.available():
             est = _make(name, prior).sample(y, physics, n=2, generator=_rng(0)).mean
             for j, s in enumerate((0.02, 0.1)):
-                single = type(physics)(SHAPE, **({"mask": masks[j:j + 1]} if hasattr(physics, "mask") and
-                                                  physics.mask.shape == masks.shape else {"filter": kernels[j:j + 1]}))
+                single = make_physics(SHAPE, **{key: per_image[j:j + 1]})
                 exact = prior.posterior(y[j:j + 1], single, s).mean.float()
                 assert rel_err(est[j:j + 1], exact, torch.full_like(exact, 0.5)) < 0.6, (name, type(physics).__name__, j)
 

@@ -88,6 +88,14 @@ class Sampler(Reconstructor):
     #: False for methods that need ``A_adjoint`` (CG / proximal data steps); they refuse a
     #: nonlinear operator with a clear error instead of failing inside the loop.
     supports_nonlinear = True
+    #: Run the loop with autograd on (when the caller's grad mode is on), so that a loss on
+    #: the output can train the prior's network (deepinv's ``Trainer.train``, unrolled
+    #: networks). Off by default: sampling keeps no graph, which is what makes it fast and
+    #: light. Gradients flow through every network call and operator application of the
+    #: loop; the guidance gradients of DPS-type methods (an inner ``autograd.grad``) are
+    #: constants of that graph (no second-order terms). Set it on an instance:
+    #: ``sampler.differentiable = True``.
+    differentiable: bool = False
 
     def __init__(self, prior: DiffusionPrior, verbose: bool = False) -> None:
         super().__init__()
@@ -135,12 +143,16 @@ class Sampler(Reconstructor):
         return x if x_init is None else x + x_init.to(x.dtype)
 
     def step_done(self, i: int, sigma: float, x: Tensor, x0: Tensor, callback: Callable[[dict], None] | None,
-                  check: Tensor | None = None, **extra) -> None:
-        """The end of step ``i``: the divergence check on ``x`` (or on ``check``: all particles,
-        log-weights), the step count, and ``callback(dict(i, sigma, x, x0, **extra))``."""
+                  check: Tensor | None = None, view: Callable[[Tensor], Tensor] | None = None, **extra) -> None:
+        """The end of step ``i``: the divergence check on ``x`` (or on ``check``, e.g. SMC's
+        log-weights), the step count, and ``callback(dict(i, sigma, x, x0, **extra))``, with
+        ``x`` and ``x0`` passed through ``view`` first when given (EnKG shows ensemble means;
+        computed only when there is a callback)."""
         self.check_finite(x if check is None else check, i, sigma)
         self._info.steps += 1
         if callback is not None:
+            if view is not None:
+                x, x0 = view(x), view(x0)
             callback(dict(i=i, sigma=sigma, x=x, x0=x0, **extra))
 
     def progress(self, iterable, total: int | None = None):
@@ -220,15 +232,6 @@ class Sampler(Reconstructor):
             self._info.wall_time = time.perf_counter() - start
             self.last_run, self._info = self._info, None
         return (x, metrics) if compute_metrics else x
-
-    #: Run the loop with autograd on (when the caller's grad mode is on), so that a loss on
-    #: the output can train the prior's network (deepinv's ``Trainer.train``, unrolled
-    #: networks). Off by default: sampling keeps no graph, which is what makes it fast and
-    #: light. Gradients flow through every network call and operator application of the
-    #: loop; the guidance gradients of DPS-type methods (an inner ``autograd.grad``) are
-    #: constants of that graph (no second-order terms). Set it on an instance:
-    #: ``sampler.differentiable = True``.
-    differentiable: bool = False
 
     @staticmethod
     def _metrics_callback(x_gt: Tensor | None, batch: int, callback):

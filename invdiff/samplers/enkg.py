@@ -257,7 +257,7 @@ class EnKG(Sampler):
         else:
             noise_var = max(float(noise_var), self.min_noise**2)
         guided = [i for i in range(n) if self.guided(i)]
-        # a level's share grows as the signal is resolved: (r_t^2 / sigma_t^2)^p = (sigma_d^2 / (sigma_t^2 + sigma_d^2))^p
+        # a level's share grows as the signal is resolved: (r_t^2 / sigma_t^2)^p
         shares = torch.tensor([(denoiser_error_variance(sigmas[i], self.prior.sigma_data) / sigmas[i] ** 2)
                                ** self.tempering_power for i in guided], dtype=torch.float64)
         betas = dict(zip(guided, (shares / shares.sum()).tolist())) if guided else {}
@@ -279,8 +279,7 @@ class EnKG(Sampler):
             noise = randn_like(x, gen) if (self.eta > 0 and sigma_next > 0) else None
             x = ddim_step(x, x0, sigma, sigma_next, self.eta, noise)
             # every particle is checked; the callback sees the ensemble means
-            self.step_done(i, sigma, x.reshape(batch, members, *shape).mean(1),
-                           x0.reshape(batch, members, *shape).mean(1), callback, check=x)
+            self.step_done(i, sigma, x, x0, callback, view=lambda t: t.reshape(batch, members, *shape).mean(1))
         particles = x.reshape(batch, members, *shape)
         self.last_particles = particles.transpose(0, 1).contiguous()
         return particles.mean(1)

@@ -61,6 +61,7 @@ def measurement_noise(physics, batch: int | None = None) -> tuple[str, float | T
                          "measurements; pass noise_sigma explicitly")
     return kind, level.repeat(batch // level.numel())
 
+
 def per_image(value: float | Tensor, ndim: int = 4) -> float | Tensor:
     """A number as is; a ``(B,)`` tensor of per-image values reshaped to ``(B, 1, ..., 1)``
     with ``ndim`` dimensions, so that it broadcasts against an image (``ndim=4``) or a
@@ -68,6 +69,7 @@ def per_image(value: float | Tensor, ndim: int = 4) -> float | Tensor:
     if isinstance(value, Tensor) and value.ndim == 1:
         return value.reshape(-1, *([1] * (ndim - 1)))
     return value
+
 
 def gaussian_noise_std(physics, y: Tensor, noise_sigma: float | None = None,
                        floor: float = 0.0) -> float | Tensor:
@@ -87,8 +89,10 @@ def gaussian_noise_std(physics, y: Tensor, noise_sigma: float | None = None,
         return level.clamp_min(floor)
     return max(level, floor)
 
+
 #: Names accepted by the ``likelihood`` argument of DPS and MCG.
 LIKELIHOODS = ("auto", "gaussian", "poisson")
+
 
 def likelihood_variance(
     physics, y: Tensor, likelihood: str = "auto", noise_sigma: float | None = None,

@@ -11,7 +11,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["conjugate_gradient", "cgls", "proximal_least_squares", "project_measurements", "operator_norm_squared", "initial_estimate"]
+__all__ = ["conjugate_gradient", "cgls", "proximal_least_squares", "project_measurements", "operator_norm_squared",
+           "initial_estimate"]
 
 
 def conjugate_gradient(
@@ -44,6 +45,7 @@ def conjugate_gradient(
         p = r + (rs_new / rs.clamp_min(torch.finfo(b.real.dtype).tiny)) * p
         rs = rs_new
     return x
+
 
 def cgls(
     physics, y: Tensor, x0: Tensor, iterations: int, stop_residual: Tensor | float = 0.0, tol: float = 1e-6
@@ -91,6 +93,7 @@ def cgls(
         res = dot(r, r)
     return x, res
 
+
 def proximal_least_squares(
     physics, z: Tensor, y: Tensor, gamma: float | None, iterations: int, tol: float = 1e-6
 ) -> Tensor:
@@ -118,6 +121,7 @@ def proximal_least_squares(
 
         rhs = z + gamma * physics.A_adjoint(y)
     return conjugate_gradient(apply, rhs.to(z.dtype), x0=z, iterations=iterations, tol=tol)
+
 
 def project_measurements(
     physics, x: Tensor, y: Tensor, weight: float | Tensor | None, iterations: int, tol: float = 1e-4
@@ -153,6 +157,7 @@ def project_measurements(
         rhs = physics.A_adjoint(weight * r)
     return x + conjugate_gradient(apply, rhs.to(x.dtype), iterations=iterations, tol=tol)
 
+
 def operator_norm_squared(physics, image_shape: Sequence[int], device=None, dtype=torch.float32,
                           iterations: int = 30, generator: torch.Generator | None = None) -> float:
     """Largest eigenvalue of ``A^T A`` by power iteration (with ``A_vjp`` / adjoint).
@@ -177,6 +182,7 @@ def operator_norm_squared(physics, image_shape: Sequence[int], device=None, dtyp
             break
         lam = new
     return max(lam, 1e-12)
+
 
 def initial_estimate(physics, y: Tensor, shape: Sequence[int], prior_mean: Callable[[], Tensor],
                      data_range: tuple[float, float] = (0.0, 1.0), iterations: int = 10) -> tuple[Tensor, str]:

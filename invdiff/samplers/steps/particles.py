@@ -19,6 +19,7 @@ def effective_sample_size(log_weights: Tensor, dim: int = 0) -> Tensor:
     w = torch.softmax(log_weights, dim=dim)
     return 1.0 / (w**2).sum(dim)
 
+
 def systematic_resample(
     log_weights: Tensor, generator: torch.Generator | Sequence[torch.Generator] | None
 ) -> Tensor:

@@ -37,9 +37,11 @@ def karras_sigmas(
     sig = (hi + ramp * (lo - hi)) ** rho
     return torch.cat([sig, sig.new_zeros(1)]).to(dtype)
 
+
 def _ddpm_alphas_cumprod(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
     betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
     return torch.cumprod(1 - betas, 0)
+
 
 def ddpm_sigmas(
     steps: int | None = None, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
@@ -60,6 +62,7 @@ def ddpm_sigmas(
     idx = torch.linspace(num_timesteps - 1, 0, steps, dtype=torch.float64).round().long()
     return torch.cat([sig[idx], sig.new_zeros(1)]).to(dtype)
 
+
 def ddpm_timestep(sigma: Tensor | float, num_timesteps: int = 1000, beta_start: float = 1e-4,
                   beta_end: float = 0.02) -> Tensor:
     """Continuous DDPM timestep ``t`` whose VE noise level (see :func:`ddpm_sigmas`) is ``sigma``.
@@ -78,6 +81,7 @@ def ddpm_timestep(sigma: Tensor | float, num_timesteps: int = 1000, beta_start: 
     t = t.clamp(0, num_timesteps - 1)
     t = torch.where(s.reshape(-1) <= 0, torch.full_like(t, -1.0), t)
     return t.reshape(s.shape)
+
 
 def make_sigmas(prior: DiffusionPrior, steps: int, schedule: str, sigmas: Tensor | None) -> Tensor:
     """An explicit noise schedule: ``sigmas`` checked, or ``"karras"`` / ``"ddpm"`` with ``steps``."""
