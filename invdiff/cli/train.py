@@ -17,7 +17,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     config = TrainConfig(
-        data=args.data, size=args.size, channels=args.channels, width=args.width, patch=args.patch, steps=args.steps,
+        data=args.data, size=args.size, channels=args.channels, width=args.width, unshuffle=args.unshuffle,
+        patch=args.patch, sizes=tuple(int(v) for v in args.sizes.split(",") if v), patch_pad=args.patch_pad,
+        patch_mix=tuple(float(v) for v in args.patch_mix.split(",") if v), steps=args.steps,
         batch=args.batch, lr=args.lr, ema_halflife=args.ema_halflife,
         augment=tuple(a for a in args.augment.split(",") if a), n_images=args.n_images, seed=args.seed,
     )
@@ -57,10 +59,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a diffusion prior (EDM loss) on built-in data or a folder of images")
     p.add_argument("--data", required=True, help="ct-phantom, mri-brain, or a folder of PNG/TIFF/DICOM/NIfTI images")
     p.add_argument("--out", required=True, help="output .safetensors file (a .md model card is written beside it)")
-    p.add_argument("--size", type=int, default=64, help="image side (default 64)")
+    p.add_argument("--size", type=int, default=64,
+                   help="image side (default 64); with --patch, the largest image side of the pool")
     p.add_argument("--channels", type=int, default=1)
     p.add_argument("--width", type=int, default=32, help="U-Net base width (default 32: 1.24 M parameters)")
-    p.add_argument("--patch", type=int, default=2, help="pixel-unshuffle factor of the network input (default 2)")
+    p.add_argument("--unshuffle", type=int, default=2, help="pixel-unshuffle factor of the network input (default 2)")
+    p.add_argument("--patch", type=int, default=0,
+                   help="train a patch prior (PaDIS) on PATCH x PATCH crops of full-size images, usable at any size "
+                        "(default 0: a whole-image prior at --size)")
+    p.add_argument("--sizes", default="", help="--patch: comma-separated image sizes of the pool (default: --size)")
+    p.add_argument("--patch-pad", type=int, default=-1, help="--patch: zero padding of the crops (default PATCH/2)")
+    p.add_argument("--patch-mix", default="0.5,0.3,0.2",
+                   help="--patch: probabilities of the patch sizes PATCH, PATCH/2, PATCH/4 (default 0.5,0.3,0.2)")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=5e-4)

@@ -3,7 +3,8 @@
 * :func:`invdiff.data.phantoms.ct` — procedural anatomical CT slices (HU window
   ``[-1000, 1000]`` mapped to ``[0, 1]``);
 * :func:`invdiff.data.mni.slices` — slices of the MNI152 T1 template shipped by nilearn
-  (optional extra ``invdiff[train]``);
+  (optional extra ``invdiff[train]``), and :func:`invdiff.data.mni.randomised`, domain-
+  randomised slices of it (random planes, tissue contrasts, deformations, bias, noise);
 * :func:`training` and :func:`heldout` — the exact training pools and held-out evaluation
   images of the shipped priors ``ct-phantom-64`` and ``mri-brain-64``.
 """
@@ -17,7 +18,7 @@ from . import mni, phantoms
 __all__ = ["phantoms", "mni", "heldout", "training", "DATASETS", "HELDOUT_SEED", "TRAIN_SEED"]
 
 #: Names accepted by :func:`heldout` and :func:`training`.
-DATASETS = ("ct-phantom", "mri-brain")
+DATASETS = ("ct-phantom", "mri-brain", "mri-brain-synth")
 #: Seed of the phantom streams; training uses stream 0, evaluation stream 1.
 TRAIN_SEED = 0
 HELDOUT_SEED = 0
@@ -39,7 +40,7 @@ def heldout(name: str, n: int | None = None, size: int = 64) -> torch.Tensor:
     n = 16 if n is None else int(n)
     if name == "ct-phantom":
         return phantoms.ct(n, size, HELDOUT_SEED, stream=_HELDOUT_STREAM)
-    if name == "mri-brain":
+    if name in ("mri-brain", "mri-brain-synth"):
         x = mni.slices("heldout", size)
         if n > len(x):
             raise ValueError(f"mri-brain has {len(x)} held-out slices; asked for {n}")
@@ -50,11 +51,16 @@ def heldout(name: str, n: int | None = None, size: int = 64) -> torch.Tensor:
 
 
 def training(name: str, n: int | None = None, size: int = 64) -> torch.Tensor:
-    """Training images of the shipped priors: ``n`` phantoms (stream 0, default 4096) or
-    every training MNI slice (``n`` must be ``None`` or at most their number)."""
+    """Training images of the shipped priors: ``n`` phantoms (stream 0, default 4096),
+    every training MNI slice (``mri-brain``; ``n`` must be ``None`` or at most their number),
+    or those slices and ``n`` domain-randomised ones (``mri-brain-synth``, default 1024;
+    :func:`invdiff.data.mni.randomised`, seed 0, stream 0). ``mri-brain-synth`` is held out
+    on the same 16 template slices as ``mri-brain``."""
     if name == "ct-phantom":
         return phantoms.ct(4096 if n is None else int(n), size, TRAIN_SEED, stream=0)
     if name == "mri-brain":
         x = mni.slices("train", size)
         return x if n is None else x[: int(n)]
+    if name == "mri-brain-synth":
+        return torch.cat([mni.slices("train", size), mni.randomised(1024 if n is None else int(n), size, TRAIN_SEED)])
     raise ValueError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["template_path", "load_template", "slices", "heldout_from_template", "write_heldout", "HELDOUT", "GUARD",
+__all__ = ["template_path", "load_template", "slices", "tissue_maps", "randomised_slice", "randomised", "heldout_from_template", "write_heldout", "HELDOUT", "GUARD",
            "ORIENTATIONS", "HELDOUT_FILE"]
 
 ORIENTATIONS = ("axial", "coronal", "sagittal")
@@ -170,3 +170,117 @@ def slices(split: str = "train", size: int = 64, orientations: tuple[str, ...] =
             moved = np.moveaxis(vol, _AXIS[o], 0)
             out.extend(_render(moved[i], size) for i in index[o])
     return torch.from_numpy(np.stack(out)[:, None].astype(np.float32))
+
+
+# ----------------------------------------------------------------------------------
+# domain randomisation
+# ----------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def tissue_maps() -> dict[str, np.ndarray]:
+    """Tissue probability maps of the template, float32 in ``[0, 1]`` on its 1 mm grid:
+    ``gm`` and ``wm`` (nilearn's ICBM 2009a maps), ``csf`` (inside the brain's filled mask,
+    neither grey nor white matter: ventricles, sulci), ``other`` (the T1 template outside the
+    brain: scalp, skull marrow, fat) and ``t1`` (the template)."""
+    from scipy import ndimage
+
+    try:
+        import nibabel as nib
+    except ImportError as err:
+        raise ImportError(f"the MNI tissue maps need nibabel: {_EXTRA}") from err
+    folder = template_path().parent
+    gm = np.asarray(nib.load(str(folder / "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz")).dataobj,
+                    np.float32) / 255
+    wm = np.asarray(nib.load(str(folder / "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz")).dataobj,
+                    np.float32) / 255
+    brain = ndimage.binary_fill_holes(ndimage.binary_closing(gm + wm > 0.2, iterations=3))
+    brain = ndimage.gaussian_filter(brain.astype(np.float32), 1.0)
+    csf = np.clip(brain - gm - wm, 0, 1)
+    t1 = load_template()
+    other = t1 * np.clip(1 - brain, 0, 1)
+    return {"gm": gm, "wm": wm, "csf": csf, "other": other, "t1": t1}
+
+
+def _smooth_field(rng: np.random.Generator, shape: tuple[int, int], scale: float, amplitude: float) -> np.ndarray:
+    from scipy import ndimage
+
+    coarse = rng.standard_normal((max(2, int(shape[0] / scale)), max(2, int(shape[1] / scale))))
+    field = ndimage.zoom(coarse, (shape[0] / coarse.shape[0], shape[1] / coarse.shape[1]), order=3)
+    return amplitude * field[: shape[0], : shape[1]] / max(float(np.abs(coarse).max()), 1e-6)
+
+
+def randomised_slice(size: int, rng: np.random.Generator, heldout_guard: bool = True) -> np.ndarray:
+    """One domain-randomised brain slice ``(size, size)`` in ``[0, 1]`` (SynthSeg-style):
+
+    * a random **plane** through the template: near one of the three orientations (tilt up
+      to 15°), any in-plane rotation, a random field of view (pixel spacing 0.5–1.3 x the
+      head's extent / ``size``) and centre, with a smooth **elastic** displacement of the
+      sampling grid (up to 4 mm);
+    * a random **contrast**: the intensities of grey matter, white matter, CSF and the
+      other head tissue drawn independently in ``[0, 1]`` (T1-like, T2-like or arbitrary,
+      a quarter of the slices T1-ordered), with the template's own texture in the other
+      tissue;
+    * a multiplicative **bias field** ``exp(f)`` with a smooth ``f`` (up to ±0.3), partial-
+      volume blur and Rician **noise** of a random level (0–3 %), then the 99.5th percentile
+      scaled to 1.
+
+    With ``heldout_guard`` the plane's centre keeps :data:`GUARD` mm away from every held-out
+    slice of its orientation (and its sagittal mirror), as for the template slices.
+    """
+    from scipy import ndimage
+
+    maps = tissue_maps()
+    shape = np.asarray(maps["t1"].shape, np.float64)
+    orient = ORIENTATIONS[rng.integers(3)]
+    axis = _AXIS[orient]
+    usable = _usable(maps["t1"], axis)
+    held = np.asarray(HELDOUT[orient])
+    if orient == "sagittal":
+        held = np.concatenate([held, int(shape[axis]) - 1 - held])
+    while True:
+        centre_index = int(rng.integers(usable.min(), usable.max() + 1))
+        if not heldout_guard or np.abs(held - centre_index).min() > GUARD:
+            break
+    # the plane: normal near `axis`, in-plane basis rotated by a random angle
+    normal = np.zeros(3)
+    normal[axis] = 1.0
+    tilt = rng.normal(0, 1, 3)
+    tilt[axis] = 0
+    tilt *= np.tan(np.radians(rng.uniform(0, 15))) / max(np.linalg.norm(tilt), 1e-9)
+    normal = (normal + tilt) / np.linalg.norm(normal + tilt)
+    helper = np.eye(3)[(axis + 1) % 3]
+    u = np.cross(normal, helper)
+    u /= np.linalg.norm(u)
+    v = np.cross(normal, u)
+    theta = rng.uniform(0, 2 * np.pi)
+    u, v = np.cos(theta) * u + np.sin(theta) * v, -np.sin(theta) * u + np.cos(theta) * v
+    centre = shape / 2 + rng.uniform(-12, 12, 3)
+    centre[axis] = centre_index
+    spacing = max(190.0 / size * rng.uniform(0.75, 1.3), 0.5)
+    t = (np.arange(size) - (size - 1) / 2) * spacing
+    a, b = np.meshgrid(t, t, indexing="ij")
+    coords = centre[:, None, None] + a[None] * u[:, None, None] + b[None] * v[:, None, None]
+    for k in range(3):  # elastic displacement, in mm
+        coords[k] += _smooth_field(rng, (size, size), size / 4, rng.uniform(0, 4))
+    sample = {k: ndimage.map_coordinates(m, coords, order=1, mode="constant", cval=0.0)
+              for k, m in maps.items() if k != "t1"}
+    if rng.uniform() < 0.25:  # T1-ordered: CSF < GM < WM
+        csf_i, gm_i, wm_i = np.sort(rng.uniform(0.05, 1.0, 3))
+    else:
+        csf_i, gm_i, wm_i = rng.uniform(0.05, 1.0, 3)
+    other_i = rng.uniform(0.3, 1.5)
+    img = gm_i * sample["gm"] + wm_i * sample["wm"] + csf_i * sample["csf"] + other_i * sample["other"]
+    img = img * np.exp(_smooth_field(rng, (size, size), size / 3, rng.uniform(0, 0.3)))
+    img = ndimage.gaussian_filter(img, rng.uniform(0, 0.8))
+    level = rng.uniform(0, 0.03) * max(float(img.max()), 1e-6)
+    img = np.hypot(img + level * rng.standard_normal(img.shape), level * rng.standard_normal(img.shape))
+    scale = np.percentile(img[img > 0.05 * img.max()], 99.5) if (img > 0.05 * img.max()).any() else 1.0
+    return np.clip(img / max(scale, 1e-6), 0, 1).astype(np.float32)
+
+
+def randomised(n: int, size: int = 256, seed: int = 0, stream: int = 0) -> torch.Tensor:
+    """``n`` domain-randomised brain slices ``(n, 1, size, size)`` (:func:`randomised_slice`);
+    slice ``k`` depends only on ``(seed, stream, k)``."""
+    out = [randomised_slice(size, np.random.default_rng([seed, stream, k])) for k in range(n)]
+    return torch.from_numpy(np.stack(out)[:, None]) if out else torch.zeros(0, 1, size, size)

@@ -13,6 +13,7 @@ from .base import DiffusionPrior, as_sigma
 from .edm import EDMPrior, small_unet_config
 from .latent import (ConvAutoencoder, IdentityAutoencoder, LatentDiffusionPrior, LatentGaussianPosterior,
                      LinearAutoencoder)
+from .patch import PatchDiffusionPrior, PositionalEDMDenoiser, WholeImageDenoiser, patch_unet_config
 from .loading import (PriorFamily, available, extract_state_dict, families, family_of, get_family, load, model_card,
                       register_family, save)
 
@@ -30,6 +31,10 @@ __all__ = [
     "get_named_beta_schedule",
     "EDMPrior",
     "small_unet_config",
+    "PatchDiffusionPrior",
+    "PositionalEDMDenoiser",
+    "WholeImageDenoiser",
+    "patch_unet_config",
     "LatentDiffusionPrior",
     "LatentGaussianPosterior",
     "LinearAutoencoder",

@@ -51,6 +51,8 @@ class DenoiserPrior(DiffusionPrior):
         torch.Size([2, 1, 16, 16])
     """
 
+    fully_convolutional = True
+
     def __init__(
         self,
         model: Denoiser | nn.Module,

@@ -762,6 +762,8 @@ class ADMPrior(DiffusionPrior):
         torch.Size([1, 1, 32, 32])
     """
 
+    fully_convolutional = True
+
     def __init__(
         self,
         model: nn.Module,

@@ -13,6 +13,7 @@ the noise is variance exploding (EDM / Karras convention):
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import torch
@@ -47,11 +48,21 @@ class DiffusionPrior(Denoiser):
     and ``sigma`` of shape ``(B, 1, 1, 1)``; everything else (the public :meth:`denoise`,
     :meth:`score`, input checks, use as a :class:`deepinv.models.Denoiser`) is shared.
 
-    :param image_shape: ``(C, H, W)`` of the images the prior was trained on.
+    :param image_shape: ``(C, H, W)`` of the images the prior was trained on (for a patch
+        prior, its patch).
     :param sigma_min: smallest noise level the denoiser was trained for.
     :param sigma_max: largest noise level (where sampling starts).
     :param sigma_data: standard deviation of the training images (EDM's ``sigma_data``);
         used by samplers that need a prior scale, e.g. for default step sizes.
+
+    **Resolution.** A prior is either *fixed-size* (``any_size`` False: :meth:`denoise`
+    accepts only ``image_shape``) or works at *any size* (``any_size`` True: any ``H x W``
+    with ``image_shape[0]`` channels; :class:`~invdiff.priors.PatchDiffusionPrior`).
+    Samplers take the image shape from the operator and ask :meth:`check_shape`. A fully
+    convolutional network (``fully_convolutional``: the U-Nets of EDM/ADM, deepinv
+    denoisers) can be used off its training size on request, :meth:`at_any_size`.
+    A prior whose denoiser draws random numbers (``uses_generator``: a patch prior's random
+    offsets) takes them from the ``generator`` passed to :meth:`denoise`.
 
     Example::
 
@@ -63,12 +74,18 @@ class DiffusionPrior(Denoiser):
         torch.Size([2, 1, 8, 8])
     """
 
+    #: The network works at any image size (no dense layer tied to the training size).
+    fully_convolutional: bool = False
+    #: :meth:`_denoise` takes a ``generator`` (randomised denoisers, e.g. random patch offsets).
+    uses_generator: bool = False
+
     def __init__(
         self,
         image_shape: Sequence[int],
         sigma_min: float = 0.002,
         sigma_max: float = 80.0,
         sigma_data: float = 0.5,
+        any_size: bool = False,
     ) -> None:
         super().__init__()
         if len(image_shape) != 3:
@@ -79,12 +96,52 @@ class DiffusionPrior(Denoiser):
         self.sigma_min = float(sigma_min)
         self.sigma_max = float(sigma_max)
         self.sigma_data = float(sigma_data)
+        self.any_size = bool(any_size)
+
+    # --- resolution -----------------------------------------------------------------
+    @property
+    def channels(self) -> int:
+        """Image channels ``C``."""
+        return self.image_shape[0]
+
+    def check_shape(self, shape: Sequence[int], where: str | None = None) -> tuple[int, int, int]:
+        """``shape = (C, H, W)`` if the prior can denoise images of that shape, else a
+        one-line :class:`ValueError` saying why (``where`` names the caller)."""
+        shape = tuple(int(s) for s in shape)
+        who = where or type(self).__name__
+        if len(shape) != 3 or min(shape) < 1:
+            raise ValueError(f"{who}: images must be (C, H, W) with positive sizes, got {shape}")
+        if shape[0] != self.channels:
+            raise ValueError(f"{who}: the prior has {self.channels} channel(s), the images {shape[0]} ({shape})")
+        if not self.any_size and shape != self.image_shape:
+            hint = (" (resize the images, or use the network off its training size with prior.at_any_size())"
+                    if self.fully_convolutional else " (resize the images to the prior's size)")
+            raise ValueError(
+                f"{who}: this prior is fixed-size {self.image_shape[1]}x{self.image_shape[2]}, "
+                f"the images are {shape[1]}x{shape[2]}{hint}"
+            )
+        return shape
+
+    def at_any_size(self, warn: bool = True) -> "DiffusionPrior":
+        """Allow images of any size through a fully convolutional network trained at one size
+        (returns ``self``). It runs, but the network never saw that scale of structure: a
+        :class:`UserWarning` says so unless ``warn=False``."""
+        if self.any_size:
+            return self
+        if not self.fully_convolutional:
+            raise ValueError(f"{type(self).__name__} is not fully convolutional: it works only at {self.image_shape}")
+        if warn:
+            warnings.warn(f"{type(self).__name__} was trained at {self.image_shape[1]}x{self.image_shape[2]}; "
+                          f"used at other sizes it sees structures at scales it was not trained on",
+                          UserWarning, stacklevel=2)
+        self.any_size = True
+        return self
 
     # --- the contract -------------------------------------------------------------
     def _denoise(self, x: Tensor, sigma: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def denoise(self, x: Tensor, sigma: float | Tensor) -> Tensor:
+    def denoise(self, x: Tensor, sigma: float | Tensor, generator=None) -> Tensor:
         """Posterior mean ``E[x0 | x]`` of the clean image given ``x = x0 + sigma * n``.
 
         At :math:`\\sigma = 0` the denoiser is the identity, :math:`D(x, 0) = x` (exactly;
@@ -94,36 +151,39 @@ class DiffusionPrior(Denoiser):
         :param x: noisy images ``(B, C, H, W)``.
         :param sigma: noise level >= 0, a number or one per batch element (``(B,)`` or
             ``(B, 1, 1, 1)``).
+        :param generator: source of the denoiser's own randomness, for priors with
+            ``uses_generator`` (a ``torch.Generator`` or one per batch element); ignored by
+            the others.
         :returns: denoised images, same shape as ``x``.
         """
-        if x.ndim != 4 or tuple(x.shape[1:]) != self.image_shape:
-            raise ValueError(
-                f"{type(self).__name__}: expected images of shape (B, {', '.join(map(str, self.image_shape))}), "
-                f"got {tuple(x.shape)}"
-            )
+        if x.ndim != 4:
+            raise ValueError(f"{type(self).__name__}: expected images (B, C, H, W), got {tuple(x.shape)}")
+        if tuple(x.shape[1:]) != self.image_shape:
+            self.check_shape(x.shape[1:])
         sigma = as_sigma(sigma, x)
         clean = sigma == 0
+        run = (lambda a, s: self._denoise(a, s, generator=generator)) if self.uses_generator else self._denoise
         if not clean.any():
-            return self._denoise(x, sigma)
+            return run(x, sigma)
         if (sigma < 0).any() or sigma.isnan().any():
             raise ValueError(f"{type(self).__name__}: sigma must be >= 0, got {sigma.flatten().tolist()}")
         if clean.all():
             return x.clone()
         # the network sees sigma_min where sigma = 0 (no log 0), and its output is discarded there
-        out = self._denoise(x, torch.where(clean, torch.full_like(sigma, self.sigma_min), sigma))
+        out = run(x, torch.where(clean, torch.full_like(sigma, self.sigma_min), sigma))
         return torch.where(clean, x, out)
 
-    def forward(self, x: Tensor, sigma: float | Tensor, **kwargs) -> Tensor:
+    def forward(self, x: Tensor, sigma: float | Tensor, generator=None, **kwargs) -> Tensor:
         """Same as :meth:`denoise`; makes the prior a :class:`deepinv.models.Denoiser`."""
-        return self.denoise(x, sigma)
+        return self.denoise(x, sigma, generator=generator)
 
     def score(self, x: Tensor, sigma: float | Tensor) -> Tensor:
         """Score of the noised prior, ``(D(x, sigma) - x) / sigma**2`` (Tweedie's formula)."""
-        s = as_sigma(sigma, x)
-        return (self._denoise(x, s) - x) / s**2
+        return (self.denoise(x, sigma) - x) / as_sigma(sigma, x) ** 2
 
     def extra_repr(self) -> str:
+        size = ", any size" if self.any_size else ""
         return (
-            f"image_shape={self.image_shape}, sigma_min={self.sigma_min:g}, "
+            f"image_shape={self.image_shape}{size}, sigma_min={self.sigma_min:g}, "
             f"sigma_max={self.sigma_max:g}, sigma_data={self.sigma_data:g}"
         )

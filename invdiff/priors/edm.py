@@ -78,6 +78,8 @@ class EDMPrior(DiffusionPrior):
         torch.Size([2, 1, 16, 16])
     """
 
+    fully_convolutional = True
+
     def __init__(
         self,
         model: nn.Module,

@@ -365,8 +365,9 @@ class LatentDiffusionPrior(DiffusionPrior):
 
     @property
     def latent_shape(self) -> tuple:
-        """Shape ``(C', H', W')`` of the latents."""
-        return self.latent.image_shape
+        """Shape ``(C', H', W')`` of the latents (the autoencoder's, when it has a fixed one)."""
+        shape = getattr(self.autoencoder, "latent_shape", None)
+        return tuple(shape) if isinstance(shape, (tuple, list)) else self.latent.image_shape
 
     def encode(self, x: Tensor) -> Tensor:
         """Latents of images ``x`` ``(B, *image_shape)``."""

@@ -78,6 +78,14 @@ class Sampler(Reconstructor):
     Subclasses define ``name`` and :meth:`_run`. The public :meth:`forward` validates the
     inputs, makes the generator, runs the loop under ``torch.no_grad()``, times it and fills
     :attr:`last_run`.
+
+    **Image shape.** The shape of the reconstruction comes from the data, not from the
+    prior (:meth:`image_shape_for`): ``x_init``'s, else the operator's ``img_size`` (every
+    invdiff operator and most deepinv physics have one), else ``A_adjoint(y)``'s (a linear
+    operator), else the prior's own for a fixed-size prior. The prior then says whether it
+    can work at that shape (:meth:`~invdiff.priors.DiffusionPrior.check_shape`: a fixed-size
+    prior gives its size error, a patch prior works at any size). During a run it is
+    :attr:`image_shape`.
     """
 
     name = "sampler"
@@ -115,6 +123,9 @@ class Sampler(Reconstructor):
         self.verbose = verbose
         self.last_run: RunInfo | None = None
         self._info: RunInfo | None = None
+        #: ``(C, H, W)`` of the images of the current (or last) run.
+        self.image_shape: tuple[int, int, int] = tuple(prior.image_shape)
+        self._generator = None
 
     # --- what subclasses call ---------------------------------------------------------
     def denoise(self, x: Tensor, sigma: float | Tensor) -> Tensor:
@@ -125,7 +136,7 @@ class Sampler(Reconstructor):
         self._info.nfe += 1
         if x.requires_grad:
             self._info.nfe_backward += 1
-        return self.prior.denoise(x, sigma).to(x.dtype)
+        return self.prior.denoise(x, sigma, generator=self._generator).to(x.dtype)
 
     def check_finite(self, x: Tensor, step: int, sigma: float) -> None:
         """Stop the run with :class:`SamplerDivergedError` if ``x`` has NaN/Inf."""
@@ -203,17 +214,21 @@ class Sampler(Reconstructor):
             if unknown:
                 raise TypeError(f"{self.name}: unexpected arguments {unknown}")
         y, physics = self._single_tensor(y, physics)
-        y = self._check_measurement(y, physics)
+        if not isinstance(y, Tensor):
+            raise TypeError(f"{self.name}: y must be a torch.Tensor, got {type(y).__name__}")
         batch = y.shape[0]
-        if x_init is not None and tuple(x_init.shape) != (batch, *self.prior.image_shape):
+        self.image_shape = self.image_shape_for(y, physics, x_init)
+        y = self._check_measurement(y, physics)
+        if x_init is not None and tuple(x_init.shape) != (batch, *self.image_shape):
             raise ValueError(
-                f"{self.name}: x_init has shape {tuple(x_init.shape)}, expected {(batch, *self.prior.image_shape)}"
+                f"{self.name}: x_init has shape {tuple(x_init.shape)}, expected {(batch, *self.image_shape)}"
             )
         if generator is None:
             generator = torch.Generator(device=y.device)
             seed = generator.seed() if seed is None else generator.manual_seed(int(seed)).initial_seed()
         else:
             seed = None
+        self._generator = generator
         metrics = None
         if compute_metrics:
             metrics, callback = self._metrics_callback(x_gt, batch, callback)
@@ -230,7 +245,7 @@ class Sampler(Reconstructor):
                 torch.cuda.synchronize(y.device)
                 self._info.peak_memory = torch.cuda.max_memory_allocated(y.device)
             self._info.wall_time = time.perf_counter() - start
-            self.last_run, self._info = self._info, None
+            self.last_run, self._info, self._generator = self._info, None, None
         return (x, metrics) if compute_metrics else x
 
     @staticmethod
@@ -350,20 +365,46 @@ class Sampler(Reconstructor):
         if not torch.isfinite(y).all():
             bad = (~torch.isfinite(y)).sum().item()
             raise ValueError(f"{self.name}: the measurement y has {bad} NaN/Inf values of {y.numel()}")
-        probe = torch.zeros(1, *self.prior.image_shape, device=y.device, dtype=y.real.dtype)
+        probe = torch.zeros(1, *self.image_shape, device=y.device, dtype=y.real.dtype)
         try:
             expected = tuple(physics.A(probe).shape[1:])
-        except Exception as err:  # the operator cannot take the prior's images at all
+        except Exception as err:  # the operator cannot take images of that shape at all
             raise ValueError(
-                f"{self.name}: the operator does not accept images of the prior's shape "
-                f"{self.prior.image_shape}: {err}"
+                f"{self.name}: the operator does not accept images of shape {self.image_shape}: {err}"
             ) from err
         if tuple(y.shape[1:]) != expected:
             raise ValueError(
                 f"{self.name}: y has shape {tuple(y.shape)}, but the operator maps images of shape "
-                f"{self.prior.image_shape} to (B, {', '.join(map(str, expected))})"
+                f"{self.image_shape} to (B, {', '.join(map(str, expected))})"
             )
         return y
 
+    def image_shape_for(self, y: Tensor, physics, x_init: Tensor | None = None) -> tuple[int, int, int]:
+        """``(C, H, W)`` of the images behind ``y`` (see the class doc), checked by the prior."""
+        from deepinv.physics import LinearPhysics
+
+        shape = None
+        if x_init is not None:
+            shape = tuple(x_init.shape[1:])
+        else:
+            size = getattr(physics, "img_size", None)
+            if isinstance(size, (tuple, list, torch.Size)) and len(size) == 3 and all(
+                    isinstance(s, int) and s > 0 for s in size):
+                shape = tuple(int(s) for s in size)
+            elif not self.prior.any_size:
+                shape = tuple(self.prior.image_shape)
+            elif isinstance(physics, LinearPhysics):
+                shape = tuple(physics.A_adjoint(y[:1]).shape[1:])
+            else:
+                raise ValueError(
+                    f"{self.name}: cannot tell the image size of a {type(physics).__name__} without img_size; "
+                    f"set physics.img_size = (C, H, W) or pass x_init"
+                )
+        if not self.prior.any_size and len(shape) == 3 and shape[0] != self.prior.channels \
+                and tuple(self.prior.image_shape[1:]) == tuple(shape[1:]):
+            # e.g. deepinv's MRI records (2, H, W) for complex images: the prior's channels decide
+            shape = tuple(self.prior.image_shape)
+        return self.prior.check_shape(shape, where=self.name)
+
     def extra_repr(self) -> str:
-        return f"prior={type(self.prior).__name__}{self.prior.image_shape}"
+        return f"prior={type(self.prior).__name__}{self.prior.image_shape}{', any size' if self.prior.any_size else ''}"

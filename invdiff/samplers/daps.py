@@ -175,12 +175,12 @@ class DAPS(Sampler):
     def _run(self, y: Tensor, physics, x_init: Tensor | None, generator, callback: Callable | None) -> Tensor:
         sigmas = self.sigmas.tolist()
         levels = len(sigmas) - 1
-        shape = (y.shape[0], *self.prior.image_shape)
+        shape = (y.shape[0], *self.image_shape)
         dtype = y.real.dtype
         s2 = per_image(gaussian_noise_std(physics, y, self.noise_sigma, self.min_noise)) ** 2
         norm_a = self.operator_norm
         if norm_a is None:
-            norm_a = operator_norm_squared(physics, self.prior.image_shape, device=y.device, dtype=dtype)
+            norm_a = operator_norm_squared(physics, self.image_shape, device=y.device, dtype=dtype)
         # Alg. 1 line 1: x_N ~ N(x_init or 0, sigma_max^2 I)
         x_t = self.initial_noise(shape, sigmas[0], x_init, generator, y)
         for i in self.progress(range(levels)):

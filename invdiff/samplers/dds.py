@@ -152,7 +152,7 @@ class DDS(Sampler):
     def _run(self, y: Tensor, physics, x_init: Tensor | None, generator, callback: Callable | None) -> Tensor:
         noise_sigma = gaussian_noise_std(physics, y, self.noise_sigma)
         sigmas = self.sigmas.tolist()
-        shape = (y.shape[0], *self.prior.image_shape)
+        shape = (y.shape[0], *self.image_shape)
         x = self.initial_noise(shape, sigmas[0], x_init, generator, y)  # x_init (warm start) noised to sigma_0
         for i in self.progress(range(len(sigmas) - 1)):
             sigma, sigma_next = sigmas[i], sigmas[i + 1]

@@ -189,7 +189,7 @@ class DiffPIR(Sampler):
         s = per_image(gaussian_noise_std(physics, y, self.noise_sigma, self.min_noise))
         closed_form = self.data_solver == "prox" or (self.data_solver == "auto" and has_closed_form_prox(physics))
         sigmas = self.sigmas.tolist()
-        shape = (y.shape[0], *self.prior.image_shape)
+        shape = (y.shape[0], *self.image_shape)
         x = self.initial_noise(shape, sigmas[0], x_init, generator, y)  # x_init (warm start) noised to sigma_0
         for i in self.progress(range(len(sigmas) - 1)):
             sigma, sigma_next = sigmas[i], sigmas[i + 1]

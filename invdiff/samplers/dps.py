@@ -189,7 +189,7 @@ class DPS(Sampler):
         else:
             norm_a = self.operator_norm
             if norm_a is None and (self.cg_iterations == 0 or not isinstance(physics, LinearPhysics)):
-                norm_a = operator_norm_squared(physics, self.prior.image_shape, device=y.device, dtype=y.real.dtype)
+                norm_a = operator_norm_squared(physics, self.image_shape, device=y.device, dtype=y.real.dtype)
             run.guidance = GaussianGuidance(physics, noise_var, norm_a, self.cg_iterations, self.cg_tol)
         return run
 
@@ -205,7 +205,7 @@ class DPS(Sampler):
 
     def _run(self, y: Tensor, physics, x_init: Tensor | None, generator, callback: Callable | None) -> Tensor:
         sigmas = self.sigmas.tolist()
-        shape = (y.shape[0], *self.prior.image_shape)
+        shape = (y.shape[0], *self.image_shape)
         run = self._setup(y, physics)
         x = self.initial_noise(shape, sigmas[0], x_init, generator, y)  # x_init (warm start) noised to sigma_0
         for i in self.progress(range(len(sigmas) - 1)):

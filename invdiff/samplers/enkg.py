@@ -249,7 +249,7 @@ class EnKG(Sampler):
     def _run(self, y: Tensor, physics, x_init: Tensor | None, generator, callback: Callable | None) -> Tensor:
         sigmas = self.sigmas.tolist()
         n = len(sigmas) - 1
-        batch, members, shape = y.shape[0], self._members, self.prior.image_shape
+        batch, members, shape = y.shape[0], self._members, self.image_shape
         _, noise_var = likelihood_variance(physics, y, self.likelihood, self.noise_sigma)
         physics = self._expand_physics(physics, batch, members, interleave=True)  # row j * members + m
         if torch.is_tensor(noise_var):

@@ -206,9 +206,9 @@ class REDDiff(Sampler):
 
     def _run(self, y: Tensor, physics, x_init: Tensor | None, generator, callback: Callable | None) -> Tensor:
         sigmas = self.sigmas.tolist()[:-1]
-        shape = (y.shape[0], *self.prior.image_shape)
+        shape = (y.shape[0], *self.image_shape)
         dtype = y.real.dtype
-        data_weight = self._data_weight(y, physics, math.prod(self.prior.image_shape))
+        data_weight = self._data_weight(y, physics, math.prod(self.image_shape))
         # Alg. 1 line 1: mu initialised at the pseudo-inverse (or the given start)
         if x_init is not None or self.start == "A_dagger":
             mu = (x_init if x_init is not None else physics.A_dagger(y).reshape(shape)).to(dtype)

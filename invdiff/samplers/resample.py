@@ -247,7 +247,9 @@ class ReSample(Sampler):
         verbose: bool = False,
     ) -> None:
         if isinstance(prior, DiffusionPrior) and not isinstance(prior, LatentDiffusionPrior):
+            pixel = prior
             prior = LatentDiffusionPrior(IdentityAutoencoder(prior.image_shape), prior, prior.image_shape)
+            prior.any_size = pixel.any_size  # a pixel prior of any size: identity autoencoder of the run's shape
         super().__init__(prior, verbose=verbose)
         if consistency_every < 1 or lookahead < 0 or pixel_iterations < 0 or latent_iterations < 0 or patience < 1:
             raise ValueError("need consistency_every >= 1, patience >= 1 and non-negative lookahead and iterations")
@@ -277,7 +279,7 @@ class ReSample(Sampler):
         self._info.nfe += 1
         if z.requires_grad:
             self._info.nfe_backward += 1
-        return self.prior.latent.denoise(z, sigma).to(z.dtype)
+        return self.prior.latent.denoise(z, sigma, generator=self._generator).to(z.dtype)
 
     def _decode(self, z: Tensor) -> Tensor:
         self._info.extra["decoder_calls"] += 1
@@ -285,6 +287,13 @@ class ReSample(Sampler):
 
     # --- Algorithm 1 ------------------------------------------------------------------------
     def _run(self, y: Tensor, physics, x_init: Tensor | None, generator, callback: Callable | None) -> Tensor:
+        if isinstance(self.prior.autoencoder, IdentityAutoencoder) and self.image_shape != self.prior.image_shape:
+            fixed = self.prior  # a pixel prior at another size: the identity autoencoder of this shape, for this run
+            self.prior = LatentDiffusionPrior(IdentityAutoencoder(self.image_shape), fixed.latent, self.image_shape)
+            try:
+                return self._run(y, physics, x_init, generator, callback)
+            finally:
+                self.prior = fixed
         sigmas = self.sigmas.tolist()
         n = len(sigmas) - 1
         split = n // 3  # the official thirds: no consistency / pixel space / latent space
@@ -294,7 +303,7 @@ class ReSample(Sampler):
         threshold = self._stop_residual(y, noise_var)
         norm_a = self.operator_norm
         if norm_a is None:
-            norm_a = operator_norm_squared(physics, self.prior.image_shape, device=y.device, dtype=dtype)
+            norm_a = operator_norm_squared(physics, self.image_shape, device=y.device, dtype=dtype)
         cg = self.cg_iterations > 0 and isinstance(physics, LinearPhysics)
         run = ReSampleRun(norm_a=norm_a, decoder_norm=self.decoder_norm,
                           guidance=GaussianGuidance(physics, noise_var, None if cg else norm_a, self.cg_iterations,

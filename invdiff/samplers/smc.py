@@ -248,14 +248,14 @@ class SMC(Sampler):
         var_rep = noise_var.repeat(k, *([1] * (y.ndim - 1))) if isinstance(noise_var, Tensor) else noise_var
         norm_a = self.operator_norm
         if norm_a is None and (self.cg_iterations == 0 or not isinstance(physics, LinearPhysics)):
-            norm_a = operator_norm_squared(physics, self.prior.image_shape, device=y.device, dtype=dtype)
+            norm_a = operator_norm_squared(physics, self.image_shape, device=y.device, dtype=dtype)
         twist = _Twist(self, physics, y_rep, var_rep, norm_a)
 
         # Alg. 1 line 1: x_0^k ~ N(x_init or 0, sigma_0^2 I), twist values and weights w_0 = p~_0(y | x_0)
-        x = sigmas[0] * self._randn((k, b, *self.prior.image_shape), dtype, y.device, generator)
+        x = sigmas[0] * self._randn((k, b, *self.image_shape), dtype, y.device, generator)
         if x_init is not None:
             x = x + x_init.to(dtype)[None]
-        x = x.reshape(k * b, *self.prior.image_shape)
+        x = x.reshape(k * b, *self.image_shape)
         x0, grad, log_twist = twist(x, sigmas[0])
         self.check_finite(x0, 0, sigmas[0])
         log_w = log_twist.reshape(k, b).clone()
@@ -283,7 +283,7 @@ class SMC(Sampler):
                     x0_twisted = x0_twisted.clamp(*self.clip)
                 mean_prior = x0 + (sigma_next**2 / sigma**2) * (x - x0)
                 mean_twisted = x0_twisted + (sigma_next**2 / sigma**2) * (x - x0_twisted)
-                z = self._randn((k, b, *self.prior.image_shape), dtype, y.device, generator).reshape(x.shape)
+                z = self._randn((k, b, *self.image_shape), dtype, y.device, generator).reshape(x.shape)
                 x_new = mean_twisted + c * z
                 # log p(x_new | x) - log q(x_new | x) for x_new = mean_twisted + c z, d = mean_twisted - mean_prior:
                 # (|c z|^2 - |c z + d|^2) / (2 c^2), written without the cancellation
@@ -305,7 +305,7 @@ class SMC(Sampler):
             self.step_done(i, sigma, x, x0, callback, check=log_w, log_weights=log_w)
 
         log_w = log_w - torch.logsumexp(log_w, 0, keepdim=True)
-        particles = x.reshape(k, b, *self.prior.image_shape)
+        particles = x.reshape(k, b, *self.image_shape)
         self.last_particles = WeightedParticles(particles, log_w, effective_sample_size(log_w))
         self._info.extra = dict(particles=k, ess=ess_trace, resampled=resampled,
                                 final_ess=self.last_particles.ess.tolist())

@@ -16,6 +16,15 @@ half-life rule (``ema_halflife`` images, ramped up as ``ema_rampup`` x images se
 Augmentations (random flips, 90-degree rotations, small rotations through kornia) are
 drawn from the run's own generator.
 
+**Patch priors** (``patch = P > 0``, PaDIS / Patch Diffusion, see
+:class:`~invdiff.priors.PatchDiffusionPrior`): the pool holds full-size images (of every
+size in ``sizes``); each step draws one patch size from ``P, P/2, P/4`` with probabilities
+``patch_mix`` (the batch grows as ``(P/p)^2``, up to 4x, so a step costs about the same),
+crops one patch per image at a uniform position of the image zero-padded by ``patch_pad``
+(default ``P/2``) pixels, and gives the network its positional channels. The padding stays
+clean (the network input is 0 there, as at sampling time) and the loss counts only pixels
+inside the image. The cost per step is that of a ``P x P`` model, whatever the image size.
+
 Every random draw (batch indices, augmentations, noise levels, noise) comes from one
 ``torch.Generator`` seeded by ``seed`` whose state is saved in each checkpoint, so a run
 resumed from a checkpoint continues exactly as if it had not stopped.
@@ -42,6 +51,7 @@ from torch import Tensor
 from ..files import atomic_file, atomic_write
 from ..priors.adm import GuidedDiffusionUNet
 from ..priors.edm import EDMPrior, small_unet_config
+from ..priors.patch import PatchDiffusionPrior, PositionalEDMDenoiser, patch_unet_config
 from ..priors.loading import save
 
 __all__ = ["TrainConfig", "TrainResult", "train", "training_images", "denoising_psnr", "AUGMENTATIONS"]
@@ -54,6 +64,9 @@ DESCRIPTIONS = {
                   "HU window [-1000, 1000] -> [0, 1]",
     "mri-brain": "MNI152 T1 template slices shipped by nilearn (axial, coronal, sagittal; "
                  "held-out slices and a 3 mm guard band excluded), 99.5th percentile -> 1",
+    "mri-brain-synth": "the mri-brain slices plus domain-randomised MNI152 slices (invdiff.data.mni.randomised, "
+                       "seed 0: random oblique planes and fields of view, elastic deformation, random grey/white/"
+                       "CSF contrasts, bias field, Rician noise; plane centres keep the 3 mm guard band)",
 }
 
 
@@ -66,7 +79,13 @@ class TrainConfig:
     :param size: image side; folder images are resized (anti-aliased) to it.
     :param channels: image channels.
     :param width: base width of the U-Net (:func:`~invdiff.priors.small_unet_config`).
-    :param patch: pixel-unshuffle factor of the network input (see :class:`~invdiff.priors.EDMPrior`).
+    :param unshuffle: pixel-unshuffle factor of the network input (see :class:`~invdiff.priors.EDMPrior`).
+    :param patch: patch size ``P`` of a patch prior (0: a whole-image prior at ``size``).
+    :param sizes: image sizes of the pool of a patch prior (default ``(size,)``): generated
+        data is made at each size (``n_images`` split in proportion to ``1/size``), folder
+        images are kept at their own size (resized only when larger than ``size``).
+    :param patch_pad: zero padding around the images for the patch crops (-1: ``P/2``).
+    :param patch_mix: probabilities of the patch sizes ``P, P/2, P/4``.
     :param steps: optimisation steps.
     :param batch: images per step.
     :param lr: Adam learning rate (after ``warmup`` steps of linear warm-up).
@@ -84,7 +103,11 @@ class TrainConfig:
     size: int = 64
     channels: int = 1
     width: int = 32
-    patch: int = 2
+    unshuffle: int = 2
+    patch: int = 0
+    sizes: tuple[int, ...] = ()
+    patch_pad: int = -1
+    patch_mix: tuple[float, ...] = (0.5, 0.3, 0.2)
     steps: int = 2000
     batch: int = 16
     lr: float = 5e-4
@@ -101,18 +124,50 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.augment = tuple(self.augment)
+        self.sizes = tuple(int(s) for s in self.sizes)
+        self.patch_mix = tuple(float(p) for p in self.patch_mix)
         bad = set(self.augment) - set(AUGMENTATIONS)
         if bad:
             raise ValueError(f"unknown augmentations {sorted(bad)}; choose from {', '.join(AUGMENTATIONS)}")
-        if self.size < 8 or self.size & (self.size - 1):
+        if self.patch:
+            q = self.unshuffle * 4
+            if self.patch < 2 * q or self.patch % (4 * q):
+                raise ValueError(f"patch must be a multiple of {4 * q} (P/4 patches through a 3-level U-Net on "
+                                 f"{self.unshuffle}x{self.unshuffle} unshuffled pixels), got {self.patch}")
+            if len(self.patch_mix) != 3 or min(self.patch_mix) < 0 or abs(sum(self.patch_mix) - 1) > 1e-6:
+                raise ValueError(f"patch_mix must be 3 probabilities summing to 1, got {self.patch_mix}")
+            if set(self.augment) & {"rot90", "rotate"}:
+                raise ValueError("patch priors take only the flips (hflip, vflip) as augmentations")
+            if min(self.sizes or (self.size,)) < 8:
+                raise ValueError(f"image sizes must be >= 8, got {self.sizes or (self.size,)}")
+        elif self.size < 8 or self.size & (self.size - 1):
             raise ValueError(f"size must be a power of two >= 8, got {self.size}")
         if self.steps < 1 or self.batch < 1:
             raise ValueError(f"steps and batch must be positive, got {self.steps}, {self.batch}")
 
+    @property
+    def image_sizes(self) -> tuple[int, ...]:
+        """The sizes of the training images (``sizes``, or ``(size,)``)."""
+        return self.sizes or (self.size,)
+
+    @property
+    def pad(self) -> int:
+        return self.patch // 2 if self.patch_pad < 0 else self.patch_pad
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["augment"] = list(self.augment)
+        for key in ("augment", "sizes", "patch_mix"):
+            d[key] = list(d[key])
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        """Inverse of :meth:`to_dict` (also reads configs of invdiff <= 0.1, where the
+        pixel-unshuffle factor was called ``patch``)."""
+        d = dict(d)
+        if "unshuffle" not in d and "patch" in d:
+            d["unshuffle"] = d.pop("patch")
+        return cls(**d)
 
     def same_run(self, other: "TrainConfig") -> list[str]:
         """Fields (other than ``steps``) in which two configs differ."""
@@ -135,10 +190,13 @@ class TrainResult:
 # ----------------------------------------------------------------------------------
 
 
-def training_images(config: TrainConfig) -> Tensor:
-    """The training pool ``(N, C, size, size)`` in ``[0, 1]`` for ``config.data``."""
+def training_images(config: TrainConfig) -> Tensor | list[Tensor]:
+    """The training pool ``(N, C, size, size)`` in ``[0, 1]`` for ``config.data``; for a patch
+    prior a list of ``(C, H, W)`` images of the sizes of ``config.image_sizes``."""
     from .. import data as builtin
 
+    if config.patch:
+        return _patch_pool(config)
     if config.data in builtin.DATASETS:
         n = config.n_images if config.data == "ct-phantom" else None
         x = builtin.training(config.data, n, size=config.size)
@@ -164,6 +222,86 @@ def training_images(config: TrainConfig) -> Tensor:
     if x.shape[1] != config.channels:
         raise ValueError(f"{config.data}: images have {x.shape[1]} channels, config says {config.channels}")
     return x.contiguous()
+
+
+def _patch_pool(config: TrainConfig) -> list[Tensor]:
+    """Full-size training images of a patch prior."""
+    from .. import data as builtin
+
+    if config.data in builtin.DATASETS:
+        sizes = config.image_sizes
+        weights = [1 / s for s in sizes]
+        counts = [max(1, round(config.n_images * w / sum(weights))) for w in weights]
+        pool: list[Tensor] = []
+        for size, n in zip(sizes, counts):
+            x = builtin.training(config.data, n if config.data != "mri-brain" else None, size=size)
+            pool.extend(x)
+    else:
+        folder = Path(config.data)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"training data {config.data!r} is neither a built-in dataset "
+                                    f"({', '.join(builtin.DATASETS)}) nor a folder")
+        from ..io import read_image_folder
+
+        pool = []
+        for ident, img in read_image_folder(folder):
+            if img.shape[0] != config.channels:
+                raise ValueError(f"{folder}/{ident}: {img.shape[0]} channels, expected {config.channels}")
+            scale = config.size / max(img.shape[-2:])
+            if scale < 1:
+                img = torch.nn.functional.interpolate(img[None].float(), scale_factor=scale, mode="bilinear",
+                                                      antialias=True, align_corners=False)[0]
+            pool.append(img.float().clamp(0, 1))
+        if not pool:
+            raise ValueError(f"{folder}: no readable images")
+    for img in pool:
+        if img.shape[0] != config.channels:
+            raise ValueError(f"{config.data}: images have {img.shape[0]} channels, config says {config.channels}")
+    return [img.contiguous() for img in pool]
+
+
+def patch_batch(pool: list[Tensor], config: TrainConfig, g: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """One step's patches of a patch prior: ``(x0, positions, inside)``, ``(n, C, p, p)``,
+    ``(n, 2, p, p)``, ``(n, 1, p, p)``; the patch size ``p`` and ``n`` drawn as described in the
+    module doc (``inside`` is 1 on image pixels, 0 on the padding, where ``x0`` is 0)."""
+    from ..priors.patch import positions
+
+    k = int(torch.multinomial(torch.tensor(config.patch_mix), 1, generator=g))
+    p = config.patch >> k
+    n = config.batch * min(4, (config.patch // p) ** 2)
+    pad = config.pad
+    idx = torch.randint(0, len(pool), (n,), generator=g)
+    crops, pos, inside = [], [], []
+    for i in idx.tolist():
+        img = pool[i]
+        h, w = img.shape[-2:]
+        top = int(torch.randint(-pad, max(h + pad - p, -pad) + 1, (1,), generator=g))
+        left = int(torch.randint(-pad, max(w + pad - p, -pad) + 1, (1,), generator=g))
+        rows, cols = torch.arange(top, top + p), torch.arange(left, left + p)
+        ok = ((rows >= 0) & (rows < h))[:, None] & ((cols >= 0) & (cols < w))[None, :]
+        patch = img.new_zeros(img.shape[0], p, p)
+        r0, r1, c0, c1 = max(top, 0), min(top + p, h), max(left, 0), min(left + p, w)
+        if r1 > r0 and c1 > c0:
+            patch[:, r0 - top:r1 - top, c0 - left:c1 - left] = img[:, r0:r1, c0:c1]
+        crops.append(patch)
+        pos.append(positions(rows[None], cols[None], h, w)[0])
+        inside.append(ok[None].to(img.dtype))
+    return torch.stack(crops), torch.stack(pos), torch.stack(inside)
+
+
+def _augment_patches(x: Tensor, pos: Tensor, inside: Tensor, config: TrainConfig,
+                     g: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """Flips of patches: the patch of the flipped image, so the positions of the flipped axis
+    are negated with it (patch priors use only the flips)."""
+    b = x.shape[0]
+    for name, dim, channel in (("hflip", -1, 0), ("vflip", -2, 1)):
+        if name in config.augment:
+            flip = (torch.rand(b, generator=g) < 0.5)[:, None, None, None]
+            x, inside = torch.where(flip, x.flip(dim), x), torch.where(flip, inside.flip(dim), inside)
+            flipped = pos.flip(dim)
+            flipped[:, channel] = -flipped[:, channel]
+            pos = torch.where(flip, flipped, pos)
+    return (x, pos, inside)
 
 
 def _augment(x: Tensor, config: TrainConfig, g: torch.Generator) -> Tensor:
@@ -242,7 +380,11 @@ def reproduce_command(config: TrainConfig, out: str | os.PathLike, latent: Any =
     split (``--resume``, ``--time-limit``, ``--checkpoint``, ``--threads``) is left out.
     ``latent`` (a :class:`~invdiff.train.latent.LatentTrainConfig`) adds the ``--latent`` flags."""
     flags = dict(data=config.data, size=config.size, channels=config.channels, width=config.width,
-                 patch=config.patch, steps="{steps}", batch=config.batch, lr=config.lr,
+                 unshuffle=config.unshuffle)
+    if config.patch:
+        flags.update(patch=config.patch, sizes=",".join(map(str, config.image_sizes)), patch_pad=config.pad,
+                     patch_mix=",".join(f"{q:g}" for q in config.patch_mix))
+    flags.update(steps="{steps}", batch=config.batch, lr=config.lr,
                  ema_halflife=config.ema_halflife, augment=",".join(config.augment), n_images=config.n_images,
                  seed=config.seed, out=out)
     head = "invdiff train "
@@ -295,13 +437,28 @@ def train(
     cuda = device.type == "cuda"
 
     x_all = training_images(config) if images is None else images
-    sigma_data = float(x_all.std())
-    data_mean = float(x_all.mean())
+    if config.patch:
+        if isinstance(x_all, Tensor):
+            x_all = list(x_all)
+        flat = torch.cat([img.flatten() for img in x_all])
+        sigma_data, data_mean = float(flat.std()), float(flat.mean())
+        del flat
+    else:
+        sigma_data, data_mean = float(x_all.std()), float(x_all.mean())
     with torch.random.fork_rng(devices=[]):  # initial weights from the run's seed, global RNG untouched
         torch.manual_seed(config.seed)
-        net = GuidedDiffusionUNet(small_unet_config(config.size, config.channels, config.width, config.patch))
-    prior = EDMPrior(net, (config.channels, config.size, config.size), sigma_data=sigma_data, data_mean=data_mean,
-                     sigma_min=0.002, sigma_max=40.0, patch=config.patch).to(device)
+        if config.patch:
+            net = GuidedDiffusionUNet(patch_unet_config(config.patch, config.channels, config.width, config.unshuffle))
+        else:
+            net = GuidedDiffusionUNet(small_unet_config(config.size, config.channels, config.width, config.unshuffle))
+    if config.patch:
+        den = PositionalEDMDenoiser(net, config.channels, sigma_data, data_mean, config.unshuffle)
+        prior = PatchDiffusionPrior(den, config.channels, config.patch, sigma_min=0.002, sigma_max=40.0,
+                                    sigma_data=sigma_data, trained_sizes=sorted({int(max(i.shape[-2:])) for i in x_all}))
+    else:
+        prior = EDMPrior(net, (config.channels, config.size, config.size), sigma_data=sigma_data, data_mean=data_mean,
+                         sigma_min=0.002, sigma_max=40.0, patch=config.unshuffle)
+    prior = prior.to(device)
     ema = copy.deepcopy(prior)
     g = torch.Generator().manual_seed(config.seed)
     ema.requires_grad_(False)
@@ -314,7 +471,7 @@ def train(
         if ckpt_path is None or not ckpt_path.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
         ckpt = _load_checkpoint(ckpt_path)
-        saved = TrainConfig(**{**json.loads(ckpt["config"]), "augment": tuple(json.loads(ckpt["config"])["augment"])})
+        saved = TrainConfig.from_dict(json.loads(ckpt["config"]))
         diff = saved.same_run(config)
         if diff:
             raise ValueError(f"{ckpt_path}: checkpoint was trained with different {', '.join(diff)}; "
@@ -344,19 +501,31 @@ def train(
     sd2 = sigma_data**2
     prior.train()
     while step < config.steps:
-        idx = torch.randint(0, x_all.shape[0], (config.batch,), generator=g)
-        x0 = _augment(x_all[idx], config, g)
-        sigma = (torch.randn(config.batch, 1, 1, 1, generator=g) * config.p_std + config.p_mean).exp()
+        if config.patch:
+            x0, pos, inside = _augment_patches(*patch_batch(x_all, config, g), config, g)
+        else:
+            idx = torch.randint(0, x_all.shape[0], (config.batch,), generator=g)
+            x0 = _augment(x_all[idx], config, g)
+        sigma = (torch.randn(x0.shape[0], 1, 1, 1, generator=g) * config.p_std + config.p_mean).exp()
         noise = torch.randn(x0.shape, generator=g) * sigma
         x0, sigma, noise = x0.to(device), sigma.to(device), noise.to(device)
         if cuda:
             x0, noise = x0.contiguous(memory_format=torch.channels_last), noise.contiguous(memory_format=torch.channels_last)
         for group in opt.param_groups:
             group["lr"] = config.lr * min(1.0, (step + 1) / max(config.warmup, 1))
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=cuda):
-            denoised = prior._denoise(x0 + noise, sigma)
         weight = (sigma**2 + sd2) / (sigma * sigma_data) ** 2
-        loss = (weight * (denoised.float() - x0).square()).mean()
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=cuda):
+            if config.patch:  # clean padding: x = data mean there, the network input 0
+                pos, inside = pos.to(device), inside.to(device)
+                xn = torch.where(inside > 0, x0 + noise, torch.full_like(x0, data_mean))
+                denoised = prior.denoiser(xn, sigma, pos)
+            else:
+                denoised = prior._denoise(x0 + noise, sigma)
+        if config.patch:
+            err = (weight * inside * (denoised.float() - x0).square()).sum() / inside.sum().clamp_min(1) / config.channels
+            loss = err
+        else:
+            loss = (weight * (denoised.float() - x0).square()).mean()
         if not torch.isfinite(loss):
             write_checkpoint()
             raise RuntimeError(f"training diverged at step {step} (loss {loss.item()}); "
@@ -388,27 +557,31 @@ def train(
     ema.eval()
 
     card = _model_card(config, ema, step, loss_avg, rate, elapsed, device, name or (out_path.stem if out_path else None),
-                       command, x_all.shape[0])
+                       command, len(x_all))
     if out_path is not None:
         save(ema, out_path, card=card)
         write_card_markdown(card, out_path.with_suffix(".md"))
     return TrainResult(prior=ema, path=out_path, card=card, losses=losses)
 
 
-def _model_card(config: TrainConfig, prior: EDMPrior, step: int, loss: float | None, rate: float, elapsed: float,
+def _model_card(config: TrainConfig, prior: EDMPrior | PatchDiffusionPrior, step: int, loss: float | None, rate: float, elapsed: float,
                 device: torch.device, name: str | None, command: str | None, n_images: int) -> dict[str, Any]:
     from .. import __version__
 
+    network = prior.denoiser.model if config.patch else prior.model
+    sizes = "/".join(f"{s}x{s}" for s in prior.trained_sizes) if config.patch else ""
     card: dict[str, Any] = {
         "name": name,
-        "description": f"EDM denoiser on {config.data} at {config.size}x{config.size}",
+        "description": (f"EDM patch denoiser (PaDIS) on {config.patch}x{config.patch} patches of {config.data} "
+                        f"images at {sizes}, used at any size" if config.patch else
+                        f"EDM denoiser on {config.data} at {config.size}x{config.size}"),
         "data": config.data,
         "data_description": DESCRIPTIONS.get(config.data, f"images from the folder {config.data}"),
         "training_images": int(n_images),
         "image_size": config.size,
         "channels": config.channels,
         "parameters": int(sum(p.numel() for p in prior.parameters())),
-        "network": "GuidedDiffusionUNet " + json.dumps(prior.model.config.to_dict()),
+        "network": "GuidedDiffusionUNet " + json.dumps(network.config.to_dict()),
         "steps": int(step),
         "final_loss": None if loss is None else round(float(loss), 5),
         "steps_per_second": round(rate, 3),
@@ -416,18 +589,21 @@ def _model_card(config: TrainConfig, prior: EDMPrior, step: int, loss: float | N
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "cpu_threads": torch.get_num_threads(),
         "sigma_data": prior.sigma_data,
-        "data_mean": prior.data_mean,
+        "data_mean": prior.denoiser.data_mean if config.patch else prior.data_mean,
         "config": config.to_dict(),
         "invdiff_version": __version__,
         "torch_version": torch.__version__,
         "command": (command if command is not None else reproduce_command(config, f"{name or 'prior'}.safetensors")
                     ).replace("{steps}", str(step)),
     }
+    if config.patch:
+        card.update(patch_size=config.patch, patch_pad=config.pad, patch_mix=list(config.patch_mix),
+                    trained_sizes=list(prior.trained_sizes), padding="clean (data mean), positional channels")
     if config.data == "ct-phantom":
         card["value_range"] = "HU window [-1000, 1000] mapped to [0, 1]"
-    elif config.data == "mri-brain":
+    elif config.data in ("mri-brain", "mri-brain-synth"):
         card["value_range"] = "template intensity / its 99.5th percentile, clipped to [0, 1]"
-    if config.data in ("ct-phantom", "mri-brain"):
+    if config.data in ("ct-phantom", "mri-brain", "mri-brain-synth"):
         from ..data import heldout
 
         held = heldout(config.data, 16, size=config.size)
@@ -439,7 +615,8 @@ def _model_card(config: TrainConfig, prior: EDMPrior, step: int, loss: float | N
 def write_card_markdown(card: dict[str, Any], path: Path) -> None:
     lines = [f"# {card.get('name') or 'invdiff prior'}", "", card["description"], "",
              "| field | value |", "|---|---|"]
-    for key in ("data_description", "training_images", "image_size", "channels", "parameters", "steps", "final_loss",
+    for key in ("data_description", "training_images", "image_size", "patch_size", "patch_pad", "patch_mix",
+                "trained_sizes", "padding", "channels", "parameters", "steps", "final_loss",
                 "steps_per_second", "train_seconds", "device", "cpu_threads", "latent_shape",
                 "heldout_reconstruction_psnr", "heldout_denoising_psnr",
                 "value_range", "invdiff_version", "torch_version"):
