@@ -20,7 +20,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10: the same parser, as the tomli package
     import tomli as tomllib
 
-__all__ = ["parse_value", "parse_spec", "parse_key_values"]
+__all__ = ["parse_value", "parse_spec", "parse_key_values", "parse_size"]
 
 
 def parse_value(text: str) -> Any:
@@ -52,3 +52,21 @@ def parse_key_values(items: Iterable[str] | None, flag: str = "--param") -> dict
             raise ValueError(f"{flag} expects KEY=VALUE, got {item!r}")
         out[key.strip()] = parse_value(value.strip())
     return out
+
+
+def parse_size(text: str | int | tuple[int, int]) -> tuple[int, int]:
+    """``"64"`` -> ``(64, 64)``, ``"48x64"`` -> ``(48, 64)`` (rows x columns)."""
+    if isinstance(text, int):
+        size = (text, text)
+    elif isinstance(text, tuple):
+        size = tuple(int(s) for s in text)
+    else:
+        parts = str(text).lower().replace("*", "x").split("x")
+        try:
+            size = tuple(int(p) for p in parts)
+        except ValueError:
+            raise ValueError(f"image size must be N or HxW, got {text!r}") from None
+        size = size * 2 if len(size) == 1 else size
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"image size must be N or HxW with positive sides, got {text!r}")
+    return size

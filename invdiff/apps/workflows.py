@@ -12,11 +12,14 @@ measurement file keeps the operator's full record and the seed, never the clean 
 Reconstruction: every slice ``k`` is sampled with its own generator seeded
 ``seed + k``; ``samples = K > 1`` draws K posterior samples per slice (batched through
 the network) and keeps their mean and per-pixel standard deviation, the uncertainty map,
-written as a second series/volume. Images whose size differs from the prior's are never
-resized silently: ``resize=True`` resamples them (antialiased, :func:`kornia` ``resize``)
-and records the factor; k-space is cropped centrally (same field of view, coarser
-pixels). Tiled reconstruction is not offered: CT and MRI operators are global (every
-measurement mixes all pixels), so patches cannot be measured independently.
+written as a second series/volume. **Size.** A prior that works at any size (a patch prior,
+:class:`~invdiff.priors.PatchDiffusionPrior`) reconstructs at the data's own size, and the
+output keeps the source's geometry (no resampling recorded, because none happened). For a
+fixed-size prior, images whose size differs from the prior's are never resized silently:
+``resize=True`` resamples them (antialiased, :func:`kornia` ``resize``) and records the
+factor; k-space is cropped centrally (same field of view, coarser pixels). The patches of a
+patch prior live inside the prior: the operators stay global (every CT or MRI measurement
+mixes all pixels), so the data step always sees the whole image.
 
 >>> from invdiff.apps.workflows import parse_size
 >>> parse_size("64"), parse_size("48x64")
@@ -55,6 +58,7 @@ from ..io import (
 from ..io.fastmri import estimate_coil_maps, is_fastmri_file
 from ..io.intensity import HU_WINDOW, ROBUST_PERCENTILE
 from ..io.measurement import ACQUIRED_MRI
+from ..specs import parse_size
 
 __all__ = [
     "parse_size",
@@ -71,24 +75,6 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-def parse_size(text: str | int | tuple[int, int]) -> tuple[int, int]:
-    """``"64"`` -> ``(64, 64)``, ``"48x64"`` -> ``(48, 64)`` (rows x columns)."""
-    if isinstance(text, int):
-        size = (text, text)
-    elif isinstance(text, tuple):
-        size = tuple(int(s) for s in text)
-    else:
-        parts = str(text).lower().replace("*", "x").split("x")
-        try:
-            size = tuple(int(p) for p in parts)
-        except ValueError:
-            raise ValueError(f"image size must be N or HxW, got {text!r}") from None
-        size = size * 2 if len(size) == 1 else size
-    if len(size) != 2 or min(size) < 1:
-        raise ValueError(f"image size must be N or HxW with positive sides, got {text!r}")
-    return size
 
 
 def resample(x: Tensor, size: tuple[int, int]) -> Tensor:
@@ -211,7 +197,8 @@ def fastmri_measurement(
     noise_sigma: float | None = None,
     percentile: float = ROBUST_PERCENTILE,
 ) -> Measurement:
-    r"""A fastMRI ``.h5`` file as a :class:`Measurement` for images of ``img_size``.
+    r"""A fastMRI ``.h5`` file as a :class:`Measurement` for images of ``img_size``
+    (``(C, None, None)``: the k-space's own size, for a prior that works at any size).
 
     k-space is cropped centrally to the image grid when ``resize`` (same field of view,
     pixels coarser by the recorded factor); coil maps are the file's or estimated from
@@ -223,7 +210,8 @@ def fastmri_measurement(
     """
     kd = read_fastmri(path)
     S, C, H, W = kd.kspace.shape
-    ch, h, w = (int(s) for s in img_size)
+    ch, h, w = img_size[0], img_size[1] or H, img_size[2] or W  # None: the k-space's own size
+    ch, h, w = int(ch), int(h), int(w)
     kspace, mask, maps = kd.kspace, kd.mask, kd.coil_maps
     if (H, W) != (h, w):
         if not resize:
@@ -357,13 +345,16 @@ def reconstruct(
 
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
-    shape = tuple(int(s) for s in prior.image_shape)
-    if shape != measurement.img_size:
-        where = measurement.attrs.get("path", "the measurement")
+    shape = tuple(int(s) for s in measurement.img_size)
+    where = measurement.attrs.get("path", "the measurement")
+    try:
+        prior.check_shape(shape)
+    except ValueError as err:
         raise ValueError(
-            f"{where}: measured images are {measurement.img_size} (C, H, W) but the prior takes {shape}; "
-            f"simulate with --size {shape[1]}x{shape[2]} or use a prior of that size"
-        )
+            f"{where}: measured images are {measurement.img_size} (C, H, W) but the prior takes {prior.image_shape}; "
+            f"simulate with --size {prior.image_shape[1]}x{prior.image_shape[2]} or use a prior of that size "
+            f"(a patch prior works at any size)"
+        ) from err
     device = torch.device(device)
     prior = prior.to(device).eval()
     kwargs = dict(options or {})
@@ -396,7 +387,8 @@ def reconstruct(
     info = {
         "sampler": method.name, "sampler_options": {k: v for k, v in kwargs.items() if isinstance(v, (int, float, str, bool))},
         "samples": int(samples), "seed": int(seed), "slice_seeds": "seed + slice index", "device": str(device),
-        "prior": prior_name, "prior_image_shape": list(shape),
+        "prior": prior_name, "prior_image_shape": list(prior.image_shape), "prior_any_size": bool(prior.any_size),
+        "image_shape": list(shape),
     }
     return Reconstruction(mean, std, baseline, runs, metrics, info)
 

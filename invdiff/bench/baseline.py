@@ -43,7 +43,7 @@ class Baseline(Sampler):
         self.clip = clip
 
     def _run(self, y: Tensor, physics, x_init: Tensor | None, generator, callback: Callable | None) -> Tensor:
-        x = physics.A_dagger(y).reshape(y.shape[0], *self.prior.image_shape).to(y.real.dtype)
+        x = physics.A_dagger(y).reshape(y.shape[0], *self.image_shape).to(y.real.dtype)
         self.check_finite(x, 0, 0.0)
         return x.clamp(*self.clip) if self.clip is not None else x
 

@@ -187,11 +187,13 @@ def _raw(source: Any, n: int | None, prior: Any, shape: Sequence[int]) -> tuple[
     return str(path), [(str(i), x) for i, x in pairs]
 
 
-def load_images(source: Any, n: int | None, prior: Any, prior_name: str) -> list[BenchImage]:
-    """The benchmark's images for ``prior`` (see module doc); ``n`` = how many (``None``: all)."""
+def load_images(source: Any, n: int | None, prior: Any, prior_name: str,
+                shape: Sequence[int] | None = None) -> list[BenchImage]:
+    """The benchmark's images for ``prior`` (see module doc); ``n`` = how many (``None``: all);
+    ``shape`` = ``(C, H, W)`` of the grid (default: the prior's)."""
     if n is not None and n < 1:
         raise ValueError(f"the number of images must be >= 1, got {n}")
-    shape = tuple(prior.image_shape)
+    shape = tuple(prior.image_shape) if shape is None else tuple(int(s) for s in shape)
     if source is None:
         source = default_source(prior_name, prior)
     label, raw = _raw(source, n, prior, shape)

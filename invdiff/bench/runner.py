@@ -278,7 +278,20 @@ class _Setup:
     cells: list[Cell]
 
 
-def _setup(tasks, samplers, priors, images, n_images, seeds, steps) -> _Setup:
+def grid_shape(prior, size) -> tuple[int, int, int]:
+    """``(C, H, W)`` of a benchmark grid: ``size`` (``N``, ``"HxW"`` or a pair), else the prior's
+    own size (a fixed-size prior) or 256x256 (a prior of any size); checked by the prior."""
+    from ..specs import parse_size
+
+    if size is None:
+        shape = tuple(prior.image_shape) if not prior.any_size else (prior.channels, 256, 256)
+    else:
+        h, w = parse_size(size)
+        shape = (prior.channels, h, w)
+    return prior.check_shape(shape, where="bench")
+
+
+def _setup(tasks, samplers, priors, images, n_images, seeds, steps, size=None) -> _Setup:
     from .. import operators
 
     task_list = task_specs(tasks)
@@ -298,11 +311,11 @@ def _setup(tasks, samplers, priors, images, n_images, seeds, steps) -> _Setup:
     prior_list = resolve_priors(priors)
     image_sets, physics, cells = {}, {}, []
     for bp in prior_list:
-        image_sets[bp.name] = load_images(images, n_images, bp.prior, bp.name)
+        shape = grid_shape(bp.prior, size)
+        image_sets[bp.name] = load_images(images, n_images, bp.prior, bp.name, shape)
         for task in task_list:
             try:
-                physics[bp.name, task.label] = operators.make(task.name, img_size=bp.prior.image_shape,
-                                                              **task.overrides)
+                physics[bp.name, task.label] = operators.make(task.name, img_size=shape, **task.overrides)
             except TypeError as err:
                 raise ValueError(f"task {task.label!r}: {err}") from None
     for bp in prior_list:
@@ -452,6 +465,7 @@ def run(
     seeds: int | str | Sequence[int] = 1,
     steps: int | None = None,
     out: str | os.PathLike = "invdiff-bench",
+    size: int | str | tuple[int, int] | None = None,
     device: str = "cpu",
     rerun_failed: bool = False,
     save_recon: str = "figure",
@@ -476,6 +490,9 @@ def run(
         ``"mri-brain"``, ``"prior"``, a folder, a ``torch.utils.data.Dataset``, a tensor;
         ``None`` picks the held-out set of a shipped prior or samples of an analytic one.
     :param n_images: how many images (``None``: all the source has; 8 prior samples).
+    :param size: image size of the grid, ``N`` or ``"HxW"`` (default: the prior's own for a
+        fixed-size prior, 256x256 for a prior of any size); images are resized to it
+        (antialiased) and operators built at it. A fixed-size prior at another size is an error.
     :param seeds: a count ``S`` (seeds ``0 .. S-1``) or a list of seeds.
     :param steps: overrides every sampler's ``steps`` (a sampler spec's own ``steps`` wins).
     :param out: output folder (created); running again into it resumes.
@@ -507,7 +524,7 @@ def run(
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError(f"device {device!r} requested but CUDA is not available")
         torch.device(device)  # a malformed device fails here, before any work
-        setup = _setup(tasks, samplers, priors, images, n_images, seeds, steps)
+        setup = _setup(tasks, samplers, priors, images, n_images, seeds, steps, size)
         out.mkdir(parents=True, exist_ok=True)
         previous = store.load_results(out) if (out / store.RESULTS).exists() or store.rank_files(out) else []
         finished = {r["cell_id"] for r in previous if r.get("status") == "ok" or not rerun_failed}

@@ -14,7 +14,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from ..apps.demo import run_analytic_demo, run_demo
 
     names = tuple(n.strip() for n in args.samplers.split(",") if n.strip()) if args.samplers else None
-    if args.analytic:
+    if args.native:
+        from ..apps.native import run_native_demo
+
+        if names is not None and len(names) != 1:
+            raise ValueError("--native runs one sampler (--samplers NAME)")
+        run_native_demo(out=Path(args.out), steps=args.steps or 25, sampler=names[0] if names else "dds",
+                        images=args.images, device=args.device, seed=args.seed)
+    elif args.analytic:
         run_analytic_demo(out=Path(args.out), size=args.size or 32, steps=args.steps, samples=args.samples or 8,
                           device=args.device, seed=args.seed, verbose=args.verbose, sampler_names=names)
     else:
@@ -34,6 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images", type=int, default=2, help="held-out images per task (default 2)")
     p.add_argument("--analytic", action="store_true",
                    help="use an analytic Gaussian prior and compare with the exact posterior mean")
+    p.add_argument("--native", action="store_true",
+                   help="reconstruct 256x256 CT and MRI at native size with the patch priors, against the 64x64 "
+                        "priors with resizing (one sampler, default dds)")
     add_device(p)
     add_seed(p)
     add_progress(p)

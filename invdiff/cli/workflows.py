@@ -73,23 +73,29 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     prior = load_prior(args.prior, device)
     shape = tuple(int(s) for s in prior.image_shape)
+    native = prior.any_size
+    if native and args.resize:
+        raise ValueError(f"{args.prior} works at any size: it reconstructs at the data's own size; "
+                         f"--resize is only for fixed-size priors")
     reference = None
     if args.input is not None:
         stack = read(args.input, args.modality)
         H, W = stack.shape[-2:]
-        if (H, W) != shape[1:] and not args.resize:
+        if (H, W) != shape[1:] and not args.resize and not native:
             raise ValueError(
                 f"{args.input}: images are {H}x{W} but the prior takes {shape[1]}x{shape[2]}; pass --resize to "
-                f"resample them by {H / shape[1]:.4g}x{W / shape[2]:.4g} (recorded in the output's geometry)"
+                f"resample them by {H / shape[1]:.4g}x{W / shape[2]:.4g} (recorded in the output's geometry), "
+                f"or use a patch prior (any size)"
             )
         if stack.shape[1] != shape[0]:
             raise ValueError(f"{args.input}: images have {stack.shape[1]} channel(s), the prior takes {shape[0]}")
-        m, reference = simulate(stack, args.task, size=shape[1:], seed=args.seed, noise=args.noise,
-                                noise_sigma=args.noise_sigma, window=args.window or HU_WINDOW,
+        m, reference = simulate(stack, args.task, size=None if native else shape[1:], seed=args.seed,
+                                noise=args.noise, noise_sigma=args.noise_sigma, window=args.window or HU_WINDOW,
                                 params=parse_key_values(args.param))
         origin = f"{args.input} ({stack.kind}, {stack.modality}) simulated with {args.task}"
     else:
-        m = open_measurement(args.measurement, shape, resize=args.resize, noise_sigma=args.noise_sigma)
+        m = open_measurement(args.measurement, (shape[0], None, None) if native else shape, resize=args.resize,
+                             noise_sigma=args.noise_sigma)
         origin = f"{args.measurement} ({m.task['name']}, {m.source.get('kind')} source)"
     rs = m.resample
     resized = (f"; resampled {rs['source_shape'][0]}x{rs['source_shape'][1]} -> {rs['shape'][0]}x{rs['shape'][1]} "
@@ -146,7 +152,8 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the sampler's)")
     add_device(p)
     p.add_argument("--resize", action="store_true",
-                   help="allow resampling images (or cropping k-space) to the prior's size; the factor is recorded")
+                   help="fixed-size priors: allow resampling images (or cropping k-space) to the prior's size; the factor is "
+                        "recorded (a patch prior reconstructs at the data's own size)")
     p.add_argument("--format", default="auto", choices=["auto", "dicom", "nifti", "png", "tiff", "h5"],
                    help="output format (default: the source's)")
     p.add_argument("--png", action="store_true", help="also write quick-look PNGs (png/mean_0001.png, png/std_0001.png)")
