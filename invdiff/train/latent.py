@@ -97,7 +97,7 @@ def train_latent(
 
     :param config: the data (``config.data``, ``size``, ``channels``, ``n_images``, ``seed``)
         and the latent prior's U-Net and optimisation (``width``, ``steps``, ``batch``, ``lr``,
-        ``ema_halflife``); ``config.patch`` and ``config.augment`` are ignored (the latent
+        ``ema_halflife``); ``config.unshuffle``, ``config.patch`` and ``config.augment`` are ignored (the latent
         U-Net runs unpatched; flips are applied before encoding).
     :param autoencoder: the autoencoder stage.
     :param out: ``.safetensors`` file for the :class:`~invdiff.priors.LatentDiffusionPrior`
@@ -127,7 +127,7 @@ def train_latent(
     latents = encode_images(ae, torch.cat([x, x.flip(-1)]))
     factor = 2**autoencoder.levels
     latent_config = dataclasses.replace(config, data=f"{config.data} latents", size=config.size // factor,
-                                        channels=autoencoder.latent_channels, patch=1, augment=())
+                                        channels=autoencoder.latent_channels, unshuffle=1, augment=())
     if out_path is not None and checkpoint is None:
         checkpoint = out_path.with_suffix(".ckpt")
     result = train(latent_config, None, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
