@@ -303,3 +303,24 @@ def test_compare_resolutions_scores_three_paths():
     assert all(img.shape == truth.shape for img in images.values())
     # the prior at native size sees the real measurement; the resize path loses the fine scale
     assert by["native"]["psnr"] > by["baseline"]["psnr"] + 3 and by["native"]["psnr"] > by["resize"]["psnr"]
+
+
+def test_reconstruct_any_size_with_a_fully_convolutional_prior(tmp_path, capsys):
+    from pydicom.data import get_testdata_file
+
+    from invdiff.cli import main
+    from invdiff.io import read_dicom
+    from invdiff.priors import ADMConfig, ADMPrior, GuidedDiffusionUNet, save
+
+    cfg = ADMConfig(image_size=16, in_channels=1, model_channels=32, num_res_blocks=1, channel_mult="1,2",
+                    attention_resolutions="8", num_head_channels=32, learn_sigma=True)
+    path = tmp_path / "adm16.safetensors"
+    save(ADMPrior(GuidedDiffusionUNet(cfg).eval()), path)
+    args = ["reconstruct", "--input", get_testdata_file("CT_small.dcm"), "--task", "ct-sparse-30", "--prior", str(path),
+            "--sampler", "dds:cg_iterations=2", "--steps", "2", "-q"]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 1
+    assert "pass --resize" in capsys.readouterr().err
+    assert main(args + ["--out", str(tmp_path / "b"), "--any-size"]) == 0
+    assert "trained at 16x16" in capsys.readouterr().err
+    header = read_dicom(tmp_path / "b" / "mean").headers[0]
+    assert (header.Rows, header.Columns) == (128, 128)

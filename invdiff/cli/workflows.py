@@ -5,6 +5,7 @@ command functions so ``invdiff --help`` stays fast."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 from .options import (add_device, add_params, add_progress, add_seed, command_line, parse_key_values, parse_spec,
                       progress)
@@ -72,6 +73,14 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     check_new_path(args.out, args.overwrite)
     device = resolve_device(args.device)
     prior = load_prior(args.prior, device)
+    if args.any_size:
+        import warnings
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            prior.at_any_size()
+        for w in caught:
+            print(f"invdiff reconstruct: warning: {w.message}", file=sys.stderr)
     shape = tuple(int(s) for s in prior.image_shape)
     native = prior.any_size
     if native and args.resize:
@@ -154,6 +163,9 @@ def register(subparsers) -> None:
     p.add_argument("--resize", action="store_true",
                    help="fixed-size priors: allow resampling images (or cropping k-space) to the prior's size; the factor is "
                         "recorded (a patch prior reconstructs at the data's own size)")
+    p.add_argument("--any-size", action="store_true",
+                   help="use a fully convolutional fixed-size prior (a U-Net) at the data's own size (warned: it "
+                        "was trained at one size)")
     p.add_argument("--format", default="auto", choices=["auto", "dicom", "nifti", "png", "tiff", "h5"],
                    help="output format (default: the source's)")
     p.add_argument("--png", action="store_true", help="also write quick-look PNGs (png/mean_0001.png, png/std_0001.png)")
