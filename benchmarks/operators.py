@@ -115,7 +115,7 @@ def main():
     print(f"skimage iradon (FBP) / invdiff FBP     = {rows['skimage']['FBP'] / ours_r['FBP']:.1f}x")
     print(f"deepinv (A + A^T) / invdiff (A + A^T)  = {(rows['deepinv']['A'] + rows['deepinv']['AT']) / (ours_r['A'] + ours_r['AT']):.1f}x")
     print(f"deepinv Tomography.A_dagger (iterative) = {dagger_deepinv:.0f} ms (one call)")
-    print(f"invdiff sparse matrix nnz = {ours.nnz():,} (x2 for the transpose)")
+    print(f"invdiff sparse matrix nnz = {ours.nnz():,} (one stored matrix; A reads it transposed)")
 
 
 if __name__ == "__main__":

@@ -7,16 +7,20 @@ at 256²; ``benchmarks/operators.py`` measures it side by side with these classe
 Measured there (256², 60 views, 2 CPU threads, loaded machine): deepinv ``A`` ~110 ms,
 ``A_adjoint`` ~200-290 ms, ``A_dagger`` ~10-18 s; its adjoint (by back-propagation) is
 accurate (relative adjointness error 2e-7) — speed, not accuracy, is the issue.
-This module: ``A`` ~16 ms, ``A_adjoint`` ~15 ms, FBP ~12 ms (after a one-off ~4 s
-matrix build and ~1 s FBP-matrix build on first ``A_dagger``).
+This module's build time, peak memory, ``A``, ``A_adjoint`` and FBP times (first call and
+later ones) and adjointness errors at 256² and 512² are measured by
+``benchmarks/ct_build.py`` (``python benchmarks/ct_build.py [--threads N]``).
 
-The operators here precompute the system matrix once, as a sparse CSR matrix with
-32-bit indices, together with its exact transpose, so
+The operators here precompute the system matrix once, as one sparse CSR matrix with
+32-bit indices (the adjoint's: rows are pixels), generated pixel chunk by pixel chunk
+directly in sorted CSR order (no COO sort, no transpose), so
 
-* ``A`` and ``A_adjoint`` are each one sparse-dense product (a few ms at 256², 60 views),
-* ``A_adjoint`` is the exact transpose of ``A`` (adjointness error ~1e-7 in float32),
+* ``A`` and ``A_adjoint`` are each one sparse-dense product with the same stored
+  entries (``A`` reads them as CSC), in tens of ms at 512²,
+* ``A_adjoint`` is the exact transpose of ``A`` (adjointness error ~1e-6 in float32),
 * ``A_vjp(x, v) = A_adjoint(v)`` and autograd through ``A`` uses the same transpose,
-* ``A_dagger`` is filtered back-projection (FBP) in milliseconds, no iterative solve.
+* ``A_dagger`` is filtered back-projection (FBP) in milliseconds, first call included:
+  linear interpolation computed on the fly, no iterative solve and no matrix.
 
 **Discretisation.** The image is a sum of unit square pixels (pixel size 1; all
 lengths are in pixel units). Pixel :math:`(i, j)` of an ``H × W`` image has centre
@@ -36,10 +40,12 @@ one pixel). Measurements are therefore in *pixel units*: a constant image of val
 gives line integrals equal to chord lengths in pixels, like ``skimage.transform.radon``.
 
 **Layout.** Sinograms are ``(B, C, n_detectors, n_views)`` like deepinv's
-``Tomography`` and skimage. Channels are folded into the batch.
+``Tomography`` and skimage (internally view-major, one transpose away). Channels are
+folded into the batch.
 
-**Memory.** Two sparse matrices of ~2.5 non-zeros per (pixel, view), 8 bytes each:
-about ``40 · H · W · n_views`` bytes, e.g. 160 MB at 256², 60 views.
+**Memory.** One sparse matrix of ~2.3 non-zeros per (pixel, view), 8 bytes each:
+about ``19 · H · W · n_views`` bytes, e.g. 71 MB at 256², 60 views and 430 MB at 512²,
+90 views; the build needs little more (it writes straight into the final arrays).
 """
 
 from __future__ import annotations
@@ -254,7 +260,7 @@ class _ProjectionCT(LinearPhysics):
         n_pix = self.H * self.W
         du = self.detector_spacing
         first = -(K - 1) / 2.0 * du
-        n_bins = int(math.ceil(2.0 * self._max_half_footprint() / du)) + 1
+        n_bins = math.ceil(2.0 * self._max_half_footprint() / du) + 1
         if V * K >= 2**31:
             raise ValueError(f"{type(self).__name__}: sinogram of {V} x {K} too large for 32-bit indices")
         capacity = n_pix * V * n_bins
@@ -310,21 +316,28 @@ class _ProjectionCT(LinearPhysics):
         return cache[key]
 
     def _torch_matrix(self, transpose: bool, dtype: torch.dtype) -> Tensor:
-        """torch CSR of ``A^T`` (``transpose=True``) or of ``A`` (converted once per
-        device and dtype from the CSC view of ``A^T``, then cached)."""
+        """torch CSR of ``A^T`` (``transpose=True``: the buffers) or of ``A`` (its transpose,
+        made once per device and dtype by a stable sort of the entries by sinogram index,
+        then cached)."""
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-            val = self._adj_val.to(dtype)
             if transpose:
+                val = self._adj_val.to(dtype)
                 return torch.sparse_csr_tensor(self._adj_crow, self._adj_col, val, size=self._shape, check_invariants=False)
             cache = self.__dict__.setdefault("_fwd_cache", {})
             key = (dtype, self._adj_val.device, self._adj_val.data_ptr())
             if key not in cache:
-                csc = torch.sparse_csc_tensor(
-                    self._adj_crow, self._adj_col, val, size=self._shape[::-1], check_invariants=False
-                )
                 cache.clear()
-                cache[key] = csc.to_sparse_csr()
+                crow, col = self._adj_crow, self._adj_col
+                n_pix, n_sino = self._shape
+                order = torch.argsort(col, stable=True)  # entries are in pixel order: stays so per row
+                pixel = torch.repeat_interleave(torch.arange(n_pix, device=col.device), (crow[1:] - crow[:-1]).long())
+                fwd_crow = torch.zeros(n_sino + 1, dtype=torch.int64, device=col.device)
+                fwd_crow[1:] = torch.cumsum(torch.bincount(col.long(), minlength=n_sino), 0)
+                cache[key] = torch.sparse_csr_tensor(
+                    fwd_crow.to(crow.dtype), pixel[order].to(crow.dtype), self._adj_val[order].to(dtype),
+                    size=(n_sino, n_pix), check_invariants=False,
+                )
             return cache[key]
 
     def _spmm(self, x2d: Tensor, transpose: bool) -> Tensor:
@@ -366,20 +379,27 @@ class _ProjectionCT(LinearPhysics):
         return self.A_adjoint(v)
 
     # -- filtered back-projection --------------------------------------------------
-    def _filter_sinogram(self, p: Tensor, spacing: float) -> Tensor:
-        """Ramp-filter each view along the detector axis. ``p``: (N, n_views, n_det)."""
+    def _filter_sinogram(self, p, spacing: float):
+        """Ramp-filter each view along the detector axis. ``p``: (N, n_views, n_det), a
+        tensor or (CPU) a numpy array; the result is of the same kind."""
         n_pad = max(64, 1 << int(math.ceil(math.log2(2 * self.n_detectors))))
         cache = self.__dict__.setdefault("_ramp_cache", {})
-        key = (n_pad, spacing, self.fbp_filter, p.device, p.dtype)
+        is_numpy = isinstance(p, np.ndarray)
+        if is_numpy:
+            device, dtype = "cpu", torch.float64 if p.dtype == np.float64 else torch.float32
+        else:
+            device, dtype = p.device, p.dtype
+        key = (n_pad, spacing, self.fbp_filter, device, dtype)
         if key not in cache:
-            cache[key] = ramp_filter(n_pad, spacing, self.fbp_filter).to(p.device, p.dtype)
+            cache[key] = ramp_filter(n_pad, spacing, self.fbp_filter).to(device, dtype)
         response = cache[key]
-        if p.device.type == "cpu" and not p.requires_grad:
+        if is_numpy or (p.device.type == "cpu" and not p.requires_grad):
             # scipy.fft: torch's CPU FFT was measured 100x slower with 2 threads on small
             # batched transforms (thread-pool overhead); results are identical
-            spectrum = scipy.fft.rfft(p.numpy(), n=n_pad, axis=-1) * response.numpy()
-            out = scipy.fft.irfft(spectrum, n=n_pad, axis=-1)[..., : self.n_detectors]
-            return torch.from_numpy(np.ascontiguousarray(out, dtype=p.numpy().dtype))
+            a = p if is_numpy else p.numpy()
+            spectrum = scipy.fft.rfft(a, n=n_pad, axis=-1) * response.numpy()
+            out = np.ascontiguousarray(scipy.fft.irfft(spectrum, n=n_pad, axis=-1)[..., : self.n_detectors], dtype=a.dtype)
+            return out if is_numpy else torch.from_numpy(out)
         spectrum = torch.fft.rfft(p, n=n_pad, dim=-1) * response
         return torch.fft.irfft(spectrum, n=n_pad, dim=-1)[..., : self.n_detectors]
 
@@ -401,11 +421,10 @@ class _ProjectionCT(LinearPhysics):
         w[order] = 0.5 * (left + right)
         return w
 
-    _fbp_folds_view_weights = False  # True: the FBP weight is the view's quadrature weight alone
-
     def _fbp_coordinates(self, views: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per (view, pixel), shape ``(len(views), H * W)``: detector position ``u`` of the
-        pixel and its FBP weight (float64 numpy; the reference of :meth:`_fbp_chunk`)."""
+        pixel and its FBP weight (float64 numpy). The reference of the fast path
+        (:meth:`_fbp_view_factors`, :meth:`_fbp_chunk`) that :meth:`A_dagger` uses."""
         x, y = self._pixel_coordinates()
         beta = np.deg2rad(self.angles_deg[views])[:, None]
         u, weight = self._fbp_geometry(x[None], y[None], np.cos(beta), np.sin(beta), self._view_weights()[views][:, None])
@@ -416,36 +435,29 @@ class _ProjectionCT(LinearPhysics):
         quadrature weight ``w``, all broadcastable (numpy arrays or torch tensors)."""
         raise NotImplementedError
 
-    def _fbp_chunk(self, views: slice, stride: int, device: torch.device, dtype: torch.dtype):
-        """Interpolation of views ``views`` at every pixel, flattened (view, pixel):
-        ``(idx, f, weight)``. The pixel's value from view ``v`` is ``T_A[idx] + f * T_B[idx]``
-        (times ``weight``; ``None`` when the weight is the view's own, folded into the
-        tables), with the tables of :meth:`_fbp_tables`: ``idx = 2 (v * stride + b + 3) + c``
-        for the segment ``[b + c, b + c + 1]`` of the detector holding the pixel, ``c`` in
-        ``{0, 1}``, and ``f`` its position in units of bins from ``b``.
+    def _fbp_view_factors(self) -> np.ndarray:
+        """Per view, the factor of the FBP weight that does not depend on the pixel
+        (folded into the interpolation tables)."""
+        raise NotImplementedError
 
-        Generic version: ``u`` from :meth:`_fbp_geometry` in float64 on ``device``,
-        ``b = floor(u)`` (clamped to the zero padding), ``c = 0``.
-        """
-        H, W, K = self.H, self.W, self.n_detectors
-        f64 = dict(device=device, dtype=torch.float64)
-        x = (torch.arange(W, **f64) - (W - 1) / 2.0).reshape(1, 1, W)
-        y = ((H - 1) / 2.0 - torch.arange(H, **f64)).reshape(1, H, 1)
-        beta = np.deg2rad(self.angles_deg[views])
-        c = torch.as_tensor(np.cos(beta), **f64).reshape(-1, 1, 1)
-        s = torch.as_tensor(np.sin(beta), **f64).reshape(-1, 1, 1)
-        w = torch.as_tensor(self._view_weights()[views], **f64).reshape(-1, 1, 1)
-        u, weight = self._fbp_geometry(x, y, c, s, w)
-        du = self.detector_spacing
-        pos = (u - (-(K - 1) / 2.0 * du)) / du
-        b = torch.floor(pos)
-        f = (pos - b).to(dtype)
-        offset = torch.arange(views.start, views.stop, device=device).reshape(-1, 1, 1) * stride + 3
-        idx = 2 * (b.clamp_(-3, K).to(torch.int64) + offset)
-        return idx.reshape(-1), f.reshape(-1), weight.expand_as(u).to(dtype).reshape(-1)
+    def _fbp_vectors(self, stride: int, float_dtype) -> dict:
+        """Per-view separable pieces of the pixels' detector positions (numpy arrays of
+        shape ``(V, 1, W)`` or ``(V, H, 1)``; integer arrays become the loop's index type)
+        and flags, for :meth:`_fbp_chunk`; cached."""
+        raise NotImplementedError
+
+    def _fbp_chunk(self, ops: _FBPOps, vec: dict, views: slice, rows: slice):
+        """Interpolation of views ``views`` at the pixels of image rows ``rows``, flattened
+        (view, pixel): ``(idx, f, weight)``. The pixel's value from view ``v`` is
+        ``(T_A[idx] + f T_B[idx]) * weight`` (``weight=None``: 1) with the tables of
+        :meth:`_fbp_tables` (their views scaled by :meth:`_fbp_view_factors`):
+        ``idx = 2 (v * stride + b + 3) + c`` for the detector segment ``[b + c, b + c + 1]``
+        holding the pixel's position, ``c`` in ``{0, 1}``, ``f`` that position minus ``b``;
+        bins beyond the zero padding are clamped to it. Implemented by subclasses."""
+        raise NotImplementedError
 
     @staticmethod
-    def _fbp_tables(q: Tensor) -> tuple[Tensor, Tensor, int]:
+    def _fbp_tables(q, ops: _FBPOps):
         """Interpolation tables of filtered views ``q`` (N, V, K): for bin ``b`` in
         ``[-3, K]`` (zero padding outside the detector) and carry ``c`` in ``{0, 1}``, the
         linear interpolant on segment ``[b + c, b + c + 1]`` at offset ``f`` from ``b`` is
@@ -453,37 +465,151 @@ class _ProjectionCT(LinearPhysics):
         ``(T_A, T_B, stride)``, tables of shape ``(N, V * stride * 2)``, ``stride = K + 4``."""
         N, V, K = q.shape
         stride = K + 4
-        qp = torch.nn.functional.pad(q, (3, 3))  # index r <-> detector bin r - 3
+        qp = ops.zeros((N, V, K + 6))  # index r <-> detector bin r - 3
+        qp[..., 3 : K + 3] = q
         d = qp[..., 1:] - qp[..., :-1]
         b1 = d[..., 1 : stride + 1]
-        ta = torch.stack((qp[..., :stride], qp[..., 1 : stride + 1] - b1), dim=-1).reshape(N, -1)
-        tb = torch.stack((d[..., :stride], b1), dim=-1).reshape(N, -1)
+        ta = ops.xp.stack((qp[..., :stride], qp[..., 1 : stride + 1] - b1), -1).reshape(N, -1)
+        tb = ops.xp.stack((d[..., :stride], b1), -1).reshape(N, -1)
         return ta, tb, stride
 
-    def _backproject_interp(self, q: Tensor) -> Tensor:
-        """FBP back-projection ``(N, n_views, n_det) -> (N, H * W)``: linear interpolation
-        of each filtered view at the pixel's detector position, times the geometry's FBP
-        weight. Computed on the fly, a chunk of views at a time (no matrix, no build);
-        equal to the sparse interpolation matrix ``sum_v w (1 - frac) q[i0] + w frac q[i0 + 1]``
-        up to float rounding."""
+    _fbp_numpy_on_cpu = True  # False: the torch loop on CPU too (tests)
+    _fbp_block = (1 << 18, 1 << 15)  # (view, pixel) pairs per chunk: torch, numpy
+
+    def _fbp(self, y: Tensor, detector_weight: np.ndarray | None = None) -> Tensor:
+        """FBP of sinograms ``y`` (B, C, n_det, n_views): optional weight per detector bin,
+        ramp filter, :meth:`_backproject_interp`. On CPU without autograd all of it runs
+        in numpy/scipy, single-threaded: on a busy machine torch's thread pool stalls small
+        operations at its barriers (measured 2-3x slower with 2 threads)."""
+        B, C = y.shape[:2]
+        N, K, V = B * C, self.n_detectors, self.n_views
+        grad = torch.is_grad_enabled() and y.requires_grad
+        use_numpy = (
+            self._fbp_numpy_on_cpu and y.device.type == "cpu" and not grad and y.dtype in (torch.float32, torch.float64)
+        )
+        ops = _FBPOps(y, use_numpy, reuse=not grad, big_index=2 * V * (K + 4) >= 2**31)
+        p = (y.detach().numpy() if use_numpy else y).reshape(N, K, V).swapaxes(1, 2)  # (N, V, K)
+        factors = ops.float_array(self._fbp_view_factors()[:, None])
+        if detector_weight is not None:
+            p = p * ops.float_array(detector_weight)
+        q = self._filter_sinogram(p, self.detector_spacing) * factors
+        x = self._backproject_interp(q, ops)
+        return (torch.from_numpy(x) if use_numpy else x).reshape(B, C, self.H, self.W)
+
+    def _backproject_interp(self, q, ops: _FBPOps):
+        """FBP back-projection ``(N, n_views, n_det) -> (N, H * W)`` of filtered views
+        already scaled by :meth:`_fbp_view_factors`: linear interpolation of each view at
+        the pixel's detector position times the pixel part of the FBP weight; in all,
+        ``sum_v weight (1 - frac) q[v, i0] + weight frac q[v, i0 + 1]`` with ``(u, weight)``
+        of :meth:`_fbp_coordinates` and ``i0 + frac`` the position of ``u`` in bins.
+        Computed on the fly, a chunk at a time (gathers from small per-call tables; no
+        matrix, nothing built in advance). ``q`` and the result: numpy arrays or tensors,
+        as ``ops``."""
         N, V, _ = q.shape
-        n_pix = self.H * self.W
-        if self._fbp_folds_view_weights:
-            q = q * torch.as_tensor(self._view_weights(), device=q.device, dtype=q.dtype)[:, None]
-        ta, tb, stride = self._fbp_tables(q)
-        per_chunk = max(1, (1 << 18) // n_pix)
-        out = [None] * N
-        for v0 in range(0, V, per_chunk):
-            views = slice(v0, min(v0 + per_chunk, V))
+        H, W = self.H, self.W
+        ta, tb, stride = self._fbp_tables(q, ops)
+        cache = self.__dict__.setdefault("_fbp_cache", {})
+        key = (ops.numpy, ops.device, ops.float, stride)
+        if key not in cache:
+            cache.clear()
+            vec = self._fbp_vectors(stride, ops.np_float)
+            cache[key] = {k: ops.asarray(v) if isinstance(v, np.ndarray) else v for k, v in vec.items()}
+        vec = cache[key]
+        grad = not ops.reuse
+        out = [None] * N if grad else ops.zeros((N, H * W))
+        block = self._fbp_block[int(ops.numpy)]
+        n_views = max(1, block // (H * W))
+        n_rows = H if (n_views > 1 or not ops.numpy) else max(1, block // W)
+        for v0 in range(0, V, n_views):
+            views = slice(v0, min(v0 + n_views, V))
             n = views.stop - views.start
-            idx, f, weight = self._fbp_chunk(views, stride, q.device, q.dtype)
-            for i in range(N):
-                val = torch.addcmul(ta[i].index_select(0, idx), f, tb[i].index_select(0, idx))
-                if weight is not None:
-                    val = val * weight
-                val = val.reshape(n, n_pix).sum(0) if n > 1 else val
-                out[i] = val if out[i] is None else out[i] + val
-        return torch.stack(out)
+            for r0 in range(0, H, n_rows):
+                rows = slice(r0, min(r0 + n_rows, H))
+                idx, f, weight = self._fbp_chunk(ops, vec, views, rows)
+                for i in range(N):
+                    ga, gb = ops.take(ta[i], idx, "ga"), ops.take(tb[i], idx, "gb")
+                    if grad:  # out-of-place, differentiable in q
+                        val = torch.addcmul(ga, f, gb)
+                        val = (val if weight is None else val * weight).reshape(n, -1).sum(0)
+                        out[i] = val if out[i] is None else out[i] + val
+                    else:
+                        ops.accumulate(out[i, rows.start * W : rows.stop * W], ga, gb, f, weight, n)
+        return torch.stack(out) if grad else out
+
+
+class _FBPOps:
+    """The few array operations of the FBP loop, on numpy or on torch tensors, with
+    scratch arrays reused between chunks (``reuse``; not under autograd, which keeps them)."""
+
+    def __init__(self, like: Tensor, use_numpy: bool, reuse: bool, big_index: bool):
+        self.numpy, self.reuse, self.device = use_numpy, reuse, like.device
+        self.np_float = np.float64 if like.dtype == torch.float64 else np.float32
+        self.xp = np if use_numpy else torch
+        if use_numpy:
+            self.float, self.f64, self.index = self.np_float, np.float64, np.intp
+        else:
+            self.float, self.f64 = like.dtype, torch.float64
+            self.index = torch.int64 if big_index else torch.int32
+        self.store = {}
+
+    def float_array(self, a: np.ndarray):
+        """``a`` in the working precision."""
+        return a.astype(self.float) if self.numpy else torch.as_tensor(a, dtype=self.float, device=self.device)
+
+    def zeros(self, shape: tuple[int, ...]):
+        if self.numpy:
+            return np.zeros(shape, self.float)
+        return torch.zeros(shape, dtype=self.float, device=self.device)
+
+    def asarray(self, a: np.ndarray):
+        if np.issubdtype(a.dtype, np.integer):
+            return a.astype(self.index) if self.numpy else torch.as_tensor(a, dtype=self.index, device=self.device)
+        return a if self.numpy else torch.as_tensor(a, device=self.device)
+
+    def empty(self, name: str, shape: tuple[int, ...], dtype):
+        numel = math.prod(shape)
+        t = self.store.get(name) if self.reuse else None
+        if t is None or t.shape[0] < numel or t.dtype != dtype:
+            t = np.empty(numel, dtype) if self.numpy else torch.empty(numel, dtype=dtype, device=self.device)
+            if self.reuse:
+                self.store[name] = t
+        return t[:numel].reshape(shape)
+
+    def cast(self, src, name: str, dtype):
+        """``src`` converted to ``dtype`` (truncating towards zero for integers)."""
+        dst = self.empty(name, tuple(src.shape), dtype)
+        if self.numpy:
+            np.copyto(dst, src, casting="unsafe")
+            return dst
+        return dst.copy_(src)
+
+    def clip(self, a, lo, hi):
+        return np.clip(a, lo, hi, out=a) if self.numpy else torch.clamp(a, lo, hi, out=a)
+
+    def take(self, table, idx, name: str):
+        if self.numpy:  # mode="clip": no bounds-check buffering (indices are in range)
+            return np.take(table, idx, out=self.empty(name, idx.shape, self.float), mode="clip")
+        if not self.reuse:
+            return table.index_select(0, idx)
+        return torch.index_select(table, 0, idx, out=self.empty(name, tuple(idx.shape), self.float))
+
+    def accumulate(self, out, ga, gb, f, weight, n: int) -> None:
+        """``out += sum over the chunk's views of (ga + f gb) * weight``; clobbers ``ga, gb``."""
+        if self.numpy:
+            gb *= f
+            if weight is None and n == 1:
+                out += ga
+                out += gb
+                return
+            ga += gb
+        else:
+            if weight is None and n == 1:
+                out.add_(ga).addcmul_(f, gb)
+                return
+            ga.addcmul_(f, gb)
+        if weight is not None:
+            ga *= weight
+        out += ga.reshape(n, -1).sum(0) if n > 1 else ga
 
 
 # --------------------------------------------------------------------------- parallel beam
@@ -563,8 +689,6 @@ class ParallelBeamCT(_ProjectionCT):
         r = math.hypot((H - 1) / 2.0, (W - 1) / 2.0)
         return int(math.ceil((2.0 * r + math.sqrt(2.0)) / detector_spacing - 1e-9))
 
-    _fbp_folds_view_weights = True
-
     def _footprints(self, x, y):
         theta = np.deg2rad(self.angles_deg)[None]
         c, s = np.cos(theta), np.sin(theta)
@@ -578,54 +702,48 @@ class ParallelBeamCT(_ProjectionCT):
     def _fbp_geometry(self, x, y, c, s, w):
         return x * c + y * s, w
 
-    def _fbp_chunk(self, views, stride, device, dtype):
-        r"""Separable fast path: the pixel's position in bins, :math:`(x_j \cos\theta - t_0)/\Delta t
-        + y_i \sin\theta / \Delta t`, is split per view into integer and fractional parts of
-        its two terms (float64, on the ``W`` and ``H`` vectors); then per pixel only
-        ``f = f_j + f_i`` in ``[0, 2)``, the carry ``c = floor(f)`` and the bin
-        ``b = b_j + b_i`` remain, exact to the rounding of ``f`` (no float64 per pixel)."""
-        cache = self.__dict__.setdefault("_fbp_cache", {})
-        key = (device, dtype, stride)
-        if key not in cache:
-            cache.clear()
-            K, du = self.n_detectors, self.detector_spacing
-            theta = np.deg2rad(self.angles_deg)[:, None]
-            xs = np.arange(self.W, dtype=np.float64) - (self.W - 1) / 2.0
-            ys = (self.H - 1) / 2.0 - np.arange(self.H, dtype=np.float64)
-            np_dtype = np.float64 if dtype == torch.float64 else np.float32
-            parts = []
-            for t in ((xs[None] * np.cos(theta) + (K - 1) / 2.0 * du) / du, ys[None] * np.sin(theta) / du):
-                whole = np.floor(t)
-                frac = (t - whole).astype(np_dtype)
-                wrap = frac >= 1.0  # rounded up to 1: carry it over, so that f < 2
-                frac[wrap] = 0.0
-                parts += [whole + wrap, frac]
-            (bx, fx), (by, fy) = parts[:2], parts[2:]
-            lo, hi = bx.min(1) + by.min(1), bx.max(1) + by.max(1)
-            offset = (np.arange(self.n_views) * stride + 3)[:, None]
-            itype = torch.int32 if 2 * self.n_views * stride < 2**31 else torch.int64
-            as_t = lambda a, t: torch.as_tensor(a, dtype=t, device=device)  # noqa: E731
-            cache[key] = dict(
-                fx=as_t(fx, dtype)[:, None, :], fy=as_t(fy, dtype)[:, :, None],
-                bx=as_t(2 * bx, itype)[:, None, :], by=as_t(2 * (by + offset), itype)[:, :, None],
-                clamp=bool(lo.min() < -3 or hi.max() > K),
-                lo=as_t(2 * offset[:, 0] - 6, itype)[:, None, None], hi=as_t(2 * (offset[:, 0] + K), itype)[:, None, None],
-                itype=itype,
-            )
-        t = cache[key]
-        f = t["fx"][views] + t["fy"][views]  # (n, H, W), in [0, 2)
-        b = t["bx"][views] + t["by"][views]
-        if t["clamp"]:  # bins beyond the zero padding read zeros
-            b = torch.clamp(b, t["lo"][views], t["hi"][views])
-        idx = b + f.to(t["itype"])  # floor(f) = trunc(f), f >= 0
+    def _fbp_view_factors(self) -> np.ndarray:
+        return self._view_weights()
+
+    def _fbp_vectors(self, stride, float_dtype):
+        r"""The pixel's position in bins, :math:`(x_j \cos\theta - t_0)/\Delta t +
+        y_i \sin\theta / \Delta t`, split per view into integer and fractional parts of its
+        two terms (float64 on the ``W`` and ``H`` vectors), so that per pixel only
+        ``f = f_j + f_i`` in ``[0, 2)``, the carry ``c = floor(f)`` and ``b = b_j + b_i``
+        remain: exact but for the rounding of ``f`` in the working precision."""
+        K, du = self.n_detectors, self.detector_spacing
+        theta = np.deg2rad(self.angles_deg)[:, None]
+        xs = np.arange(self.W, dtype=np.float64) - (self.W - 1) / 2.0
+        ys = (self.H - 1) / 2.0 - np.arange(self.H, dtype=np.float64)
+        parts = []
+        for t in ((xs[None] * np.cos(theta) + (K - 1) / 2.0 * du) / du, ys[None] * np.sin(theta) / du):
+            whole = np.floor(t)
+            frac = (t - whole).astype(float_dtype)
+            wrap = frac >= 1.0  # rounded up to 1: carry it over, so that f < 2
+            frac[wrap] = 0.0
+            parts += [(whole + wrap).astype(np.int64), frac]
+        (bx, fx), (by, fy) = parts[:2], parts[2:]
+        lo, hi = bx.min(1) + by.min(1), bx.max(1) + by.max(1)
+        offset = (np.arange(self.n_views, dtype=np.int64) * stride + 3)[:, None]
+        return {
+            "fx": fx[:, None, :], "fy": fy[:, :, None], "bx": 2 * bx[:, None, :], "by": (2 * (by + offset))[:, :, None],
+            "clamp": bool(lo.min() < -3 or hi.max() > K),
+            "lo": (2 * offset - 6)[:, :, None], "hi": (2 * (offset + K))[:, :, None],
+        }
+
+    def _fbp_chunk(self, ops, vec, views, rows):
+        xp = ops.xp
+        shape = (views.stop - views.start, rows.stop - rows.start, self.W)
+        f = xp.add(vec["fx"][views], vec["fy"][views, rows], out=ops.empty("f", shape, ops.float))  # in [0, 2)
+        idx = xp.add(vec["bx"][views], vec["by"][views, rows], out=ops.empty("idx", shape, ops.index))
+        if vec["clamp"]:  # bins beyond the zero padding read zeros
+            idx = ops.clip(idx, vec["lo"][views], vec["hi"][views])
+        idx += ops.cast(f, "carry", ops.index)  # floor(f) = trunc(f) as f >= 0
         return idx.reshape(-1), f.reshape(-1), None
 
     def A_dagger(self, y: Tensor, **kwargs) -> Tensor:
         r"""Filtered back-projection (closed form, milliseconds); see the class docstring."""
-        B, C = y.shape[:2]
-        p = y.reshape(B * C, self.n_detectors, self.n_views).transpose(1, 2)
-        q = self._filter_sinogram(p, self.detector_spacing)
-        return self._backproject_interp(q).reshape(B, C, self.H, self.W)
+        return self._fbp(y)
 
 
 # --------------------------------------------------------------------------- fan beam
@@ -759,12 +877,52 @@ class FanBeamCT(_ProjectionCT):
         u = D * across / L
         return u, w / U**2
 
+    def _fbp_view_factors(self) -> np.ndarray:
+        return 0.5 * self._view_weights()  # the 1/2 of the fan-beam filter
+
+    def _fbp_vectors(self, stride, float_dtype):
+        r"""The pixel's position in bins is ``P / U`` with ``U = (D - x cos - y sin) / D`` and
+        ``P = (y cos - x sin) / du + c_0 U``, ``c_0 = (n_det - 1) / 2``: both sums of a
+        column and a row term (float64), so per pixel two adds, a division and a floor
+        (float64), and the weight ``1 / U^2``."""
+        K = self.n_detectors
+        D, du, c0 = self.source_distance, self.detector_spacing, (K - 1) / 2.0
+        beta = np.deg2rad(self.angles_deg)[:, None]
+        c, s = np.cos(beta), np.sin(beta)
+        xs = (np.arange(self.W, dtype=np.float64) - (self.W - 1) / 2.0)[None]
+        ys = ((self.H - 1) / 2.0 - np.arange(self.H, dtype=np.float64))[None]
+        # |u| <= D r / sqrt(D^2 - r^2) over the image: no clamping needed when inside the padding
+        r = math.hypot((self.H - 1) / 2.0, (self.W - 1) / 2.0)
+        reach = D * r / math.sqrt(D**2 - r**2) / du + 1e-6
+        return {
+            "px": (-xs * s / du + c0 * (1.0 - xs * c / D))[:, None, :],
+            "py": (ys * c / du - c0 * ys * s / D)[:, :, None],
+            "lx": (1.0 - xs * c / D)[:, None, :],
+            "ly": (-ys * s / D)[:, :, None],
+            "offset": (2.0 * (np.arange(self.n_views) * stride + 3))[:, None, None],
+            "clamp": bool(c0 - reach < -3 or c0 + reach >= K + 1),
+        }
+
+    def _fbp_chunk(self, ops, vec, views, rows):
+        xp = ops.xp
+        shape = (views.stop - views.start, rows.stop - rows.start, self.W)
+        pos = xp.add(vec["px"][views], vec["py"][views, rows], out=ops.empty("pos", shape, ops.f64))
+        U = xp.add(vec["lx"][views], vec["ly"][views, rows], out=ops.empty("U", shape, ops.f64))
+        pos /= U
+        weight = ops.cast(U, "weight", ops.float)
+        xp.reciprocal(weight, out=weight)
+        xp.square(weight, out=weight)
+        b = xp.floor(pos, out=U)
+        pos -= b
+        f = ops.cast(pos, "f", ops.float)
+        if vec["clamp"]:  # bins beyond the zero padding read zeros
+            b = ops.clip(b, -3, self.n_detectors)
+        b *= 2
+        b += vec["offset"][views]
+        idx = ops.cast(b, "idx", ops.index)
+        return idx.reshape(-1), f.reshape(-1), weight.reshape(-1)
+
     def A_dagger(self, y: Tensor, **kwargs) -> Tensor:
         r"""Weighted (flat-detector) fan-beam FBP, closed form; see the class docstring."""
-        B, C = y.shape[:2]
         D = self.source_distance
-        u = torch.from_numpy(self._detector_positions).to(y.device, y.dtype)
-        p = y.reshape(B * C, self.n_detectors, self.n_views).transpose(1, 2)
-        p = p * (D / torch.sqrt(D**2 + u**2))
-        q = 0.5 * self._filter_sinogram(p, self.detector_spacing)
-        return self._backproject_interp(q).reshape(B, C, self.H, self.W)
+        return self._fbp(y, D / np.sqrt(D**2 + self._detector_positions**2))
