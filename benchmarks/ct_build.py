@@ -1,6 +1,7 @@
-"""Build cost and speed of invdiff's CT operators at clinical sizes (CPU).
+"""Build cost and speed of invdiff's CT (and MRI) operators at clinical sizes (CPU).
 
-Run: ``python benchmarks/ct_build.py [--threads 2] [--repeat 5] [--cases ct-sparse-60:512,...]``.
+Run: ``python benchmarks/ct_build.py [--threads 2] [--repeat 5] [--cases ct-sparse-60:512,...] [--docs]``
+(``--docs`` writes ``docs/benchmarks/ct_build.md``).
 
 Each case runs in its own subprocess (so peak memory is the build's alone) and reports
 
@@ -29,7 +30,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, for `import invdiff`
-DEFAULT_CASES = "ct-sparse-60:256,ct-limited-90:256,ct-fan-90:256,ct-sparse-60:512,ct-limited-90:512"
+DEFAULT_CASES = ("ct-sparse-60:256,ct-limited-90:256,ct-fan-90:256,ct-sparse-60:512,ct-limited-90:512,"
+                 "mri-4x:320,mri-multicoil-4x:320")
 
 
 def _peak_rss_mb() -> float:
@@ -72,8 +74,8 @@ def run_case(name: str, size: int, threads: int, repeat: int) -> dict:
         physics.A_adjoint(y)
         row = {
             "case": f"{name} {size}x{size}",
-            "views": int(physics.n_views),
-            "n_det": int(physics.n_detectors),
+            "views": int(getattr(physics, "n_views", 0)),
+            "n_det": int(getattr(physics, "n_detectors", 0)),
             "build_s": build,
             "peak_mb": peak,
             "A_ms": _median_ms(lambda: physics.A(x), repeat),
@@ -99,6 +101,7 @@ def main():
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--repeat", type=int, default=5, help="timed calls per median (default 5)")
     parser.add_argument("--cases", default=DEFAULT_CASES, help=f"comma-separated name:size (default {DEFAULT_CASES})")
+    parser.add_argument("--docs", action="store_true", help="also write docs/benchmarks/ct_build.md")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one case, print JSON
     args = parser.parse_args()
 
@@ -106,10 +109,17 @@ def main():
         name, size = args.one.rsplit(":", 1)
         print(json.dumps(run_case(name, int(size), args.threads, args.repeat)))
         return
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _docs import page
 
+    with page("ct_build", "CT and MRI operators at clinical sizes: build, memory, speed, adjointness", args.docs):
+        _table(args)
+
+
+def _table(args) -> None:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     print(f"threads={args.threads}, repeat={args.repeat}, CPU\n")
-    print("| case | views | n_det | nnz | build s | peak MB | A ms | A_adjoint ms | FBP 1st ms | FBP ms | adjoint err |")
+    print("| case | views | n_det | nnz | build s | peak MB | A ms | A_adjoint ms | A_dagger 1st ms | A_dagger ms | adjoint err |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for case in args.cases.split(","):
         cmd = [sys.executable, os.path.abspath(__file__), "--one", case, "--threads", str(args.threads),
@@ -119,8 +129,10 @@ def main():
             print(f"| {case} | failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode} |")
             continue
         r = json.loads(out.stdout.strip().splitlines()[-1])
+        views, n_det = (r["views"], r["n_det"]) if r["views"] else ("—", "—")
+        nnz = f"{r['nnz'] / 1e6:.1f} M" if r["nnz"] >= 0 else "—"
         print(
-            f"| {r['case']} | {r['views']} | {r['n_det']} | {r['nnz'] / 1e6:.1f} M | {r['build_s']:.2f} | {r['peak_mb']:.0f} "
+            f"| {r['case']} | {views} | {n_det} | {nnz} | {r['build_s']:.2f} | {r['peak_mb']:.0f} "
             f"| {r['A_ms']:.1f} | {r['AT_ms']:.1f} | {r['fbp_first_ms']:.1f} | {r['fbp_ms']:.1f} | {r['adj_err']:.1e} |",
             flush=True,
         )
