@@ -400,11 +400,21 @@ class Sampler(Reconstructor):
                     f"{self.name}: cannot tell the image size of a {type(physics).__name__} without img_size; "
                     f"set physics.img_size = (C, H, W) or pass x_init"
                 )
-        if not self.prior.any_size and len(shape) == 3 and shape[0] != self.prior.channels \
-                and tuple(self.prior.image_shape[1:]) == tuple(shape[1:]):
-            # e.g. deepinv's MRI records (2, H, W) for complex images: the prior's channels decide
+        if not self.prior.any_size and x_init is None and tuple(shape) != tuple(self.prior.image_shape) \
+                and self._accepts(physics, y, self.prior.image_shape):
+            # an operator that works at any size (deepinv's denoising, a stale img_size, the (2, H, W) of
+            # deepinv's complex MRI) and maps the prior's images to y: the prior's shape, as before
             shape = tuple(self.prior.image_shape)
         return self.prior.check_shape(shape, where=self.name)
+
+    @staticmethod
+    def _accepts(physics, y: Tensor, shape) -> bool:
+        """Whether ``physics`` maps images of ``shape`` to measurements shaped like ``y``."""
+        try:
+            probe = torch.zeros(1, *shape, device=y.device, dtype=y.real.dtype)
+            return tuple(physics.A(probe).shape[1:]) == tuple(y.shape[1:])
+        except Exception:  # noqa: BLE001 - any failure means: not that shape
+            return False
 
     def extra_repr(self) -> str:
         return f"prior={type(self.prior).__name__}{self.prior.image_shape}{', any size' if self.prior.any_size else ''}"
