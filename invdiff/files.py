@@ -73,6 +73,7 @@ def atomic_file(path: str | os.PathLike, overwrite: bool = False, fsync: bool = 
         if fsync:
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~umask())  # again: a writer may have replaced the file (safetensors does)
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -213,6 +213,10 @@ def test_train_save_load_a_patch_prior(tmp_path):
     images = torch.rand(4, 1, 48, 40)
     result = train(config, tmp_path / "p.safetensors", images=images, progress=False)
     assert result.card["patch_size"] == 32 and result.card["trained_sizes"] == [48]
+    from invdiff.files import umask
+
+    # a weights file gets the usual mode (safetensors writes its file private; atomic_file fixes it)
+    assert (tmp_path / "p.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask()
     loaded = priors.load(tmp_path / "p.safetensors")
     assert isinstance(loaded, PatchDiffusionPrior) and loaded.any_size and loaded.patch_size == 32
     x = torch.rand(2, 1, 37, 29)
