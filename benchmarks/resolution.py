@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for `import invdiff`
 
 PRIORS = {"ct": ("ct-phantom-patch-64", "ct-phantom-64"), "mri": ("mri-brain-patch-64", "mri-brain-64")}
 

@@ -118,7 +118,8 @@ class DiffusionPrior(Denoiser):
                     if self.fully_convolutional else " (resize the images to the prior's size)")
             raise ValueError(
                 f"{who}: this prior is fixed-size {self.image_shape[1]}x{self.image_shape[2]}, "
-                f"the images are {shape[1]}x{shape[2]}{hint}"
+                f"the images are {shape[1]}x{shape[2]}: expected images of shape "
+                f"(B, {', '.join(map(str, self.image_shape))}){hint}"
             )
         return shape
 

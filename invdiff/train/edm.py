@@ -522,8 +522,7 @@ def train(
             else:
                 denoised = prior._denoise(x0 + noise, sigma)
         if config.patch:
-            err = (weight * inside * (denoised.float() - x0).square()).sum() / inside.sum().clamp_min(1) / config.channels
-            loss = err
+            loss = (weight * inside * (denoised.float() - x0).square()).sum() / inside.sum().clamp_min(1) / config.channels
         else:
             loss = (weight * (denoised.float() - x0).square()).mean()
         if not torch.isfinite(loss):
@@ -564,8 +563,8 @@ def train(
     return TrainResult(prior=ema, path=out_path, card=card, losses=losses)
 
 
-def _model_card(config: TrainConfig, prior: EDMPrior | PatchDiffusionPrior, step: int, loss: float | None, rate: float, elapsed: float,
-                device: torch.device, name: str | None, command: str | None, n_images: int) -> dict[str, Any]:
+def _model_card(config: TrainConfig, prior: EDMPrior | PatchDiffusionPrior, step: int, loss: float | None,
+                rate: float, elapsed: float, device: torch.device, name: str | None, command: str | None, n_images: int) -> dict[str, Any]:
     from .. import __version__
 
     network = prior.denoiser.model if config.patch else prior.model
