@@ -1,7 +1,8 @@
 """Native resolution against the resize path, side by side in one run.
 
-For sparse-view CT (``ct-sparse-60``, sigma = 0.01) at 128², 256² and 512² on held-out
-phantoms, for 4x MRI (``mri-4x``) at 256² on held-out MNI slices, and for pydicom's real
+For sparse-view CT (``ct-sparse-60``, sigma = 0.01) at 64², 128², 256² and 512² on held-out
+phantoms, for 4x MRI (``mri-4x``) at 64² and 256² on held-out MNI slices (at 64² the resize
+path is the 64x64 whole-image prior at its own size), and for pydicom's real
 scans ``CT_small.dcm`` (128², ``ct-sparse-60``) and ``MR_small.dcm`` (64², ``mri-4x``) at
 their own size, three reconstructions scored at the native size
 (:func:`invdiff.apps.native.compare_resolutions`):
@@ -40,9 +41,11 @@ PRIORS = {"ct": ("ct-phantom-patch-64", "ct-phantom-64"), "mri": ("mri-brain-pat
 
 def cases(quick: bool) -> list[dict]:
     n = 1 if quick else 2
+    # at 64² the "resize" path is the 64x64 whole-image prior at its own size: what the patch prior gains or
+    # loses against it there
     out = [dict(label=f"phantoms {s}²", family="ct", task="ct-sparse-60", size=s, images=n if s < 512 else 1)
-           for s in ((128, 256) if quick else (128, 256, 512))]
-    out.append(dict(label="MNI held-out 256²", family="mri", task="mri-4x", size=256, images=n))
+           for s in ((64, 128, 256) if quick else (64, 128, 256, 512))]
+    out += [dict(label=f"MNI held-out {s}²", family="mri", task="mri-4x", size=s, images=n) for s in (64, 256)]
     out.append(dict(label="CT_small.dcm 128²", family="ct", task="ct-sparse-60", file="CT_small.dcm"))
     out.append(dict(label="MR_small.dcm 64²", family="mri", task="mri-4x", file="MR_small.dcm"))
     return out

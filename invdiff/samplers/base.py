@@ -80,9 +80,9 @@ class Sampler(Reconstructor):
     :attr:`last_run`.
 
     **Image shape.** The shape of the reconstruction comes from the data, not from the
-    prior (:meth:`image_shape_for`): ``x_init``'s, else the operator's ``img_size`` (every
-    invdiff operator and most deepinv physics have one), else ``A_adjoint(y)``'s (a linear
-    operator), else the prior's own for a fixed-size prior. The prior then says whether it
+    prior (:meth:`image_shape_for`): ``x_init``'s (a prior of any size), else the operator's
+    ``img_size`` (every invdiff operator and most deepinv physics have one), else
+    ``A_adjoint(y)``'s (a linear operator), else the prior's own for a fixed-size prior. The prior then says whether it
     can work at that shape (:meth:`~invdiff.priors.DiffusionPrior.check_shape`: a fixed-size
     prior gives its size error, a patch prior works at any size). During a run it is
     :attr:`image_shape`.
@@ -384,7 +384,7 @@ class Sampler(Reconstructor):
         from deepinv.physics import LinearPhysics
 
         shape = None
-        if x_init is not None:
+        if x_init is not None and self.prior.any_size:  # (a fixed-size prior checks x_init against its size)
             shape = tuple(x_init.shape[1:])
         else:
             size = getattr(physics, "img_size", None)
@@ -400,7 +400,7 @@ class Sampler(Reconstructor):
                     f"{self.name}: cannot tell the image size of a {type(physics).__name__} without img_size; "
                     f"set physics.img_size = (C, H, W) or pass x_init"
                 )
-        if not self.prior.any_size and x_init is None and tuple(shape) != tuple(self.prior.image_shape) \
+        if not self.prior.any_size and tuple(shape) != tuple(self.prior.image_shape) \
                 and self._accepts(physics, y, self.prior.image_shape):
             # an operator that works at any size (deepinv's denoising, a stale img_size, the (2, H, W) of
             # deepinv's complex MRI) and maps the prior's images to y: the prior's shape, as before
