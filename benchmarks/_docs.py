@@ -40,6 +40,7 @@ def page(name: str, title: str, enabled: bool):
         yield
     if not enabled:
         return
+    sys.path.insert(0, str(DOCS.parents[1]))  # the repository, when invdiff is not installed
     from invdiff.files import atomic_write
 
     argv = " ".join(a for a in sys.argv[1:])
