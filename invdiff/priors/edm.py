@@ -29,13 +29,14 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from .adm import ADMConfig, GuidedDiffusionUNet
 from .base import DiffusionPrior
 from .loading import PriorFamily, register_family
 
-__all__ = ["EDMPrior", "small_unet_config"]
+__all__ = ["EDMPrior", "small_unet_config", "edm_preconditioning", "edm_denoise"]
 
 
 def small_unet_config(size: int = 64, channels: int = 1, width: int = 32, patch: int = 2,
@@ -57,6 +58,30 @@ def small_unet_config(size: int = 64, channels: int = 1, width: int = 32, patch:
                use_scale_shift_norm=True, learn_sigma=False)
     cfg.update(overrides)
     return ADMConfig(**cfg)
+
+
+def edm_preconditioning(sigma: Tensor, sigma_data: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """EDM's ``(c_skip, c_out, c_in, c_noise)`` (see the module doc) for ``sigma`` of shape (B,1,1,1)."""
+    sd2 = sigma_data**2
+    c_skip = sd2 / (sigma**2 + sd2)
+    c_out = sigma * sigma_data / (sigma**2 + sd2).sqrt()
+    c_in = 1 / (sigma**2 + sd2).sqrt()
+    c_noise = 250.0 * sigma.log().flatten()
+    return c_skip, c_out, c_in, c_noise
+
+
+def edm_denoise(model: nn.Module, x: Tensor, sigma: Tensor, sigma_data: float, data_mean: float, unshuffle: int = 1,
+                extra: Tensor | None = None) -> Tensor:
+    """``D(x, sigma)`` of the module doc: the network ``model`` on ``c_in (x - mu)`` (with ``extra``
+    channels concatenated, e.g. a patch prior's positions), pixel-unshuffled by ``unshuffle``."""
+    c_skip, c_out, c_in, c_noise = edm_preconditioning(sigma.to(x.dtype), sigma_data)
+    xc = x - data_mean
+    inp = c_in * xc if extra is None else torch.cat([c_in * xc, extra.to(x.dtype)], 1)
+    if unshuffle > 1:
+        out = nn.functional.pixel_shuffle(model(nn.functional.pixel_unshuffle(inp, unshuffle), c_noise), unshuffle)
+    else:
+        out = model(inp, c_noise)
+    return data_mean + c_skip * xc + c_out * out.to(x.dtype)
 
 
 class EDMPrior(DiffusionPrior):
@@ -97,24 +122,10 @@ class EDMPrior(DiffusionPrior):
 
     def preconditioning(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(c_skip, c_out, c_in, c_noise)`` for noise levels ``sigma`` of shape (B,1,1,1)."""
-        sd2 = self.sigma_data**2
-        c_skip = sd2 / (sigma**2 + sd2)
-        c_out = sigma * self.sigma_data / (sigma**2 + sd2).sqrt()
-        c_in = 1 / (sigma**2 + sd2).sqrt()
-        c_noise = 250.0 * sigma.log().flatten()
-        return c_skip, c_out, c_in, c_noise
+        return edm_preconditioning(sigma, self.sigma_data)
 
     def _denoise(self, x: Tensor, sigma: Tensor) -> Tensor:
-        c_skip, c_out, c_in, c_noise = self.preconditioning(sigma.to(x.dtype))
-        xc = x - self.data_mean
-        inp = c_in * xc
-        if self.patch > 1:
-            out = nn.functional.pixel_shuffle(self.model(nn.functional.pixel_unshuffle(inp, self.patch), c_noise),
-                                              self.patch)
-        else:
-            out = self.model(inp, c_noise)
-        return self.data_mean + c_skip * xc + c_out * out.to(x.dtype)
-
+        return edm_denoise(self.model, x, sigma, self.sigma_data, self.data_mean, self.patch)
 
 def _edm_build(config: Any, options: dict) -> EDMPrior:
     cfg = config if isinstance(config, ADMConfig) else ADMConfig.from_dict(config)

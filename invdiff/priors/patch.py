@@ -98,21 +98,9 @@ class PositionalEDMDenoiser(nn.Module):
         return self.data_mean
 
     def forward(self, x: Tensor, sigma: Tensor, pos: Tensor) -> Tensor:
-        sigma = sigma.to(x.dtype)
-        sd2 = self.sigma_data**2
-        c_skip = sd2 / (sigma**2 + sd2)
-        c_out = sigma * self.sigma_data / (sigma**2 + sd2).sqrt()
-        c_in = 1 / (sigma**2 + sd2).sqrt()
-        c_noise = 250.0 * sigma.log().flatten()
-        xc = x - self.data_mean
-        inp = torch.cat([c_in * xc, pos.to(x.dtype)], 1)
-        if self.unshuffle > 1:
-            out = nn.functional.pixel_shuffle(self.model(nn.functional.pixel_unshuffle(inp, self.unshuffle), c_noise),
-                                              self.unshuffle)
-        else:
-            out = self.model(inp, c_noise)
-        return self.data_mean + c_skip * xc + c_out * out.to(x.dtype)
+        from .edm import edm_denoise
 
+        return edm_denoise(self.model, x, sigma, self.sigma_data, self.data_mean, self.unshuffle, extra=pos)
 
 class WholeImageDenoiser(nn.Module):
     """A whole-image prior as a patch denoiser (positions ignored): its patches are images of its
