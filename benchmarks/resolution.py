@@ -78,11 +78,9 @@ def run_case(case: dict, sampler: str, steps: int, threads: int) -> list[dict]:
     rows = []
     # at 64x64 (MR_small.dcm) the "resize" path is the 64x64 prior at native size
     for method in ("baseline", "resize", "native"):  # one at a time: the peak memory of each is reported
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         r, _ = compare_resolutions(truth, case["task"], patch, small, sampler, steps=steps, seed=0,
                                    noise_sigma=0.01 if case["family"] == "ct" else None, methods=(method,))
         r[0]["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        r[0]["rss_before_mb"] = before / 1024
         r[0]["case"] = case["label"]
         rows += r
     return rows

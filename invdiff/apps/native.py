@@ -27,12 +27,6 @@ NATIVE_DEMO = (("ct-sparse-60", 256, "ct-phantom-patch-64", "ct-phantom-64", "ct
                ("mri-4x", 256, "mri-brain-patch-64", "mri-brain-64", "mri-brain"))
 
 
-def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
-    from .workflows import resample
-
-    return resample(x, size)
-
-
 def compare_resolutions(
     truth: Tensor,
     task: str,
@@ -58,6 +52,7 @@ def compare_resolutions(
     """
     from .. import operators, samplers
     from ..bench.metrics import mean_psnr_ssim
+    from .workflows import resample
 
     dev = torch.device(device)
     n, c, h, w = truth.shape
@@ -87,13 +82,13 @@ def compare_resolutions(
         score("native", x_hat, method.last_run.wall_time, method.last_run.nfe, _name(native_prior), (h, w))
     if "resize" in methods and small_prior is not None:
         sh, sw = small_prior.image_shape[1:]
-        small_truth = _resize(truth, (sh, sw)).clamp(0, 1)
+        small_truth = resample(truth, (sh, sw)).clamp(0, 1)
         small_physics = operators.make(task, img_size=(c, sh, sw), seed=seed, device=dev, **noise)
         y_small = small_physics(small_truth.to(dev), seed=seed + 1)
         method = samplers.make(sampler, small_prior.to(dev), **kwargs)
         start = time.perf_counter()
         x_small = method(y_small, small_physics, generator=torch.Generator(dev).manual_seed(seed + 2))
-        x_up = _resize(x_small.clamp(0, 1).cpu(), (h, w))
+        x_up = resample(x_small.clamp(0, 1).cpu(), (h, w))
         score("resize", x_up, time.perf_counter() - start, method.last_run.nfe, _name(small_prior), (sh, sw))
     return rows, images
 

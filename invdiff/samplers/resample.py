@@ -287,13 +287,6 @@ class ReSample(Sampler):
 
     # --- Algorithm 1 ------------------------------------------------------------------------
     def _run(self, y: Tensor, physics, x_init: Tensor | None, generator, callback: Callable | None) -> Tensor:
-        if isinstance(self.prior.autoencoder, IdentityAutoencoder) and self.image_shape != self.prior.image_shape:
-            fixed = self.prior  # a pixel prior at another size: the identity autoencoder of this shape, for this run
-            self.prior = LatentDiffusionPrior(IdentityAutoencoder(self.image_shape), fixed.latent, self.image_shape)
-            try:
-                return self._run(y, physics, x_init, generator, callback)
-            finally:
-                self.prior = fixed
         sigmas = self.sigmas.tolist()
         n = len(sigmas) - 1
         split = n // 3  # the official thirds: no consistency / pixel space / latent space
@@ -309,7 +302,10 @@ class ReSample(Sampler):
                           guidance=GaussianGuidance(physics, noise_var, None if cg else norm_a, self.cg_iterations,
                                                     self.cg_tol))
         z_init = None if x_init is None else self.prior.encode(x_init.to(dtype)).detach()
-        z = self.initial_noise((y.shape[0], *self.prior.latent_shape), sigmas[0], z_init, generator, y)
+        # a pixel prior (identity autoencoder) has latents of the run's image shape, whatever its size
+        latent_shape = self.image_shape if isinstance(self.prior.autoencoder, IdentityAutoencoder) \
+            else self.prior.latent_shape
+        z = self.initial_noise((y.shape[0], *latent_shape), sigmas[0], z_init, generator, y)
         for i in self.progress(range(n)):
             sigma, sigma_next = sigmas[i], sigmas[i + 1]
             index = n - 1 - i  # the official code's step index, counting down to 0

@@ -235,6 +235,8 @@ def _patch_pool(config: TrainConfig) -> list[Tensor]:
         pool: list[Tensor] = []
         for size, n in zip(sizes, counts):
             x = builtin.training(config.data, n if config.data != "mri-brain" else None, size=size)
+            if x.shape[1] != config.channels:
+                raise ValueError(f"{config.data}: images have {x.shape[1]} channels, config says {config.channels}")
             pool.extend(x)
     else:
         folder = Path(config.data)
@@ -254,9 +256,6 @@ def _patch_pool(config: TrainConfig) -> list[Tensor]:
             pool.append(img.float().clamp(0, 1))
         if not pool:
             raise ValueError(f"{folder}: no readable images")
-    for img in pool:
-        if img.shape[0] != config.channels:
-            raise ValueError(f"{config.data}: images have {img.shape[0]} channels, config says {config.channels}")
     return [img.contiguous() for img in pool]
 
 
