@@ -18,7 +18,7 @@ from . import mni, phantoms
 __all__ = ["phantoms", "mni", "heldout", "training", "DATASETS", "HELDOUT_SEED", "TRAIN_SEED"]
 
 #: Names accepted by :func:`heldout` and :func:`training`.
-DATASETS = ("ct-phantom", "mri-brain", "mri-brain-synth")
+DATASETS = ("ct-phantom", "mri-brain", "mri-brain-synth", "mri-brain-coronal-synth")
 #: Seed of the phantom streams; training uses stream 0, evaluation stream 1.
 TRAIN_SEED = 0
 HELDOUT_SEED = 0
@@ -30,13 +30,18 @@ def heldout(name: str, n: int | None = None, size: int = 64) -> torch.Tensor:
 
     :param name: ``"ct-phantom"`` (phantom stream 1; training uses stream 0) or
         ``"mri-brain"`` (the 16 held-out MNI slices of :data:`invdiff.data.mni.HELDOUT`).
-    :param n: how many (default: 16). ``mri-brain`` has 16 held-out slices; more is an
-        error.
+    :param n: how many (default: 16; every one for ``mri-brain-coronal-synth``, the 5
+        coronal held-out slices). ``mri-brain`` has 16 held-out slices; more is an error.
     :param size: image side.
 
     >>> heldout("ct-phantom", 2, size=32).shape
     torch.Size([2, 1, 32, 32])
     """
+    if name == "mri-brain-coronal-synth":
+        x = mni.slices("heldout", size, orientations=("coronal",))
+        if n is not None and n > len(x):
+            raise ValueError(f"{name} has {len(x)} held-out coronal slices; asked for {n}")
+        return x if n is None else x[: int(n)]
     n = 16 if n is None else int(n)
     if name == "ct-phantom":
         return phantoms.ct(n, size, HELDOUT_SEED, stream=_HELDOUT_STREAM)
@@ -55,7 +60,9 @@ def training(name: str, n: int | None = None, size: int = 64) -> torch.Tensor:
     every training MNI slice (``mri-brain``; ``n`` must be ``None`` or at most their number),
     or those slices and ``n`` domain-randomised ones (``mri-brain-synth``, default 1024;
     :func:`invdiff.data.mni.randomised`, seed 0, stream 0). ``mri-brain-synth`` is held out
-    on the same 16 template slices as ``mri-brain``."""
+    on the same 16 template slices as ``mri-brain``; ``mri-brain-coronal-synth`` is the same
+    with coronal planes only (the perpendicular prior of a volume), held out on the coronal
+    ones."""
     if name == "ct-phantom":
         return phantoms.ct(4096 if n is None else int(n), size, TRAIN_SEED, stream=0)
     if name == "mri-brain":
@@ -63,4 +70,8 @@ def training(name: str, n: int | None = None, size: int = 64) -> torch.Tensor:
         return x if n is None else x[: int(n)]
     if name == "mri-brain-synth":
         return torch.cat([mni.slices("train", size), mni.randomised(1024 if n is None else int(n), size, TRAIN_SEED)])
+    if name == "mri-brain-coronal-synth":  # the perpendicular prior of TPDM: coronal planes only
+        coronal = ("coronal",)
+        return torch.cat([mni.slices("train", size, orientations=coronal),
+                          mni.randomised(1024 if n is None else int(n), size, TRAIN_SEED, orientations=coronal)])
     raise ValueError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")

@@ -210,7 +210,8 @@ def _smooth_field(rng: np.random.Generator, shape: tuple[int, int], scale: float
     return amplitude * field[: shape[0], : shape[1]] / max(float(np.abs(coarse).max()), 1e-6)
 
 
-def randomised_slice(size: int, rng: np.random.Generator, heldout_guard: bool = True) -> np.ndarray:
+def randomised_slice(size: int, rng: np.random.Generator, heldout_guard: bool = True,
+                     orientations: tuple[str, ...] = ORIENTATIONS) -> np.ndarray:
     """One domain-randomised brain slice ``(size, size)`` in ``[0, 1]`` (SynthSeg-style):
 
     * a random **plane** through the template: near one of the three orientations (tilt up
@@ -227,12 +228,13 @@ def randomised_slice(size: int, rng: np.random.Generator, heldout_guard: bool = 
 
     With ``heldout_guard`` the plane's centre keeps :data:`GUARD` mm away from every held-out
     slice of its orientation (and its sagittal mirror), as for the template slices.
+    ``orientations`` restricts the planes to those orientations (a perpendicular prior).
     """
     from scipy import ndimage
 
     maps = tissue_maps()
     shape = np.asarray(maps["t1"].shape, np.float64)
-    orient = ORIENTATIONS[rng.integers(3)]
+    orient = orientations[rng.integers(len(orientations))]
     axis = _AXIS[orient]
     usable = _usable(maps["t1"], axis)
     held = np.asarray(HELDOUT[orient])
@@ -279,8 +281,69 @@ def randomised_slice(size: int, rng: np.random.Generator, heldout_guard: bool = 
     return np.clip(img / max(scale, 1e-6), 0, 1).astype(np.float32)
 
 
-def randomised(n: int, size: int = 256, seed: int = 0, stream: int = 0) -> torch.Tensor:
+def randomised(n: int, size: int = 256, seed: int = 0, stream: int = 0,
+               orientations: tuple[str, ...] = ORIENTATIONS) -> torch.Tensor:
     """``n`` domain-randomised brain slices ``(n, 1, size, size)`` (:func:`randomised_slice`);
-    slice ``k`` depends only on ``(seed, stream, k)``."""
-    out = [randomised_slice(size, np.random.default_rng([seed, stream, k])) for k in range(n)]
+    slice ``k`` depends only on ``(seed, stream, k, orientations)``."""
+    for o in orientations:
+        if o not in _AXIS:
+            raise ValueError(f"unknown orientation {o!r}; use {ORIENTATIONS}")
+    out = [randomised_slice(size, np.random.default_rng([seed, stream, k]), orientations=orientations)
+           for k in range(n)]
     return torch.from_numpy(np.stack(out)[:, None]) if out else torch.zeros(0, 1, size, size)
+
+
+# ----------------------------------------------------------------------------------
+# volumes
+# ----------------------------------------------------------------------------------
+
+
+def volume(size: int = 80, seed: int | None = None, depth: int | None = None) -> torch.Tensor:
+    """The MNI152 head as a volume ``(1, 1, D, size, size)`` in ``[0, 1]``, oriented as the
+    2D slices: axial slice ``d`` (superior first) is an image ``(H, W)`` with anterior up, as
+    :func:`slices` renders it, and the coronal slice ``V[:, :, :, h, :]`` is ``(D, W)`` with
+    superior up, as :func:`slices` renders coronal planes. The head's bounding cube (plus a
+    margin) is resampled isotropically to ``size`` voxels a side (anti-aliased; ``size = 80``
+    is about 2.5 mm voxels); ``depth`` keeps the ``depth`` central axial slices.
+
+    :param seed: ``None`` gives the T1 template; an integer a domain-randomised contrast of
+        the same anatomy in 3D (tissue intensities of grey and white matter, CSF and other
+        head tissue drawn as in :func:`randomised_slice`, T1-ordered, a smooth 3D bias field
+        and Rician noise of 1 %), which no prior has seen as an image. The anatomy is the
+        template's: the 2D priors trained on its slices outside the held-out guard bands,
+        so only the held-out axial and coronal planes of :data:`HELDOUT` are unseen anatomy.
+    """
+    from scipy import ndimage
+    from skimage.transform import resize
+
+    if seed is None:
+        vol = load_template()
+    else:
+        rng = np.random.default_rng([int(seed), 7])
+        maps = tissue_maps()
+        csf_i, gm_i, wm_i = np.sort(rng.uniform(0.05, 1.0, 3))
+        vol = gm_i * maps["gm"] + wm_i * maps["wm"] + csf_i * maps["csf"] + rng.uniform(0.3, 1.5) * maps["other"]
+        coarse = rng.standard_normal((4, 4, 4))
+        bias = ndimage.zoom(coarse, np.array(vol.shape) / 4, order=3)[: vol.shape[0], : vol.shape[1], : vol.shape[2]]
+        vol = vol * np.exp(0.2 * bias / max(float(np.abs(coarse).max()), 1e-6))
+        level = 0.01 * float(vol.max())
+        vol = np.hypot(vol + level * rng.standard_normal(vol.shape), level * rng.standard_normal(vol.shape))
+        vol = np.clip(vol / np.percentile(vol[vol > 0.05 * vol.max()], 99.5), 0, 1)
+    # V[d, h, w] = vol[x = w, y = Y - 1 - h, z = Z - 1 - d]
+    v = np.ascontiguousarray(np.transpose(vol, (2, 1, 0))[::-1, ::-1, :])
+    inside = np.nonzero(load_template() .transpose(2, 1, 0)[::-1, ::-1, :] > 0.05)
+    lo = np.array([i.min() for i in inside])
+    hi = np.array([i.max() + 1 for i in inside])
+    side = int((hi - lo).max()) + 2 * _MARGIN
+    cube = np.zeros((side, side, side), np.float32)
+    centre = (lo + hi) // 2
+    src = [slice(max(c - side // 2, 0), min(c - side // 2 + side, n)) for c, n in zip(centre, v.shape)]
+    dst = [slice(s.start - (c - side // 2), s.stop - (c - side // 2)) for s, c in zip(src, centre)]
+    cube[tuple(dst)] = v[tuple(src)]
+    out = np.clip(resize(cube, (size, size, size), anti_aliasing=True, order=1), 0, 1).astype(np.float32)
+    if depth is not None:
+        if not 1 <= depth <= size:
+            raise ValueError(f"mni volume: depth must be in [1, {size}], got {depth}")
+        start = (size - depth) // 2
+        out = out[start:start + depth]
+    return torch.from_numpy(out)[None, None]

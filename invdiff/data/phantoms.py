@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-__all__ = ["ct", "ct_hu", "HU_WINDOW", "hu_to_unit", "unit_to_hu"]
+__all__ = ["ct", "ct_hu", "ct_volume", "SmoothDraws", "HU_WINDOW", "hu_to_unit", "unit_to_hu"]
 
 #: The HU window ``(low, high)`` mapped to ``[0, 1]`` by :func:`hu_to_unit`.
 HU_WINDOW: tuple[float, float] = (-1000.0, 1000.0)
@@ -236,3 +236,133 @@ def ct(
     if not slices:
         return torch.zeros(0, 1, size, size)
     return torch.from_numpy(np.stack(slices)[:, None].astype(np.float32))
+
+
+# ----------------------------------------------------------------------------------
+# volumes: anatomy that varies smoothly along z
+# ----------------------------------------------------------------------------------
+
+
+class SmoothDraws:
+    r"""A stand-in for :class:`numpy.random.Generator` whose draws vary smoothly with a
+    position :math:`t \in [0, 1]` along z, so that :func:`ct_hu` called once per slice gives
+    a volume whose anatomy changes continuously between slices.
+
+    The ``k``-th call (and each element of it) gets its own Gaussian process along z,
+
+    .. math::
+
+        g_k(t) = \frac{c_k + s\, h_k(t)}{\sqrt{1 + s^2}}, \qquad c_k \sim \mathcal N(0, 1), \qquad
+        h_k(t) = \sqrt{2/J} \sum_{j=1}^{J} \cos(\omega_{kj} t + \phi_{kj}),\;
+        \omega_{kj} \sim \mathcal N(0, \ell^{-2}),
+
+    a unit-variance process with squared-exponential correlation of length :math:`\ell`
+    (random Fourier features, :math:`J = 16`), so that every draw has its usual marginal
+    distribution at every ``t``: ``uniform`` returns :math:`a + (b - a)\,\Phi(g_k(t))`,
+    ``normal`` :math:`\mu + \sigma g_k(t)`, ``standard_normal`` (texture fields) the rotation
+    :math:`\cos\theta_k(t)\, F_1 + \sin\theta_k(t)\, F_2` of two fixed white-noise fields with
+    :math:`\theta_k = \tfrac{\pi}{2} s\, h_k(t)`. The discrete draws (``random``,
+    ``integers``, ``poisson``, ``choice``) are taken at :math:`c_k` alone and do not vary,
+    so every slice makes the same sequence of calls (same organs present, same lesion
+    count) and call ``k`` means the same thing in every slice.
+
+    :param seed: volume seed; draw ``k`` depends only on ``(seed, k)``.
+    :param t: position along z in ``[0, 1]``.
+    :param variation: :math:`s`, how much a draw moves over the volume (0: every slice equal).
+    :param length: :math:`\ell`, the correlation length along z, as a fraction of the depth.
+    """
+
+    def __init__(self, seed: tuple[int, ...], t: float, variation: float = 0.6, length: float = 0.35) -> None:
+        self.seed, self.t, self.s, self.length = tuple(seed), float(t), float(variation), float(length)
+        self.k = 0
+
+    def _process(self, size) -> tuple[np.ndarray, np.ndarray, np.random.Generator]:
+        rng = np.random.default_rng([*self.seed, self.k])
+        self.k += 1
+        shape = () if size is None else ((size,) if np.isscalar(size) else tuple(size))
+        c = rng.standard_normal(shape)
+        omega = rng.standard_normal((*shape, 16)) / self.length
+        phi = rng.uniform(0, 2 * np.pi, (*shape, 16))
+        h = np.sqrt(2 / 16) * np.cos(omega * self.t + phi).sum(-1)
+        return c, h, rng
+
+    def _gauss(self, size) -> tuple[np.ndarray, np.random.Generator]:
+        c, h, rng = self._process(size)
+        return (c + self.s * h) / np.sqrt(1 + self.s**2), rng
+
+    def uniform(self, low=0.0, high=1.0, size=None):
+        from scipy.special import ndtr
+
+        g, _ = self._gauss(size)
+        out = low + (high - low) * ndtr(g)
+        return float(out) if size is None else out
+
+    def normal(self, loc=0.0, scale=1.0, size=None):
+        g, _ = self._gauss(size)
+        out = loc + scale * g
+        return float(out) if size is None else out
+
+    def standard_normal(self, size=None):
+        c, h, rng = self._process(None)
+        theta = 0.5 * np.pi * self.s * float(h)
+        shape = () if size is None else ((size,) if np.isscalar(size) else tuple(size))
+        return np.cos(theta) * rng.standard_normal(shape) + np.sin(theta) * rng.standard_normal(shape)
+
+    def _constant(self) -> float:
+        from scipy.special import ndtr
+
+        c, _, _ = self._process(None)
+        return float(ndtr(c))  # a uniform number, the same in every slice
+
+    def random(self, size=None):
+        if size is not None:
+            return np.array([self._constant() for _ in range(int(np.prod(size)))]).reshape(size)
+        return self._constant()
+
+    def integers(self, low, high=None, size=None):
+        low, high = (0, low) if high is None else (low, high)
+        return int(low + min(int(self._constant() * (high - low)), high - low - 1))
+
+    def poisson(self, lam=1.0, size=None):
+        from scipy.stats import poisson
+
+        return int(poisson.ppf(self._constant(), lam))
+
+    def choice(self, a, size=None):
+        return a[self.integers(len(a))]
+
+
+def ct_volume(
+    depth: int,
+    size: int = 128,
+    seed: int = 0,
+    *,
+    stream: int = 1,
+    variation: float = 0.6,
+    length: float = 0.35,
+    window: tuple[float, float] = HU_WINDOW,
+) -> torch.Tensor:
+    """A CT phantom volume ``(1, 1, depth, size, size)`` float32 in ``[0, 1]`` whose anatomy
+    varies smoothly along z: slice ``d`` is :func:`ct_hu` drawn from :class:`SmoothDraws` at
+    ``t = d / (depth - 1)``, so organ outlines, sizes, positions, intensities and textures
+    move continuously from slice to slice (the ground truth that z-coupled reconstruction is
+    measured against), while which organs are present stays fixed.
+
+    :param depth: number of slices.
+    :param size: slice side in pixels.
+    :param seed: volume seed; stream 1 (the default) is the held-out stream of the shipped
+        CT priors (their training slices come from :func:`ct` stream 0).
+    :param variation: how much each draw moves over the volume (0: ``depth`` equal slices).
+    :param length: correlation length along z, as a fraction of the depth (smaller: faster change).
+    :param window: HU window mapped to ``[0, 1]``.
+
+    >>> v = ct_volume(4, size=32)
+    >>> v.shape, bool(torch.equal(v, ct_volume(4, size=32)))
+    (torch.Size([1, 1, 4, 32, 32]), True)
+    """
+    if depth < 1 or size < 8:
+        raise ValueError(f"ct volumes need depth >= 1 and size >= 8, got depth={depth}, size={size}")
+    ts = np.linspace(0, 1, depth) if depth > 1 else np.zeros(1)
+    slices = [hu_to_unit(ct_hu(size, SmoothDraws((int(seed), int(stream), 3), t, variation, length)), window)
+              for t in ts]
+    return torch.from_numpy(np.stack(slices)[None, None].astype(np.float32))

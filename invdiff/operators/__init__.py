@@ -28,6 +28,7 @@ from .registry import (
     task_info,
 )
 from .stacked import WhitenedStack, whitened_stack
+from .volume import Cartesian3DMRI, SliceAveraging, SliceStack, phase_encode_mask
 
 __all__ = [
     "make",
@@ -50,4 +51,8 @@ __all__ = [
     "FourierPhaseRetrieval",
     "WhitenedStack",
     "whitened_stack",
+    "SliceStack",
+    "Cartesian3DMRI",
+    "SliceAveraging",
+    "phase_encode_mask",
 ]

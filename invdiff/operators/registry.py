@@ -50,6 +50,7 @@ from .mri import (
 )
 from .natural import ClosedFormDownsampling, WienerBlurFFT
 from .phase_retrieval import FourierPhaseRetrieval
+from .volume import Cartesian3DMRI, SliceAveraging, SliceStack, phase_encode_mask
 
 __all__ = ["make", "available", "describe", "task_info", "operator_info", "OperatorInfo", "TASK_EXAMPLES"]
 
@@ -68,6 +69,8 @@ class OperatorInfo:
     family: str
     linear: bool
     complex: bool = False
+    #: the images are volumes ``(B, C, D, H, W)`` (:mod:`invdiff.operators.volume`).
+    volume: bool = False
 
     @property
     def metric_range(self) -> str:
@@ -88,6 +91,7 @@ class _Task:
     build: Callable  # (number, img_size, generator, params, device) -> Physics
     example: str
     family: str = "natural"
+    volume_only: bool = False  # needs img_size (C, D, H, W)
 
 
 def _odd_clip(size: int, limit: int) -> int:
@@ -205,7 +209,20 @@ def _phase(n, size, gen, p, device):
     )
 
 
+def _mri3d(n, size, gen, p, device):
+    _need(n >= 1, f"mri3d-{n}x: acceleration must be >= 1")
+    _need(size[0] in (1, 2), f"mri3d-{n}x: img_size[0] must be 1 (real) or 2 (complex), got {size}")
+    mask = phase_encode_mask(size[1], size[3], n, p["center_fraction"], gen)
+    return Cartesian3DMRI(mask, size, device=device)
+
+
+def _zsr(n, size, gen, p, device):
+    _need(n >= 1 and size[1] % n == 0, f"zsr-{n}x: {size[1]} slices are not divisible by {n}")
+    return SliceAveraging(size, n, device=device)
+
+
 _NAT = (3, 256, 256)
+_VOL = (1, 32, 128, 128)
 _TASKS: list[_Task] = [
     _Task("deblur-gauss", r"deblur-gauss", "Gaussian deblurring (std 3.0, 61x61 kernel, circular BlurFFT, Wiener A_dagger)",
           _NAT, 0.025, 1 / 255, {"kernel_std": 3.0, "psf_size": 61, "wiener_reg": 1e-3}, _blur_gauss, "deblur-gauss"),
@@ -235,6 +252,11 @@ _TASKS: list[_Task] = [
           _mri_multicoil, "mri-multicoil-8x", "mri"),
     _Task("phase-retrieval", r"phase-retrieval", "Fourier phase retrieval |FFT(pad(x))|, oversampling 2.0 (DPS), HIO baseline A_dagger",
           _NAT, 0.025, 1 / 255, {"oversampling": 2.0, "n_hio": 40, "n_er": 10}, _phase, "phase-retrieval", "nonlinear"),
+    _Task("mri3d-<R>x", r"mri3d-(\d+)x",
+          "3D Cartesian MRI, {n}x variable-density undersampling of the (kz, kx) phase encodes (zero-filled 3D IFFT A_dagger)",
+          _VOL, 0.01, 0.0, {"center_fraction": 0.08}, _mri3d, "mri3d-8x", "mri", True),
+    _Task("zsr-<k>x", r"zsr-(\d+)x", "z-axis super-resolution: thick slices averaging {n} thin ones (linear slice interpolation A_dagger)",
+          _VOL, 0.01, 1e-2, {}, _zsr, "zsr-4x", "mri", True),
 ]
 
 #: one representative concrete name per registered pattern
@@ -257,15 +279,16 @@ def _lookup(name: str) -> tuple[_Task, int | None]:
     raise ValueError(f"unknown task {name!r}; available: {', '.join(available())}")
 
 
-def task_info(name: str, channels: int = 1) -> OperatorInfo:
+def task_info(name: str, channels: int = 1, volume: bool = False) -> OperatorInfo:
     """:class:`OperatorInfo` of the registered task ``name`` for images of ``channels``
-    channels, without building it.
+    channels (volumes when ``volume``), without building it.
 
     >>> task_info("mri-4x", channels=2)
-    OperatorInfo(family='mri', linear=True, complex=True)
+    OperatorInfo(family='mri', linear=True, complex=True, volume=False)
     """
     task, _ = _lookup(name)
-    return OperatorInfo(task.family, task.family != "nonlinear", task.family == "mri" and channels == 2)
+    return OperatorInfo(task.family, task.family != "nonlinear", task.family == "mri" and channels == 2,
+                        volume or task.volume_only)
 
 
 def operator_info(physics: Physics) -> OperatorInfo:
@@ -320,7 +343,10 @@ def make(
         ``"sr-4x"``, ``"ct-sparse-30"``, ``"ct-limited-90"``, ``"ct-fan-360"``, ``"mri-4x"``,
         ``"mri-multicoil-8x"``, ``"phase-retrieval"`` (see :func:`available`).
     :param tuple img_size: ``(C, H, W)``; default ``(3, 256, 256)`` for natural images,
-        ``(1, 256, 256)`` for CT and MRI (MRI: ``C=1`` real, ``C=2`` complex).
+        ``(1, 256, 256)`` for CT and MRI (MRI: ``C=1`` real, ``C=2`` complex). A volume
+        ``(C, D, H, W)`` makes a linear 2D task act on every axial slice
+        (:class:`~invdiff.operators.volume.SliceStack`); ``mri3d-<R>x`` and ``zsr-<k>x`` are
+        volume tasks only (default ``(1, 32, 128, 128)``).
     :param device: device of the physics' buffers (random draws are always on the CPU).
     :param int seed: seed of every random draw of the operator and of its noise generator.
     :param str noise: ``"gaussian"``, ``"poisson"`` or ``"none"``.
@@ -351,8 +377,13 @@ def make(
     try:
         img_size = tuple(int(s) for s in img_size)
     except TypeError:
-        raise ValueError(f"{name}: img_size must be (C, H, W), got {img_size!r}") from None
-    _need(len(img_size) == 3 and min(img_size) >= 1, f"{name}: img_size must be (C, H, W) of positive ints, got {img_size}")
+        raise ValueError(f"{name}: img_size must be (C, H, W) or (C, D, H, W), got {img_size!r}") from None
+    _need(len(img_size) in (3, 4) and min(img_size) >= 1,
+          f"{name}: img_size must be (C, H, W) or, for a volume, (C, D, H, W) of positive ints, got {img_size}")
+    volume = len(img_size) == 4
+    _need(volume or not task.volume_only, f"{name}: a volume task; img_size must be (C, D, H, W), got {img_size}")
+    _need(not volume or task.volume_only or task.family != "nonlinear",
+          f"{name}: volumes are built from linear 2D tasks; {name} is not linear")
     unknown = sorted(set(overrides) - set(task.defaults))
     _need(not unknown, f"{name}: unknown parameter(s) {unknown}; valid: {sorted(task.defaults)}")
     params = {**task.defaults, **overrides}
@@ -376,7 +407,12 @@ def make(
     gain = task.default_gain if poisson_gain is None else float(poisson_gain)
 
     generator = torch.Generator().manual_seed(int(seed))
-    physics = task.build(n, img_size, generator, params, device)
+    if volume and not task.volume_only:  # a 2D task on every axial slice
+        physics = task.build(n, (img_size[0], *img_size[2:]), generator, params, device)
+        physics.img_size = (img_size[0], *img_size[2:])
+        physics = SliceStack(physics, img_size[1])
+    else:
+        physics = task.build(n, img_size, generator, params, device)
     physics.noise_model = _noise_model(noise, sigma, gain, int(seed), device)
     physics.img_size = img_size
 
@@ -391,5 +427,5 @@ def make(
     }
     json.dumps(record)  # must stay serialisable
     physics.task = record
-    physics.info = task_info(name, img_size[0])
+    physics.info = task_info(name, img_size[0], volume)
     return physics

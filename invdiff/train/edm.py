@@ -67,6 +67,9 @@ DESCRIPTIONS = {
     "mri-brain-synth": "the mri-brain slices plus domain-randomised MNI152 slices (invdiff.data.mni.randomised, "
                        "seed 0: random oblique planes and fields of view, elastic deformation, random grey/white/"
                        "CSF contrasts, bias field, Rician noise; plane centres keep the 3 mm guard band)",
+    "mri-brain-coronal-synth": "the coronal mri-brain slices plus domain-randomised coronal MNI152 planes "
+                               "(invdiff.data.mni.randomised(orientations=('coronal',)), seed 0; tilt up to 15 "
+                               "degrees, the 3 mm guard band kept): the perpendicular prior of a brain volume",
 }
 
 
@@ -599,12 +602,12 @@ def _model_card(config: TrainConfig, prior: EDMPrior | PatchDiffusionPrior, step
                     trained_sizes=list(prior.trained_sizes), padding="clean (data mean), positional channels")
     if config.data == "ct-phantom":
         card["value_range"] = "HU window [-1000, 1000] mapped to [0, 1]"
-    elif config.data in ("mri-brain", "mri-brain-synth"):
+    elif config.data in ("mri-brain", "mri-brain-synth", "mri-brain-coronal-synth"):
         card["value_range"] = "template intensity / its 99.5th percentile, clipped to [0, 1]"
-    if config.data in ("ct-phantom", "mri-brain", "mri-brain-synth"):
+    if config.data in ("ct-phantom", "mri-brain", "mri-brain-synth", "mri-brain-coronal-synth"):
         from ..data import heldout
 
-        held = heldout(config.data, 16, size=config.size)
+        held = heldout(config.data, size=config.size)
         card["heldout_denoising_psnr"] = {f"sigma={s}": round(denoising_psnr(prior, held.to(torch.float32), s), 2)
                                           for s in (0.1, 0.5)}
     return card
