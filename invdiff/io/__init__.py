@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from ..files import atomic_dir, atomic_file, check_new_path
-from .dicom import headers_from_json, headers_to_json, is_dicom_file, read_dicom, write_dicom_series
+from .dicom import (check_volume_geometry, headers_from_json, headers_to_json, is_dicom_file, read_dicom,
+                    write_dicom_series)
 from .fastmri import KSpaceData, estimate_coil_maps, read_fastmri, write_fastmri
 from .images import IMAGE_SUFFIXES, read_image, write_image, write_png
 from .intensity import HU_WINDOW, ROBUST_PERCENTILE, ValueMap, value_map_for
@@ -48,6 +49,7 @@ __all__ = [
     "KSpaceData",
     "estimate_coil_maps",
     "write_dicom_series",
+    "check_volume_geometry",
     "write_nifti",
     "write_image",
     "write_png",
@@ -89,10 +91,13 @@ def source_kind(path: str | os.PathLike) -> str:
     raise ValueError(f"{path}: unknown image format (expected DICOM, NIfTI, PNG, TIFF or a fastMRI .h5)")
 
 
-def read(path: str | os.PathLike, modality: str = "auto") -> ImageStack:
+def read(path: str | os.PathLike, modality: str = "auto", volume: bool = False) -> ImageStack:
     """Read a DICOM file or series folder, a NIfTI volume, or a PNG/TIFF image.
 
     :param modality: for NIfTI only (``"CT"``, ``"MR"`` or ``"auto"``); DICOM states its own.
+    :param volume: a DICOM series must be one regular volume (one orientation, evenly
+        spaced slices, one size: :func:`invdiff.io.dicom.check_volume_geometry`); a NIfTI
+        volume is one by construction.
 
     >>> from pydicom.data import get_testdata_file
     >>> read(get_testdata_file("MR_small.dcm")).shape
@@ -100,7 +105,7 @@ def read(path: str | os.PathLike, modality: str = "auto") -> ImageStack:
     """
     kind = source_kind(path)
     if kind == "dicom":
-        return read_dicom(path)
+        return read_dicom(path, volume=volume)
     if kind == "nifti":
         return read_nifti(path, modality)
     if kind in ("png", "tiff"):

@@ -12,6 +12,12 @@ direction cosines): the key is :math:`\mathbf n \cdot \text{ImagePositionPatient
 without positions, by ``InstanceNumber``, then file name. Multi-frame files give one
 slice per frame.
 
+**Volumes** (:func:`check_volume_geometry`, ``read_dicom(..., volume=True)``): a series read as
+one volume must be a regular grid: one ``ImageOrientationPatient`` (to 1e-4), every slice
+with an ``ImagePositionPatient``, distinct positions along the normal evenly spaced (each gap
+within 1 % of the median, so a missing slice or a second stack is caught), and slices of
+one size. Each failure is a one-line ``ValueError`` naming the offending files.
+
 **Writing** (:func:`write_dicom_series`): a new series derived from the source slices:
 same patient, study and frame of reference; new ``SeriesInstanceUID`` and
 ``SOPInstanceUID`` s; ``ImageType`` ``DERIVED\SECONDARY``; ``SeriesDescription`` naming
@@ -44,6 +50,7 @@ from .stack import ImageStack
 __all__ = [
     "read_dicom",
     "read_dicom_files",
+    "check_volume_geometry",
     "is_dicom_file",
     "write_dicom_series",
     "headers_to_json",
@@ -166,13 +173,89 @@ def _spacing(ds) -> tuple[float, float] | None:
     return (float(ps[0]), float(ps[1])) if ps is not None and len(ps) == 2 else None
 
 
-def read_dicom(path: str | os.PathLike, series_uid: str | None = None) -> ImageStack:
+def _listing(names: Sequence[str], limit: int = 6) -> str:
+    names = list(names)
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _minority(keys: Sequence, names: Sequence[str]) -> tuple[object, list[str], object]:
+    """The most common key, the names whose key differs from it, and the first such key."""
+    counts: dict = {}
+    for key in keys:
+        counts[key] = counts.get(key, 0) + 1
+    common = max(counts, key=lambda key: (counts[key], -list(keys).index(key)))
+    odd = [n for n, key in zip(names, keys) if key != common]
+    return common, odd, next((key for key in keys if key != common), None)
+
+
+def _cosines(orientation) -> str:
+    """Direction cosines in the DICOM spelling ``1\\0\\0\\0\\1\\0``."""
+    return "\\".join(f"{v:g}" for v in orientation)
+
+
+def check_volume_geometry(headers: Sequence, names: Sequence[str], where: str = "DICOM series",
+                          tolerance: float = 0.01) -> float | None:
+    """Check that slices (sorted by position) form one regular volume, as a joint 3D
+    reconstruction assumes (module doc): one orientation, evenly spaced positions, one size.
+
+    :param headers: one dataset per slice, in slice order (:func:`read_dicom`'s).
+    :param names: the slices' file names (for the messages).
+    :param where: the series, for the messages.
+    :param tolerance: largest relative deviation of a gap from the median gap.
+    :returns: the slice spacing in mm (``None`` for a single slice).
+    :raises ValueError: one line naming the offending files.
+    """
+    n = len(headers)
+    if len(names) != n:
+        raise ValueError(f"{where}: {len(names)} slice names for {n} headers")
+    sizes = [(int(h.get("Rows", 0) or 0), int(h.get("Columns", 0) or 0)) for h in headers]
+    common, odd, other = _minority(sizes, names)
+    if odd:
+        raise ValueError(f"{where}: slices of different sizes: {_listing(odd)} are {other[0]}x{other[1]}, the others "
+                         f"{common[0]}x{common[1]}; a volume needs one slice size")
+    if n < 2:
+        return None
+    if len({str(h.get("SOPInstanceUID", id(h))) for h in headers}) == 1:
+        raise ValueError(f"{where}: a multi-frame file ({names[0].split(':')[0]}); its per-frame positions are not read, "
+                         "so it cannot be checked as a volume; use a series of single-frame files")
+    missing = [nm for nm, h in zip(names, headers) if _normal(h) is None or len(h.get("ImagePositionPatient") or []) != 3]
+    if missing:
+        raise ValueError(f"{where}: {_listing(missing)} lack ImageOrientationPatient/ImagePositionPatient; "
+                         "a volume needs the position of every slice")
+    orientations = [tuple(round(float(v), 4) + 0.0 for v in h.ImageOrientationPatient) for h in headers]
+    common, odd, other = _minority(orientations, names)
+    if odd:
+        raise ValueError(f"{where}: mixed orientations (ImageOrientationPatient): {_listing(odd)} have "
+                         f"{_cosines(other)}, the others {_cosines(common)}; a volume needs one orientation")
+    normal = _normal(headers[0])
+    z = np.array([float(np.dot(normal, np.asarray(h.ImagePositionPatient, float))) for h in headers])
+    gaps = np.diff(z)
+    same = [i for i, g in enumerate(gaps) if abs(g) < 1e-6]
+    if same:
+        pairs = "; ".join(f"{names[i]} and {names[i + 1]}" for i in same[:3])
+        raise ValueError(f"{where}: slices at the same position: {pairs}{' ...' if len(same) > 3 else ''}; "
+                         "a volume needs one slice per position (two stacks in one series?)")
+    spacing = float(np.median(gaps))
+    uneven = [i for i, g in enumerate(gaps) if abs(g - spacing) > tolerance * abs(spacing)]
+    if uneven:
+        pairs = "; ".join(f"{names[i]} -> {names[i + 1]} is {gaps[i]:.4g} mm" for i in uneven[:3])
+        raise ValueError(f"{where}: uneven slice spacing (gaps in ImagePositionPatient): {pairs}"
+                         f"{' ...' if len(uneven) > 3 else ''}, the others {spacing:.4g} mm; a volume needs "
+                         "evenly spaced slices (a missing slice?)")
+    return abs(spacing)
+
+
+def read_dicom(path: str | os.PathLike, series_uid: str | None = None, volume: bool = False) -> ImageStack:
     """Read a DICOM file or a folder holding one series into an :class:`ImageStack`.
 
     :param path: a ``.dcm`` file (or any file with the DICOM preamble) or a folder.
     :param series_uid: pick this ``SeriesInstanceUID`` when the folder holds several.
+    :param volume: also check that the slices form one regular volume
+        (:func:`check_volume_geometry`; the spacing is recorded as ``info["slice_spacing"]``).
     :raises FileNotFoundError: no such path, or a folder without DICOM files.
-    :raises ValueError: corrupt file, several series, slices of different sizes.
+    :raises ValueError: corrupt file, several series, slices of different sizes (naming
+        the files); with ``volume``, mixed orientations or uneven slice positions.
     :raises RuntimeError: compressed pixel data that no installed plugin decodes (the
         message names the plugins).
 
@@ -201,9 +284,14 @@ def read_dicom(path: str | os.PathLike, series_uid: str | None = None) -> ImageS
     elif len(uids) > 1:
         listing = ", ".join(f"{u or '(none)'} ({len(v)} files)" for u, v in uids.items())
         raise ValueError(f"{path}: folder holds {len(uids)} series: {listing}; pass one series (series_uid=)")
-    shapes = {it[2].shape[1:] for it in items}
-    if len(shapes) > 1:
-        raise ValueError(f"{path}: slices of different sizes {sorted(shapes)} in one series")
+    shapes = [it[2].shape[2:] for it in items]
+    common, odd, other = _minority(shapes, [it[0] for it in items])
+    if odd:
+        raise ValueError(f"{path}: slices of different sizes in one series: {_listing(odd)} are "
+                         f"{other[0]}x{other[1]}, the others {common[0]}x{common[1]}")
+    channels = {it[2].shape[1] for it in items}
+    if len(channels) > 1:
+        raise ValueError(f"{path}: slices with different numbers of channels {sorted(channels)} in one series")
     headers, names, slices = [], [], []
     for name, ds, values in items:
         frames = values.shape[0]
@@ -215,6 +303,9 @@ def read_dicom(path: str | os.PathLike, series_uid: str | None = None) -> ImageS
     modality = str(first.get("Modality", "")) or None
     units = "HU" if modality == "CT" and "RescaleIntercept" in first else "stored"
     multiframe = any(it[2].shape[0] > 1 for it in items)
+    info = {"multiframe": multiframe, "transfer_syntax": str(first.file_meta.get("TransferSyntaxUID", ""))}
+    if volume:
+        info["slice_spacing"] = check_volume_geometry(headers, names, str(path))
     return ImageStack(
         values=np.stack(slices),
         kind="dicom",
@@ -224,7 +315,7 @@ def read_dicom(path: str | os.PathLike, series_uid: str | None = None) -> ImageS
         units=units,
         spacing=_spacing(first),
         headers=headers,
-        info={"multiframe": multiframe, "transfer_syntax": str(first.file_meta.get("TransferSyntaxUID", ""))},
+        info=info,
     )
 
 

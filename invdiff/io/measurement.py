@@ -4,7 +4,9 @@ rebuild its operator and to write the reconstruction back in the source's format
 An HDF5 file (``.h5``, h5py) with attribute ``invdiff_format = "invdiff-measurement/1"``:
 
 ==================  =====================================================================
-``y``               float32 ``(N, ...)``: one measurement per slice, as ``physics(x)`` gives
+``y``               float32 ``(N, ...)``: one measurement per slice, as ``physics(x)`` gives;
+                    for a volume task (``img_size`` ``(C, D, H, W)``: ``mri3d-<R>x``,
+                    ``zsr-<k>x``) ``(1, ...)``, the one measurement of the ``D`` slices
 ``attrs["task"]``   JSON: the operator's full record (``physics.task``: name, ``img_size``,
                     seed, noise and every task parameter) — ``operators.make(**task)``
                     rebuilds it exactly; ``{"name": "acquired-mri", ...}`` for fastMRI data
@@ -21,6 +23,11 @@ An HDF5 file (``.h5``, h5py) with attribute ``invdiff_format = "invdiff-measurem
 
 The ground truth is **not** stored: a measurement file is what a reconstruction method
 may see. Files are written to a temporary name and renamed.
+
+**As one volume.** :meth:`Measurement.volume_physics` and :meth:`Measurement.volume_y` read
+the ``N`` slices' measurements as one volume ``(1, N, ...)`` under the slice-stacked operator
+:class:`~invdiff.operators.volume.SliceStack` of their common 2D operator (or the volume
+task's own operator), for joint 3D reconstruction.
 """
 
 from __future__ import annotations
@@ -48,7 +55,7 @@ ACQUIRED_MRI = "acquired-mri"
 class Measurement:
     """Measurements of ``N`` slices and their provenance (see the module docstring).
 
-    :ivar y: ``(N, ...)`` measurements.
+    :ivar y: ``(N, ...)`` measurements (``(1, ...)`` for a volume task).
     :ivar task: the operator record.
     :ivar noise_seed: seed of the simulated noise, ``None`` for acquired data.
     :ivar value_map: source units <-> [0, 1].
@@ -77,13 +84,25 @@ class Measurement:
     _physics: dict = field(default_factory=dict, repr=False)
 
     @property
-    def img_size(self) -> tuple[int, int, int]:
-        """``(C, H, W)`` of the images the operator takes."""
+    def img_size(self) -> tuple[int, ...]:
+        """``(C, H, W)`` of the images the operator takes; ``(C, D, H, W)`` for a volume task."""
         return tuple(int(s) for s in self.task["img_size"])
 
     @property
+    def volume(self) -> bool:
+        """True when the operator is a volume task (``y`` is one measurement of ``D`` slices)."""
+        return len(self.task["img_size"]) == 4
+
+    @property
+    def slice_size(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of one slice."""
+        size = self.img_size
+        return (size[0], size[2], size[3]) if self.volume else size
+
+    @property
     def n_slices(self) -> int:
-        return int(self.y.shape[0])
+        """Number of slices: ``N`` of ``y`` (one measurement per slice), ``D`` for a volume task."""
+        return self.img_size[1] if self.volume else int(self.y.shape[0])
 
     @property
     def per_slice_operator(self) -> bool:
@@ -96,6 +115,36 @@ class Measurement:
         if key not in self._physics:
             self._physics[key] = self._build(key[0], device)
         return self._physics[key]
+
+    def volume_physics(self, device: torch.device | str = "cpu"):
+        """The operator of all slices as one volume ``(1, C, N, H, W)``: the volume task's own
+        operator, or :class:`~invdiff.operators.volume.SliceStack` of the slices' common 2D
+        operator (its noise model kept); its ``task`` is the record ``operators.make`` builds
+        the same volume operator from (the 2D task with ``img_size = (C, N, H, W)``).
+
+        :raises ValueError: the slices have different operators (acquired MRI with
+            per-slice coil maps).
+        """
+        if self.volume:
+            return self.physics(0, device)
+        if self.per_slice_operator:
+            where = self.attrs.get("path", "measurement")
+            raise ValueError(f"{where}: the {self.n_slices} slices have different operators (per-slice coil maps of "
+                             f"{self.task.get('name')}); a joint volume reconstruction needs one 2D operator for every slice")
+        key = ("volume", str(device))
+        if key not in self._physics:
+            from ..operators.volume import SliceStack
+
+            physics = SliceStack(self.physics(0, device), self.n_slices)
+            C, H, W = self.img_size
+            physics.task = {**dict(self.task), "img_size": [C, self.n_slices, H, W]}  # operators.make rebuilds it
+            self._physics[key] = physics
+        return self._physics[key]
+
+    def volume_y(self) -> Tensor:
+        """The measurements as one volume's: ``(1, N, ...)`` (slice-stacked), or ``y`` itself
+        for a volume task."""
+        return self.y if self.volume else self.y[None]
 
     def _build(self, k: int, device):
         from .. import operators
@@ -126,6 +175,8 @@ class Measurement:
         gives and the file's per-slice records agree with ``N``."""
         where = self.attrs.get("path", "measurement")
         n = self.n_slices
+        if self.volume and self.y.shape[0] != 1:
+            raise ValueError(f"{where}: a volume task ({self.task.get('name')}) holds one measurement, y has {self.y.shape[0]}")
         for name, records in (("dicom_headers", self.headers), ("source identifiers", self.source.get("identifiers"))):
             if records is not None and len(records) != n:
                 raise ValueError(f"{where}: {len(records)} {name} for {n} measured slices")
@@ -137,7 +188,8 @@ class Measurement:
         if tuple(self.y.shape[1:]) != expected:
             raise ValueError(
                 f"{where}: measurement y has shape {tuple(self.y.shape)} but the operator "
-                f"{self.task.get('name')} for images {self.img_size} gives (N, {', '.join(map(str, expected))}); "
+                f"{self.task.get('name')} for images {self.img_size} gives ({'1' if self.volume else 'N'}, "
+                f"{', '.join(map(str, expected))}); "
                 "the measurement and operator records do not match"
             )
         if not torch.isfinite(self.y).all():

@@ -33,7 +33,7 @@ from ..operators.volume import SliceStack, from_slices, to_slices
 from ..priors.base import DiffusionPrior
 from .base import Sampler
 from .dds import DDS
-from .steps import ddim_step, gaussian_noise_std, make_sigmas, randn_like
+from .steps import ddim_step, gaussian_noise_std, make_sigmas, operator_norm_squared, randn_like
 from .steps.volume import TVzADMM
 
 __all__ = ["VolumeSampler", "DDS3D", "TPDM", "DiffusionMBIR", "VOLUME_SAMPLERS", "make_volume"]
@@ -98,10 +98,22 @@ class VolumeSampler(Sampler):
         out = torch.cat([prior.denoise(c, sigma, generator=self._generator).to(x.dtype) for c in chunks])
         return from_slices(out, x.shape, plane)
 
+    def set_coupling(self, rho: float, tv_weight: float, cg_iterations: int, cg_tol: float) -> None:
+        """Validate and keep the TV-z ADMM settings (``rho``, ``tv_weight`` relative to ``‖A‖²``)."""
+        if rho < 0 or tv_weight < 0 or (tv_weight > 0 and rho == 0):
+            raise ValueError(f"need rho >= 0, tv_weight >= 0 and rho > 0 when tv_weight > 0; got {rho}, {tv_weight}")
+        if cg_iterations < 0:
+            raise ValueError(f"cg_iterations must be >= 0, got {cg_iterations}")
+        self.rho, self.tv_weight = float(rho), float(tv_weight)
+        self.cg_iterations, self.cg_tol = int(cg_iterations), float(cg_tol)
+
     def tv_step(self, physics, y: Tensor) -> TVzADMM:
-        """The TV-z ADMM data step of this run (per slice when uncoupled on a slice stack)."""
+        """The TV-z ADMM data step of this run: ``rho`` and ``tv_weight`` times ``‖A‖²`` (power
+        iteration), per slice when uncoupled on a slice stack."""
+        scale = operator_norm_squared(physics, self.image_shape, device=y.device) if self.rho > 0 else 1.0
         per_slice = self.rho == 0 and isinstance(physics, SliceStack)
-        return TVzADMM(physics, y, self.rho, self.tv_weight, self.cg_iterations, self.cg_tol, per_slice=per_slice)
+        return TVzADMM(physics, y, self.rho * scale, self.tv_weight * scale, self.cg_iterations, self.cg_tol,
+                       per_slice=per_slice)
 
 
 class DDS3D(VolumeSampler):
@@ -176,13 +188,9 @@ class DDS3D(VolumeSampler):
         super().__init__(prior, slices_per_call=slices_per_call, verbose=verbose)
         if not 0 <= eta <= 1:
             raise ValueError(f"eta must be in [0, 1], got {eta}")
-        if cg_iterations < 0:
-            raise ValueError(f"cg_iterations must be >= 0, got {cg_iterations}")
-        if rho < 0 or tv_weight < 0 or (tv_weight > 0 and rho == 0):
-            raise ValueError(f"need rho >= 0, tv_weight >= 0 and rho > 0 when tv_weight > 0; got {rho}, {tv_weight}")
         self.sigmas = make_sigmas(prior, steps, schedule, sigmas)
-        self.eta, self.cg_iterations, self.cg_tol = float(eta), int(cg_iterations), float(cg_tol)
-        self.rho_relative, self.tv_relative = float(rho), float(tv_weight)
+        self.eta = float(eta)
+        self.set_coupling(rho, tv_weight, cg_iterations, cg_tol)
         self.gamma, self.gamma_scale, self.noise_sigma, self.clip = gamma, float(gamma_scale), noise_sigma, clip
 
     def use_prior(self, i: int) -> str:
@@ -193,12 +201,7 @@ class DDS3D(VolumeSampler):
         return True
 
     def _run(self, y: Tensor, physics, x_init: Tensor | None, generator, callback: Callable | None) -> Tensor:
-        from .steps import operator_norm_squared
-
         noise_sigma = gaussian_noise_std(physics, y, self.noise_sigma)
-        scale = operator_norm_squared(physics, self.image_shape, device=y.device) \
-            if (self.rho_relative > 0 or self.tv_relative > 0) else 1.0
-        self.rho, self.tv_weight = self.rho_relative * scale, self.tv_relative * scale
         data = self.tv_step(physics, y)
         sigmas = self.sigmas.tolist()
         x = self.initial_noise((y.shape[0], *self.image_shape), sigmas[0], x_init, generator, y)
@@ -355,12 +358,9 @@ class DiffusionMBIR(VolumeSampler):
         super().__init__(prior, slices_per_call=slices_per_call, verbose=verbose)
         if snr <= 0:
             raise ValueError(f"snr must be > 0, got {snr}")
-        if rho < 0 or tv_weight < 0 or (tv_weight > 0 and rho == 0):
-            raise ValueError(f"need rho >= 0, tv_weight >= 0 and rho > 0 when tv_weight > 0; got {rho}, {tv_weight}")
         self.sigmas = make_sigmas(prior, steps, schedule, sigmas)
         self.corrector, self.snr = bool(corrector), float(snr)
-        self.rho_relative, self.tv_relative = float(rho), float(tv_weight)
-        self.cg_iterations, self.cg_tol = int(cg_iterations), float(cg_tol)
+        self.set_coupling(rho, tv_weight, cg_iterations, cg_tol)
 
     def score(self, x: Tensor, sigma: float) -> tuple[Tensor, Tensor]:
         """:math:`s(x, \\sigma)` and the denoised volume."""
@@ -368,11 +368,6 @@ class DiffusionMBIR(VolumeSampler):
         return (x0 - x) / sigma**2, x0
 
     def _run(self, y: Tensor, physics, x_init: Tensor | None, generator, callback: Callable | None) -> Tensor:
-        from .steps import operator_norm_squared
-
-        scale = operator_norm_squared(physics, self.image_shape, device=y.device) \
-            if (self.rho_relative > 0 or self.tv_relative > 0) else 1.0
-        self.rho, self.tv_weight = self.rho_relative * scale, self.tv_relative * scale
         data = self.tv_step(physics, y)
         sigmas = self.sigmas.tolist()
         x = self.initial_noise((y.shape[0], *self.image_shape), sigmas[0], x_init, generator, y)
