@@ -7,6 +7,8 @@ devzhk/enkg-pytorch (``algo/enkg.py``).
 
 from __future__ import annotations
 
+import copy
+
 from typing import Callable
 
 import torch
@@ -221,7 +223,6 @@ class EnKG(Sampler):
         self.tempering_power = float(tempering_power)
         self.eta = float(eta)
         self.last_particles: Tensor | None = None
-        self._members = self.ensemble_size
 
     def guided(self, i: int) -> bool:
         """Whether level ``i`` gets a Kalman update (not the last, and inside the window)."""
@@ -234,7 +235,7 @@ class EnKG(Sampler):
         return torch.cat([self.denoise(c, sigma) for c in x.split(self.max_batch)])
 
     def _coefficients(self, x: Tensor, h: Tensor, y: Tensor, noise_var, beta: float, generator) -> Tensor:
-        batch, members = y.shape[0], self._members
+        batch, members = y.shape[0], self.ensemble_size
         hf, yf = _flat(h, batch, members), _flat(y, batch, 1)
         xf = x.reshape(batch, members, -1)
         v = noise_var / beta
@@ -249,7 +250,7 @@ class EnKG(Sampler):
     def _run(self, y: Tensor, physics, x_init: Tensor | None, generator, callback: Callable | None) -> Tensor:
         sigmas = self.sigmas.tolist()
         n = len(sigmas) - 1
-        batch, members, shape = y.shape[0], self._members, self.image_shape
+        batch, members, shape = y.shape[0], self.ensemble_size, self.image_shape
         _, noise_var = likelihood_variance(physics, y, self.likelihood, self.noise_sigma)
         physics = self._expand_physics(physics, batch, members, interleave=True)  # row j * members + m
         if torch.is_tensor(noise_var):
@@ -289,11 +290,10 @@ class EnKG(Sampler):
         """``n`` particles of one ensemble of ``max(n, ensemble_size)`` (see the class doc)."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        self._members = max(int(n), self.ensemble_size)
-        try:
-            self.forward(y, physics, generator=generator, x_init=x_init, callback=callback)
-        finally:
-            self._members = self.ensemble_size
+        run = copy.copy(self)  # the same sampler with an ensemble of max(n, ensemble_size) members
+        run.ensemble_size = max(int(n), self.ensemble_size)
+        run.forward(y, physics, generator=generator, x_init=x_init, callback=callback)
+        self.last_run, self.last_particles, self.image_shape = run.last_run, run.last_particles, run.image_shape
         samples = self.last_particles[:n]
         std = samples.std(0) if n > 1 else torch.zeros_like(samples[0])
         return PosteriorSamples(samples, samples.mean(0), std)
