@@ -12,7 +12,13 @@ measurement file keeps the operator's full record and the seed, never the clean 
 Reconstruction: every slice ``k`` is sampled with its own generator seeded
 ``seed + k``; ``samples = K > 1`` draws K posterior samples per slice (batched through
 the network) and keeps their mean and per-pixel standard deviation, the uncertainty map,
-written as a second series/volume. **Size.** A prior that works at any size (a patch prior,
+written as a second series/volume. **Volume** (``reconstruct(..., volume=True)``, the
+command's ``--volume``): the slices' measurements are read as one volume under the
+slice-stacked operator of their common 2D operator (a volume task, ``mri3d-<R>x`` or
+``zsr-<k>x``, is one measurement of all slices already) and reconstructed jointly by a
+volume sampler (DDS-3D, TPDM, DiffusionMBIR) with one generator seeded ``seed``; a DICOM
+series must then be one regular volume (one orientation, evenly spaced slices), the
+metrics against a reference are 3D, and the outputs are written per slice as before. **Size.** A prior that works at any size (a patch prior,
 :class:`~invdiff.priors.PatchDiffusionPrior`) reconstructs at the data's own size, and the
 output keeps the source's geometry (no resampling recorded, because none happened). For a
 fixed-size prior, images whose size differs from the prior's are never resized silently:
@@ -46,6 +52,7 @@ from ..io import (
     ValueMap,
     atomic_dir,
     check_new_path,
+    check_volume_geometry,
     read,
     read_fastmri,
     save_measurement,
@@ -139,19 +146,31 @@ def simulate(
     :param params: task parameters (``operators.make`` keyword overrides).
     :returns: the measurement (with the operator's record and seed) and the clean slices
         ``(N, C, h, w)`` in [0, 1] (the reference; not part of the measurement).
+
+    A volume task (``mri3d-<R>x``, ``zsr-<k>x``) measures the ``N`` slices as one volume
+    ``(1, C, N, h, w)``: the measurement holds one ``y`` (``(1, ...)``) and the task record's
+    ``img_size`` is ``(C, N, h, w)``; a DICOM series must then be one regular volume
+    (:func:`invdiff.io.check_volume_geometry`). Any other task measures each slice.
     """
     from .. import operators
 
-    stack = source if isinstance(source, ImageStack) else read(source, modality)
+    is_volume = operators.task_info(task).volume
+    stack = source if isinstance(source, ImageStack) else read(source, modality, volume=is_volume)
+    if is_volume and stack.headers is not None:  # (idempotent for a stack read with volume=True)
+        check_volume_geometry(stack.headers, stack.identifiers, str(stack.source))
     value_map = stack.value_map(window, percentile)
     x = stack.to_unit(value_map)
     H, W = x.shape[-2:]
     h, w = (H, W) if size is None else parse_size(size)
     x = resample(x, (h, w)).clamp(0, 1)
-    physics = operators.make(task, img_size=(x.shape[1], h, w), seed=seed, noise=noise,
+    C, N = x.shape[1], x.shape[0]
+    physics = operators.make(task, img_size=(C, N, h, w) if is_volume else (C, h, w), seed=seed, noise=noise,
                              noise_sigma=noise_sigma, device=device, **(params or {}))
     with torch.no_grad():
-        y = physics(x.to(device), seed=seed).cpu()
+        if is_volume:  # the slices as one volume (1, C, N, h, w)
+            y = physics(x.transpose(0, 1)[None].to(device), seed=seed).cpu()
+        else:
+            y = physics(x.to(device), seed=seed).cpu()
     m = Measurement(
         y=y, task=dict(physics.task), noise_seed=int(seed), value_map=value_map, source=_source_record(stack),
         resample=_resample_record((H, W), (h, w), "antialiased bilinear (kornia resize)"),
@@ -286,9 +305,10 @@ class Reconstruction:
     :ivar mean: ``(N, C, H, W)``; for complex (2-channel) images, of the magnitude ``(N, 1, H, W)``.
     :ivar std: same shape, or ``None`` when one sample was drawn.
     :ivar baseline: the operator's ``A_dagger`` (FBP, zero-filled IFFT, ...), same shape.
-    :ivar runs: ``sampler.last_run`` of each slice.
+    :ivar runs: ``sampler.last_run`` of each slice (of the one run, for a volume).
     :ivar metrics: PSNR/SSIM against a reference, when one was given.
-    :ivar info: sampler name and options, prior, samples, seeds, device.
+    :ivar info: sampler name and options, prior(s), samples, seeds, device; ``joint`` is True
+        for a volume reconstruction (with ``volume_shape`` and ``slice_spacing``).
     """
 
     mean: Tensor
@@ -315,11 +335,72 @@ def _metrics(estimates: dict[str, Tensor], reference: Tensor) -> dict:
     return out
 
 
+def _volume_metrics(estimates: dict[str, Tensor], reference: Tensor) -> dict:
+    """3D PSNR (peak 1, the estimate clipped to [0, 1]) over the whole volume and 3D SSIM
+    (:func:`skimage.metrics.structural_similarity` on ``(D, H, W)``, data range 1, the
+    largest odd window up to 7 that fits; ``None`` below 3 slices) of each estimate."""
+    from skimage.metrics import structural_similarity
+
+    ref = reference[:, 0].double().numpy()  # (D, H, W), one channel (magnitudes)
+    window = min(7, *ref.shape)
+    window -= 1 - window % 2
+    out = {}
+    for name, est in estimates.items():
+        x = est[:, 0].double().clamp(0, 1).numpy()
+        mse = float(np.mean((x - ref) ** 2))
+        values = {"psnr": float(10 * np.log10(1.0 / max(mse, 1e-20))), "dims": 3}
+        if window >= 3:
+            values["ssim"] = float(structural_similarity(x, ref, data_range=1.0, win_size=window))
+            values["ssim_window"] = int(window)
+        out[name] = values
+    return out
+
+
+def _make_sampler(name: str, prior, volume: bool, options: dict, perpendicular_prior, progress: bool):
+    """The sampler ``name`` over ``prior``: a volume sampler (with the perpendicular prior
+    for TPDM and a bar over the diffusion steps) or a 2D one; one-line errors."""
+    from .. import samplers
+    from ..samplers.volume import VOLUME_SAMPLERS, make_volume
+
+    key = name.lower()
+    names = ", ".join(VOLUME_SAMPLERS)
+    if volume and key not in VOLUME_SAMPLERS:
+        raise ValueError(f"a joint volume reconstruction needs a volume sampler ({names}), got {name!r}")
+    if not volume and key in VOLUME_SAMPLERS:
+        raise ValueError(f"{name} is a volume sampler: reconstruct the series as one volume (--volume, volume=True)")
+    if perpendicular_prior is not None and key != "tpdm":
+        raise ValueError(f"a perpendicular prior is for the tpdm sampler, not {name}")
+    if key == "tpdm" and perpendicular_prior is None:
+        raise ValueError("tpdm needs a perpendicular prior (--perpendicular-prior NAME_OR_PATH): a 2D prior of "
+                         "coronal slices (C, D, W), e.g. a patch prior")
+    try:
+        if not volume:
+            return samplers.make(name, prior, **options)
+        extra = {"perpendicular_prior": perpendicular_prior} if key == "tpdm" else {}
+        return make_volume(name, prior, verbose=progress, **extra, **options)
+    except TypeError as err:  # an option the sampler does not take
+        raise ValueError(f"sampler {name}: {err}") from None
+
+
+def _volume_geometry(m: Measurement) -> float | None:
+    """Slice spacing (mm) of the measured slices as a volume, after checking a DICOM
+    source's geometry (:func:`invdiff.io.check_volume_geometry`); ``None`` when unknown."""
+    where = m.source.get("path") or m.attrs.get("path", "the measurement")
+    if m.headers is not None:
+        names = m.source.get("identifiers") or [f"slice {k + 1}" for k in range(m.n_slices)]
+        return check_volume_geometry(m.headers, names, where)
+    if m.affine is not None:
+        return float(np.linalg.norm(np.asarray(m.affine, float)[:3, 2]))
+    return None
+
+
 def reconstruct(
     measurement: Measurement,
     prior,
-    sampler: str = "dps",
+    sampler: str | None = None,
     *,
+    volume: bool = False,
+    perpendicular_prior=None,
     samples: int = 1,
     seed: int = 0,
     device: torch.device | str = "cpu",
@@ -328,68 +409,113 @@ def reconstruct(
     progress: bool = False,
     reference: Tensor | None = None,
     prior_name: str | None = None,
+    perpendicular_prior_name: str | None = None,
 ) -> Reconstruction:
-    """Reconstruct every slice of ``measurement`` with ``sampler`` over ``prior``.
+    """Reconstruct the slices of ``measurement`` with ``sampler`` over ``prior``: slice by
+    slice, or jointly as one volume (``volume``).
 
-    :param samples: posterior samples per slice (``> 1`` gives the std map).
-    :param seed: slice ``k`` uses ``torch.Generator(device).manual_seed(seed + k)``.
+    **Slice by slice** (default sampler ``"dps"``): slice ``k`` is sampled with
+    ``torch.Generator(device).manual_seed(seed + k)``, a tqdm bar over the slices.
+
+    **Volume** (``volume=True``, always for a volume task such as ``mri3d-4x``; default
+    sampler ``"dds-3d"``; ``"tpdm"``, ``"diffusion-mbir"``): the ``N`` slices' measurements
+    are one volume ``(1, N, ...)`` under the slice-stacked operator of their common 2D
+    operator (:meth:`~invdiff.io.Measurement.volume_physics`; a DICOM source's geometry is
+    checked first: one orientation, evenly spaced slices), reconstructed jointly by a
+    volume sampler (:mod:`invdiff.samplers.volume`) with one generator seeded ``seed``; a
+    tqdm bar over the diffusion steps; metrics are 3D (:func:`_volume_metrics`).
+
+    :param sampler: sampler name (default ``"dps"``, or ``"dds-3d"`` for a volume).
+    :param volume: reconstruct all slices jointly as one volume.
+    :param perpendicular_prior: TPDM's prior of coronal slices ``(C, N, W)``.
+    :param samples: posterior samples per slice or volume (``> 1`` gives the std map).
+    :param seed: slice ``k`` uses ``seed + k``; a volume uses ``seed``.
     :param steps: the sampler's number of steps (its default if ``None``).
     :param options: other sampler keyword arguments.
-    :param progress: a tqdm bar over slices (stderr).
+    :param progress: a tqdm bar (stderr) over slices, or over a volume's diffusion steps.
     :param reference: clean slices ``(N, C, H, W)`` in [0, 1] for PSNR/SSIM (simulations).
-    :raises ValueError: the prior's image shape is not the measurement's.
+    :raises ValueError: the prior's image shape is not the measurement's, the slices do not
+        form one volume, or the sampler does not fit the mode.
     """
     from tqdm.auto import tqdm
 
-    from .. import samplers
-
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
-    shape = tuple(int(s) for s in measurement.img_size)
+    volume = bool(volume or measurement.volume)
+    sampler = sampler or ("dds-3d" if volume else "dps")
+    shape = measurement.slice_size
     where = measurement.attrs.get("path", "the measurement")
     try:
         prior.check_shape(shape)
     except ValueError as err:
         raise ValueError(
-            f"{where}: measured images are {measurement.img_size} (C, H, W) but the prior takes {prior.image_shape}; "
+            f"{where}: measured images are {shape} (C, H, W) but the prior takes {prior.image_shape}; "
             f"simulate with --size {prior.image_shape[1]}x{prior.image_shape[2]} or use a prior of that size "
             f"(a patch prior works at any size)"
         ) from err
+    spacing = _volume_geometry(measurement) if volume else None
     device = torch.device(device)
     prior = prior.to(device).eval()
+    if perpendicular_prior is not None:
+        perpendicular_prior = perpendicular_prior.to(device).eval()
     kwargs = dict(options or {})
     if steps is not None:
         kwargs["steps"] = int(steps)
-    method = samplers.make(sampler, prior, **kwargs)
+    method = _make_sampler(sampler, prior, volume, kwargs, perpendicular_prior, progress)
     means, stds, baselines, runs = [], [], [], []
-    bar = tqdm(range(measurement.n_slices), desc=f"reconstruct ({method.name})", unit="slice",
-               disable=not progress, file=sys.stderr)
-    for k in bar:
-        physics = measurement.physics(k, device)
-        y = measurement.y[k : k + 1].to(device)
-        g = torch.Generator(device=device).manual_seed(int(seed) + k)
+    if volume:  # one joint run over the (1, C, N, H, W) volume
+        physics = measurement.volume_physics(device)
+        y = measurement.volume_y().to(device)
+        g = torch.Generator(device=device).manual_seed(int(seed))
         post = method.sample(y, physics, n=samples, generator=g)
-        shown = _display(post.samples.reshape(-1, *post.samples.shape[2:])).reshape(samples, 1, -1, *shape[1:])
+        C, D = physics.img_size[:2]
+        slices = post.samples[:, 0].transpose(1, 2)  # (K, D, C, H, W): every sample as its slices
+        shown = _display(slices.reshape(-1, C, *shape[1:])).reshape(samples, D, -1, *shape[1:])
         means.append(shown.mean(0).cpu())
         stds.append(shown.std(0, unbiased=True).cpu() if samples > 1 else None)
         with torch.no_grad():
-            baselines.append(_display(physics.A_dagger(y)).cpu())
+            baselines.append(_display(physics.A_dagger(y)[0].transpose(0, 1)).cpu())
         run = method.last_run.as_dict()
-        run["slice"], run["seed"] = k, int(seed) + k
+        run["slices"], run["seed"] = D, int(seed)
         runs.append(run)
+    else:
+        bar = tqdm(range(measurement.n_slices), desc=f"reconstruct ({method.name})", unit="slice",
+                   disable=not progress, file=sys.stderr)
+        for k in bar:
+            physics = measurement.physics(k, device)
+            y = measurement.y[k : k + 1].to(device)
+            g = torch.Generator(device=device).manual_seed(int(seed) + k)
+            post = method.sample(y, physics, n=samples, generator=g)
+            shown = _display(post.samples.reshape(-1, *post.samples.shape[2:])).reshape(samples, 1, -1, *shape[1:])
+            means.append(shown.mean(0).cpu())
+            stds.append(shown.std(0, unbiased=True).cpu() if samples > 1 else None)
+            with torch.no_grad():
+                baselines.append(_display(physics.A_dagger(y)).cpu())
+            run = method.last_run.as_dict()
+            run["slice"], run["seed"] = k, int(seed) + k
+            runs.append(run)
     mean = torch.cat(means)
     std = torch.cat(stds) if samples > 1 else None
     baseline = torch.cat(baselines)
     metrics = {}
     if reference is not None:
         ref = _display(reference.float())
-        metrics = _metrics({"baseline": baseline, method.name: mean}, ref)
+        metrics = (_volume_metrics if volume else _metrics)({"baseline": baseline, method.name: mean}, ref)
     info = {
         "sampler": method.name, "sampler_options": {k: v for k, v in kwargs.items() if isinstance(v, (int, float, str, bool))},
-        "samples": int(samples), "seed": int(seed), "slice_seeds": "seed + slice index", "device": str(device),
+        "samples": int(samples), "seed": int(seed), "joint": volume,
+        "slice_seeds": "one generator for the volume" if volume else "seed + slice index", "device": str(device),
         "prior": prior_name, "prior_image_shape": list(prior.image_shape), "prior_any_size": bool(prior.any_size),
         "image_shape": list(shape),
     }
+    if volume:
+        info.update({
+            "volume_shape": list(physics.img_size), "volume_operator": type(physics).__name__,
+            "slice_spacing": spacing, "metrics": "3D PSNR/SSIM over the volume" if reference is not None else None,
+        })
+        if perpendicular_prior is not None:
+            info["perpendicular_prior"] = perpendicular_prior_name
+            info["perpendicular_plane"] = getattr(method, "perpendicular_plane", None)
     return Reconstruction(mean, std, baseline, runs, metrics, info)
 
 
@@ -404,10 +530,18 @@ def _description(rec: Reconstruction, m: Measurement, what: str) -> str:
 
 def _derivation(rec: Reconstruction, m: Measurement, what: str) -> str:
     task = {k: v for k, v in m.task.items() if k in ("name", "noise", "noise_sigma", "seed")}
+    info = rec.info
+    if info.get("joint"):
+        mode = f"joint 3D reconstruction of {m.n_slices} slices; "
+        seeds = f"sampler seed {info['seed']} (one for the volume)"
+        priors = f"prior {info['prior']}" + (f", perpendicular prior {info['perpendicular_prior']} "
+                                               f"({info.get('perpendicular_plane')})" if info.get("perpendicular_prior") else "")
+    else:
+        mode, seeds, priors = "", f"sampler seed {info['seed']} (+slice)", f"prior {info['prior']}"
     return (
-        f"{what} of {rec.info['samples']} posterior sample(s); sampler {rec.info['sampler']} "
-        f"{json.dumps(rec.info['sampler_options'])}; prior {rec.info['prior']}; operator {json.dumps(task)}; "
-        f"noise seed {m.noise_seed}; sampler seed {rec.info['seed']} (+slice); values: {m.value_map.rule}; "
+        f"{mode}{what} of {info['samples']} posterior sample(s); sampler {info['sampler']} "
+        f"{json.dumps(info['sampler_options'])}; {priors}; operator {json.dumps(task)}; "
+        f"noise seed {m.noise_seed}; {seeds}; values: {m.value_map.rule}; "
         f"resampled by {m.resample.get('factor', [1, 1])}"
     )
 

@@ -35,6 +35,12 @@ def _common(p: argparse.ArgumentParser, seed_help: str, sigma_help: str) -> None
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
 
+def _grid(m) -> str:
+    """``HxW`` of the slices, ``DxHxW`` for a volume measurement."""
+    size = m.img_size
+    return f"{size[1]}x{size[2]}x{size[3]} volume" if m.volume else f"{size[1]}x{size[2]}"
+
+
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from ..io.intensity import HU_WINDOW
     from ..apps.workflows import simulate_to_file
@@ -47,7 +53,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     resized = f", resampled {rs['source_shape'][0]}x{rs['source_shape'][1]} -> {rs['shape'][0]}x{rs['shape'][1]}" \
         if rs.get("method") != "none" else ""
     print(f"invdiff simulate: {m.n_slices} slice(s) of {args.input} ({m.source.get('kind')}, {m.source.get('modality')}), "
-          f"{m.task['name']} on {m.img_size[1]}x{m.img_size[2]}{resized}, noise {m.task['noise']} "
+          f"{m.task['name']} on {_grid(m)}{resized}, noise {m.task['noise']} "
           f"sigma {m.task['noise_sigma']:g}, seed {args.seed}; values: {m.value_map.rule}")
     print(f"wrote {args.out}: y {tuple(m.y.shape)} with the operator record and seed")
     return 0
@@ -66,13 +72,24 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
         raise ValueError("--task is for --input; a measurement file records its own operator")
     if args.samples < 1:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
-    from .. import samplers
+    from .. import operators, samplers
+    from ..samplers.volume import VOLUME_SAMPLERS
 
-    sampler_name, sampler_options = parse_spec(args.sampler)
-    samplers.get(sampler_name)  # an unknown name fails before any work
+    volume = args.volume or bool(args.task and operators.task_info(args.task).volume)  # mri3d-, zsr-: volumes
+    # no --sampler: dps, or dds-3d for a volume (known once the measurement is read)
+    sampler_name, sampler_options = parse_spec(args.sampler) if args.sampler else (None, {})
+    key = (sampler_name or "").lower()
+    if sampler_name is not None and key not in VOLUME_SAMPLERS and key not in samplers.available():
+        raise ValueError(f"unknown sampler {sampler_name!r}; available: {', '.join(samplers.available())}; "
+                         f"with --volume: {', '.join(VOLUME_SAMPLERS)}")  # before any work
+    if key == "tpdm" and not args.perpendicular_prior:
+        raise ValueError("--sampler tpdm needs --perpendicular-prior NAME_OR_PATH (a 2D prior of coronal slices)")
+    if args.perpendicular_prior and key != "tpdm":
+        raise ValueError(f"--perpendicular-prior is for --sampler tpdm, not {sampler_name or 'the default sampler'}")
     check_new_path(args.out, args.overwrite)
     device = resolve_device(args.device)
     prior = load_prior(args.prior, device)
+    perpendicular = load_prior(args.perpendicular_prior, device) if args.perpendicular_prior else None
     if args.any_size:
         import warnings
 
@@ -88,7 +105,7 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
                          f"--resize is only for fixed-size priors")
     reference = None
     if args.input is not None:
-        stack = read(args.input, args.modality)
+        stack = read(args.input, args.modality, volume=volume)  # a volume: one orientation, even spacing
         H, W = stack.shape[-2:]
         if (H, W) != shape[1:] and not args.resize and not native:
             raise ValueError(
@@ -109,11 +126,19 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     rs = m.resample
     resized = (f"; resampled {rs['source_shape'][0]}x{rs['source_shape'][1]} -> {rs['shape'][0]}x{rs['shape'][1]} "
                f"({rs['method']})") if rs.get("method", "none") != "none" else ""
-    print(f"invdiff reconstruct: {m.n_slices} slice(s) {m.img_size[1]}x{m.img_size[2]} from {origin}{resized}; "
-          f"sampler {args.sampler}, {args.samples} sample(s)/slice, prior {args.prior}, device {device}, seed {args.seed}")
-    rec = reconstruct(m, prior, sampler_name, samples=args.samples, seed=args.seed, device=device, steps=args.steps,
-                      options=sampler_options, progress=progress(args), reference=reference,
-                      prior_name=str(args.prior))
+    volume = volume or m.volume
+    sampler_name = sampler_name or ("dds-3d" if volume else "dps")
+    mode = "jointly as one volume" if volume else "slice by slice"
+    per = "volume" if volume else "slice"
+    print(f"invdiff reconstruct: {m.n_slices} slice(s) {_grid(m)} from {origin}{resized}, {mode}; "
+          f"sampler {sampler_name}{' ' + str(sampler_options) if sampler_options else ''}, {args.samples} "
+          f"sample(s)/{per}, prior {args.prior}"
+          f"{f', perpendicular prior {args.perpendicular_prior}' if perpendicular is not None else ''}, "
+          f"device {device}, seed {args.seed}")
+    rec = reconstruct(m, prior, sampler_name, volume=volume, perpendicular_prior=perpendicular, samples=args.samples,
+                      seed=args.seed, device=device, steps=args.steps, options=sampler_options,
+                      progress=progress(args), reference=reference, prior_name=str(args.prior),
+                      perpendicular_prior_name=str(args.perpendicular_prior) if perpendicular is not None else None)
     record = write_reconstruction(args.out, rec, m, fmt=args.format, png=args.png, overwrite=args.overwrite,
                                   extra={"command": command_line(args)})
     nfe = sum(r["nfe"] for r in rec.runs)
@@ -122,7 +147,8 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     for name, values in rec.metrics.items():
         label = "baseline (A_dagger)" if name == "baseline" else f"{name} mean"
         ssim = f", SSIM {values['ssim']:.3f}" if "ssim" in values else ""
-        print(f"  vs the input: {label}: PSNR {values['psnr']:.2f} dB{ssim}")
+        dims = " (3D)" if values.get("dims") == 3 else ""
+        print(f"  vs the input{dims}: {label}: PSNR {values['psnr']:.2f} dB{ssim}")
     listing = ", ".join(f"{what} ({len(files)} file{'s' if len(files) > 1 else ''})"
                         for what, files in record["files"].items())
     print(f"wrote {args.out} ({record['format']}): {listing}, provenance.json")
@@ -145,19 +171,28 @@ def register(subparsers) -> None:
     p.set_defaults(func=_cmd_simulate)
 
     p = subparsers.add_parser(
-        "reconstruct", help="reconstruct a measurement (or simulate+reconstruct a scan), slice by slice",
+        "reconstruct", help="reconstruct a measurement (or simulate+reconstruct a scan), slice by slice or as a volume",
         description="Posterior sampling with a diffusion prior, written in the source's format "
-                    "(DICOM series, NIfTI, PNG, fastMRI .h5) with provenance.json; --samples K adds a std map.",
+                    "(DICOM series, NIfTI, PNG, fastMRI .h5) with provenance.json; --samples K adds a std map. "
+                    "--volume reconstructs all slices jointly as one volume with a volume sampler.",
     )
     p.add_argument("--measurement", default=None, help="invdiff measurement .h5, or a fastMRI k-space .h5")
     p.add_argument("--input", default=None, help="a clean scan to simulate (with --task) and reconstruct in one go")
     p.add_argument("--task", default=None, help="operator for --input")
     p.add_argument("--prior", required=True, help="shipped prior name (invdiff list priors) or a .safetensors/.pt path")
-    p.add_argument("--sampler", default="dps",
+    p.add_argument("--sampler", default=None,
                    help="NAME[:key=value...], a sampler of `invdiff list samplers` with options, e.g. "
-                        "dps:zeta=0.5 or enkg:ensemble_size=256 (default dps)")
+                        "dps:zeta=0.5 or enkg:ensemble_size=256 (default dps); with --volume a volume sampler: "
+                        "dds-3d (default), tpdm, diffusion-mbir, e.g. dds-3d:rho=0.02")
+    p.add_argument("--volume", action="store_true",
+                   help="reconstruct the series as ONE volume (slices coupled along z) with a volume sampler, from "
+                        "the slices' common 2D operator; the series must be evenly spaced with one orientation "
+                        "(automatic for the volume tasks mri3d-<R>x, zsr-<k>x)")
+    p.add_argument("--perpendicular-prior", default=None, metavar="NAME_OR_PATH",
+                   help="--sampler tpdm: the 2D prior of coronal slices (C, D, W) (a shipped name or a checkpoint)")
     p.add_argument("--out", required=True, help="output folder (must not exist)")
-    p.add_argument("--samples", type=int, default=1, help="posterior samples per slice; K > 1 writes the std map")
+    p.add_argument("--samples", type=int, default=1,
+                   help="posterior samples per slice (per volume with --volume); K > 1 writes the std map")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the sampler's)")
     add_device(p)
     p.add_argument("--resize", action="store_true",
@@ -169,8 +204,9 @@ def register(subparsers) -> None:
     p.add_argument("--format", default="auto", choices=["auto", "dicom", "nifti", "png", "tiff", "h5"],
                    help="output format (default: the source's)")
     p.add_argument("--png", action="store_true", help="also write quick-look PNGs (png/mean_0001.png, png/std_0001.png)")
-    add_progress(p, verbose="(no extra bars)")
-    _common(p, "sampler seed, slice k uses seed + k (default 0); with --input also the operator's and noise seed",
+    add_progress(p, verbose="(no extra bars; the bar is over slices, or over the diffusion steps with --volume)")
+    _common(p, "sampler seed, slice k uses seed + k (default 0; --volume: one generator seeded with it); with --input "
+               "also the operator's and noise seed",
             "noise std on the [0, 1] image scale: simulated with --input (default: the task's); "
             "assumed for a fastMRI file (default: estimated from the outer k-space rows)")
     p.set_defaults(func=_cmd_reconstruct)

@@ -300,7 +300,7 @@ class Sampler(Reconstructor):
         b = y.shape[0]
         physics = self._expand_physics(physics, b, n)
         y_rep = y.repeat(n, *([1] * (y.ndim - 1)))
-        x0 = None if x_init is None else x_init.repeat(n, 1, 1, 1)
+        x0 = None if x_init is None else x_init.repeat(n, *([1] * (x_init.ndim - 1)))  # images or volumes
         x = self.forward(y_rep, physics, generator=generator, x_init=x0, callback=callback)
         samples = x.reshape(n, b, *x.shape[1:])
         std = samples.std(0, unbiased=True) if n > 1 else torch.zeros_like(samples[0])
