@@ -179,3 +179,21 @@ def test_operator_with_per_image_parameters_serves_every_sample_and_particle(nam
             seen = (err * masks[j]).norm() / masks[j].sum().sqrt()
             unseen = (err * (1 - masks[j])).norm() / (1 - masks[j]).sum().sqrt()
             assert seen < 0.9 * unseen, (j, k, float(seen), float(unseen))
+
+
+@pytest.mark.parametrize("name", samplers.available())
+def test_hyperparameters_are_serialisable_and_rebuild_the_sampler(name, base_prior, latent_base, truth):
+    import json
+
+    built, _ = _counted(name, base_prior, latent_base)
+    sampler = _make(name, built)
+    params = sampler.hyperparameters()
+    assert params["steps"] == STEPS
+    assert json.loads(json.dumps(params)) == params  # JSON as is
+    rebuilt = type(sampler).from_hyperparameters(built, json.loads(json.dumps(params)))
+    assert rebuilt.hyperparameters() == params
+    physics = operators.make("inpaint-random-70", img_size=SHAPE, seed=0)
+    y = physics(truth, seed=1)
+    a = sampler(y, physics, generator=torch.Generator().manual_seed(3))
+    b = rebuilt(y, physics, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)

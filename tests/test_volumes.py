@@ -257,3 +257,34 @@ def test_ct_volume_varies_smoothly_along_z():
     assert ends > 3 * neighbours  # ... that does change over the volume
     flat = ct_volume(3, 32, seed=0, variation=0.0)
     assert torch.equal(flat[0, 0, 0], flat[0, 0, 2])
+
+
+def test_mni_volume_is_oriented_as_the_slices():
+    pytest.importorskip("nilearn")
+    from invdiff.data import mni
+
+    v = mni.volume(32)
+    assert v.shape == (1, 1, 32, 32, 32) and 0 <= float(v.min()) and float(v.max()) <= 1
+    head = v[0, 0] > 0.05
+    # superior first along D: the brain's axial area grows from the top slices down to the middle
+    area = head.sum(dim=(1, 2))
+    assert area[:6].float().mean() < area[12:20].float().mean()
+    # W is left-right: the head is mirror-symmetric along it
+    assert torch.allclose(head.float().mean(dim=(0, 1)), head.float().mean(dim=(0, 1)).flip(0), atol=0.08)
+    w = mni.volume(32, seed=0)
+    assert torch.equal(w, mni.volume(32, seed=0)) and not torch.allclose(w, v, atol=0.05)
+    assert mni.volume(32, depth=10).shape == (1, 1, 10, 32, 32)
+
+
+def test_coronal_training_set_holds_out_the_coronal_slices():
+    pytest.importorskip("nilearn")
+    from invdiff import data
+    from invdiff.data import mni
+
+    held = data.heldout("mri-brain-coronal-synth", size=32)
+    assert torch.equal(held, mni.slices("heldout", 32, orientations=("coronal",)))
+    a = mni.randomised(2, 32, seed=0, orientations=("coronal",))
+    assert torch.equal(a, mni.randomised(2, 32, seed=0, orientations=("coronal",)))
+    assert not torch.equal(a, mni.randomised(2, 32, seed=0))
+    with pytest.raises(ValueError, match="unknown orientation"):
+        mni.randomised(1, 32, orientations=("oblique",))

@@ -31,6 +31,11 @@ def _cmd_list(args: argparse.Namespace) -> int:
         print("samplers (invdiff.samplers.make):")
         for name in samplers.available():
             print(f"  {name}: {_summary(samplers.get(name).__doc__)}")
+        from ..samplers.volume import VOLUME_SAMPLERS
+
+        print("volume samplers (invdiff.samplers.volume.make_volume; reconstruct --volume):")
+        for name, cls in VOLUME_SAMPLERS.items():
+            print(f"  {name}: {_summary(cls.__doc__)}")
     if what in ("priors", "all"):
         print("priors (invdiff.priors.load):")
         shipped = priors.available()

@@ -9,6 +9,8 @@ reads like the paper's algorithm and calls :meth:`Sampler.denoise` for the netwo
 
 from __future__ import annotations
 
+import functools
+import inspect
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
@@ -21,7 +23,23 @@ from tqdm.auto import tqdm
 from ..priors.base import DiffusionPrior
 from .steps.randomness import randn_like
 
-__all__ = ["Sampler", "RunInfo", "PosteriorSamples", "SamplerDivergedError"]
+__all__ = ["Sampler", "RunInfo", "PosteriorSamples", "SamplerDivergedError", "serialisable"]
+
+
+def serialisable(value):
+    """A constructor argument as JSON: numbers, strings, ``None``, lists (tuples and tensors
+    become lists), dicts; a module (a second prior) as its class name."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Tensor):
+        return value.detach().cpu().tolist()
+    if isinstance(value, (list, tuple)):
+        return [serialisable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): serialisable(v) for k, v in value.items()}
+    if isinstance(value, torch.nn.Module):
+        return f"<{type(value).__name__}>"
+    return repr(value)
 
 
 class SamplerDivergedError(RuntimeError):
@@ -89,6 +107,61 @@ class Sampler(Reconstructor):
     """
 
     name = "sampler"
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        """Record the arguments of every subclass's constructor (see :meth:`hyperparameters`)."""
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+        signature = inspect.signature(init)
+
+        @functools.wraps(init)
+        def recording_init(self, *args, **kw):
+            outermost = "_hyperparameters" not in self.__dict__
+            if outermost:
+                self.__dict__["_hyperparameters"] = None  # the subclass's own call records, not super()'s
+            init(self, *args, **kw)
+            if outermost:
+                bound = signature.bind(self, *args, **kw)
+                bound.apply_defaults()
+                args_ = dict(bound.arguments)
+                for k, p in signature.parameters.items():
+                    if p.kind is p.VAR_KEYWORD:
+                        args_.update(args_.pop(k, {}))
+                    elif p.kind is p.VAR_POSITIONAL:
+                        args_.pop(k, None)
+                self.__dict__["_hyperparameters"] = {k: v for k, v in args_.items()
+                                                     if k not in ("self", "prior", "verbose")}
+
+        cls.__init__ = recording_init
+
+    def hyperparameters(self) -> dict:
+        """Every constructor argument of this sampler (defaults resolved), as JSON
+        (:func:`serialisable`): what the bench records, and what
+        :meth:`from_hyperparameters` rebuilds the sampler from.
+
+        >>> from invdiff.priors import GaussianPrior
+        >>> from invdiff.samplers import DDS
+        >>> s = DDS(GaussianPrior.stationary((1, 8, 8)), steps=7)
+        >>> params = s.hyperparameters()
+        >>> params["steps"], params["eta"]
+        (7, 0.85)
+        >>> DDS.from_hyperparameters(s.prior, params).hyperparameters() == params
+        True
+        """
+        return {k: serialisable(v) for k, v in (self.__dict__.get("_hyperparameters") or {}).items()}
+
+    @classmethod
+    def from_hyperparameters(cls, prior: DiffusionPrior, params: dict, **objects) -> "Sampler":
+        """The sampler of ``params`` (:meth:`hyperparameters`) over ``prior``; its constructor
+        validates them. Tensor-valued arguments (``sigmas``) come back as tensors; modules
+        (a second prior) must be passed again in ``objects``."""
+        params = {k: v for k, v in params.items() if not (isinstance(v, str) and v.startswith("<"))}
+        if isinstance(params.get("sigmas"), list):
+            params["sigmas"] = torch.tensor(params["sigmas"], dtype=torch.float64)
+        return cls(prior, **params, **objects)
+
     #: ``"pixel"`` (the default: the sampler denoises images) or ``"latent"`` (it samples the
     #: latents of a :class:`~invdiff.priors.LatentDiffusionPrior`; a pixel prior is then used
     #: through the identity autoencoder). A pixel sampler refuses a latent prior.

@@ -117,7 +117,7 @@ class VolumeSampler(Sampler):
 
 
 class DDS3D(VolumeSampler):
-    r"""DDS-3D (Chung, Lee & Ye, ICLR 2024, Sec. 4 and official ``solver_3d.py``).
+    r"""DDS-3D (Chung, Lee & Ye, ICLR 2024, Section 4 and official ``solver_3d.py``).
 
     Each of the ``steps`` steps denoises every slice (Tweedie), solves the TV-z regularised
     data problem around the denoised volume with one ADMM iteration of ``cg_iterations`` CG
