@@ -288,3 +288,28 @@ def test_coronal_training_set_holds_out_the_coronal_slices():
     assert not torch.equal(a, mni.randomised(2, 32, seed=0))
     with pytest.raises(ValueError, match="unknown orientation"):
         mni.randomised(1, 32, orientations=("oblique",))
+
+
+def test_bench_volume_grid(tmp_path):
+    from safetensors.torch import load_file
+
+    from invdiff.bench import run
+    from invdiff.bench.metrics import volume_metrics
+
+    result = run("ct-sparse-20,zsr-2x", "baseline,dds-3d,dds-3d:rho=0:tv_weight=0", "gaussian-16", images="ct-phantom",
+                 n_images=1, steps=4, size=16, depth=4, out=tmp_path / "b", progress=False, lpips=False,
+                 save_recon="all")
+    rows = result.rows
+    assert len(rows) == 6 and all(r["status"] == "ok" for r in rows)
+    for r in rows:
+        saved = load_file(str(tmp_path / "b" / r["recon"]))
+        assert saved["x"].shape == (1, 1, 4, 16, 16)
+        expected = volume_metrics(saved["x_hat"], saved["x"], "mri" if r["psnr_range"] == "gt-max" else "ct")
+        assert r["psnr"] == pytest.approx(expected["psnr"]) and r["z_error"] == pytest.approx(expected["z_error"])
+    assert "z-gradient error" in (tmp_path / "b" / "summary.md").read_text()
+    with pytest.raises(ValueError, match="volume sampler"):
+        run("ct-sparse-20", "dps", "gaussian-16", images="ct-phantom", n_images=1, steps=2, size=16, depth=4,
+            out=tmp_path / "c", progress=False)
+    with pytest.raises(ValueError, match="volume grids take images"):
+        run("ct-sparse-20", "dds-3d", "gaussian-16", images="prior", n_images=1, steps=2, size=16, depth=4,
+            out=tmp_path / "d", progress=False)

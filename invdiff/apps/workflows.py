@@ -336,23 +336,15 @@ def _metrics(estimates: dict[str, Tensor], reference: Tensor) -> dict:
 
 
 def _volume_metrics(estimates: dict[str, Tensor], reference: Tensor) -> dict:
-    """3D PSNR (peak 1, the estimate clipped to [0, 1]) over the whole volume and 3D SSIM
-    (:func:`skimage.metrics.structural_similarity` on ``(D, H, W)``, data range 1, the
-    largest odd window up to 7 that fits; ``None`` below 3 slices) of each estimate."""
-    from skimage.metrics import structural_similarity
+    """3D PSNR (peak 1, the estimate clipped to [0, 1]), 3D SSIM and the z-gradient error of
+    each estimate (:func:`invdiff.bench.metrics.volume_metrics` on the ``(D, H, W)`` volume)."""
+    from ..bench.metrics import volume_metrics
 
-    ref = reference[:, 0].double().numpy()  # (D, H, W), one channel (magnitudes)
-    window = min(7, *ref.shape)
-    window -= 1 - window % 2
+    ref = reference[:, 0]  # (D, H, W), one channel (magnitudes)
     out = {}
     for name, est in estimates.items():
-        x = est[:, 0].double().clamp(0, 1).numpy()
-        mse = float(np.mean((x - ref) ** 2))
-        values = {"psnr": float(10 * np.log10(1.0 / max(mse, 1e-20))), "dims": 3}
-        if window >= 3:
-            values["ssim"] = float(structural_similarity(x, ref, data_range=1.0, win_size=window))
-            values["ssim_window"] = int(window)
-        out[name] = values
+        v = volume_metrics(est[:, 0].clamp(0, 1), ref)
+        out[name] = {"dims": 3, **{k: v[k] for k in ("psnr", "ssim", "ssim_window", "z_error") if v.get(k) is not None}}
     return out
 
 

@@ -8,8 +8,9 @@ from torch import Tensor
 
 from ..priors.base import DiffusionPrior
 from ..samplers.base import Sampler
+from ..samplers.volume import VOLUME_SAMPLERS, VolumeSampler
 
-__all__ = ["Baseline", "bench_sampler_class"]
+__all__ = ["Baseline", "VolumeBaseline", "bench_sampler_class"]
 
 
 class Baseline(Sampler):
@@ -48,10 +49,32 @@ class Baseline(Sampler):
         return x.clamp(*self.clip) if self.clip is not None else x
 
 
-def bench_sampler_class(name: str) -> type[Sampler]:
-    """The sampler class the benchmark builds for ``name``: ``baseline`` or a registered sampler."""
+class VolumeBaseline(VolumeSampler):
+    """:class:`Baseline` for volumes: ``physics.A_dagger(y)`` of a volume operator (FBP per
+    slice, zero-filled 3D IFFT, slice interpolation), clamped to ``clip``."""
+
+    name = "baseline"
+
+    def __init__(self, prior: DiffusionPrior, clip: tuple[float, float] | None = (0.0, 1.0),
+                 verbose: bool = False) -> None:
+        super().__init__(prior, verbose=verbose)
+        self.clip = clip
+
+    _run = Baseline._run
+
+
+def bench_sampler_class(name: str, volume: bool = False) -> type[Sampler]:
+    """The sampler class the benchmark builds for ``name``: ``baseline`` or a registered
+    sampler; with ``volume``, ``baseline`` or a volume sampler (``VOLUME_SAMPLERS``)."""
     from .. import samplers
 
+    if volume:
+        if name.lower() == "baseline":
+            return VolumeBaseline
+        if name.lower() not in VOLUME_SAMPLERS:
+            raise ValueError(f"a volume grid (--depth) takes baseline or a volume sampler "
+                             f"({', '.join(VOLUME_SAMPLERS)}), got {name!r}")
+        return VOLUME_SAMPLERS[name.lower()]
     if name.lower() == "baseline":
         return Baseline
     return samplers.get(name)

@@ -239,14 +239,15 @@ def parse_seeds(seeds: int | str | Sequence[int]) -> list[int]:
     return out
 
 
-def sampler_params(name: str, overrides: Mapping[str, Any]) -> dict:
-    """The full parameters of sampler ``name``: its constructor's defaults with ``overrides``.
+def sampler_params(name: str, overrides: Mapping[str, Any], volume: bool = False) -> dict:
+    """The full parameters of sampler ``name`` (a volume sampler when ``volume``): its
+    constructor's defaults with ``overrides``.
 
     :raises ValueError: an override the sampler does not take.
     """
     from .baseline import bench_sampler_class
 
-    cls = bench_sampler_class(name)
+    cls = bench_sampler_class(name, volume)
     sig = inspect.signature(cls.__init__)
     params = {k: p.default for k, p in sig.parameters.items()
               if k not in ("self", "prior", "verbose") and p.kind is p.POSITIONAL_OR_KEYWORD}

@@ -34,7 +34,8 @@ from torch import Tensor
 
 from .grid import tensor_hash
 
-__all__ = ["BenchImage", "load_images", "conform", "default_source", "prior_images", "HELDOUT_PRIOR_SEED"]
+__all__ = ["BenchImage", "load_images", "load_volumes", "conform", "default_source", "prior_images",
+           "HELDOUT_PRIOR_SEED"]
 
 #: Seed of the generator that draws ``"prior"`` images (disjoint from the samplers' seeds).
 HELDOUT_PRIOR_SEED = 10_000
@@ -44,7 +45,8 @@ _RANGE_TOL = 1e-3
 
 @dataclass(frozen=True)
 class BenchImage:
-    """One ground-truth image: ``x`` is ``(C, H, W)`` float32 in [0, 1] on the CPU."""
+    """One ground-truth image: ``x`` is ``(C, H, W)`` (a volume: ``(C, D, H, W)``) float32 in
+    [0, 1] on the CPU."""
 
     id: str
     index: int
@@ -204,4 +206,49 @@ def load_images(source: Any, n: int | None, prior: Any, prior_name: str,
     for index, (image_id, x) in enumerate(raw):
         x, note = conform(torch.as_tensor(x), shape, f"image {image_id}")
         out.append(BenchImage(image_id, index, x, label, tensor_hash(x), note))
+    return out
+
+
+def load_volumes(source: Any, n: int | None, prior_name: str, shape: Sequence[int]) -> list[BenchImage]:
+    """Ground-truth volumes ``(C, D, H, W)`` of a volume grid (``invdiff bench --depth D``).
+
+    :param source: ``"ct-phantom"`` (:func:`invdiff.data.phantoms.ct_volume`, held-out
+        stream 1, volume ``k`` of seed ``k``), ``"mri-brain"`` (:func:`invdiff.data.mni.volume`
+        of side ``H`` with the central ``D`` axial slices, contrast seed ``k``), a tensor
+        ``(N, C, D, H, W)``, or ``None`` (by the prior's name: ``mri`` -> ``mri-brain``, else
+        ``ct-phantom``).
+    :param n: how many (default 2; a tensor: all).
+    :param shape: ``(C, D, H, W)``; the built-in volumes need ``H == W``.
+    """
+    C, D, H, W = (int(s) for s in shape)
+    if n is not None and n < 1:
+        raise ValueError(f"the number of volumes must be >= 1, got {n}")
+    if source is None:
+        source = "mri-brain" if "mri" in prior_name else "ct-phantom"
+    if isinstance(source, Tensor):
+        x = source if source.ndim == 5 else source[None]
+        x = x if n is None else x[:n]
+        label, raw = "tensor", [(f"tensor/{i}", x[i]) for i in range(x.shape[0])]
+    elif source in _BUILTIN:
+        if H != W or C != 1:
+            raise ValueError(f"the built-in {source} volumes are (1, D, N, N); the grid is {tuple(shape)}")
+        from .. import data
+
+        count = 2 if n is None else n
+        if source == "ct-phantom":
+            vols = [data.phantoms.ct_volume(D, H, seed=k, stream=1)[0] for k in range(count)]
+        else:
+            if D > H:
+                raise ValueError(f"mri-brain volumes have at most {H} slices at side {H}; asked for {D}")
+            vols = [data.mni.volume(H, seed=k, depth=D)[0] for k in range(count)]
+        label, raw = f"{source}-volume", [(f"{source}-volume/{k}", v) for k, v in enumerate(vols)]
+    else:
+        raise ValueError(f"volume grids take images from ct-phantom, mri-brain or a (N, C, D, H, W) tensor; "
+                         f"got {source!r}")
+    out = []
+    for index, (image_id, x) in enumerate(raw):
+        if tuple(x.shape) != (C, D, H, W):
+            raise ValueError(f"volume {image_id} has shape {tuple(x.shape)}, the grid's is {(C, D, H, W)}")
+        x = x.float().contiguous()
+        out.append(BenchImage(image_id, index, x, label, tensor_hash(x), ""))
     return out

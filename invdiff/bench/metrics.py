@@ -32,7 +32,8 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-__all__ = ["deepinv_metrics", "image_metrics", "mean_psnr_ssim", "lpips_weights_path", "LPIPS_BACKBONES"]
+__all__ = ["deepinv_metrics", "image_metrics", "volume_metrics", "z_gradient_error", "mean_psnr_ssim",
+           "lpips_weights_path", "LPIPS_BACKBONES"]
 
 #: torchvision backbone of each LPIPS network type
 LPIPS_BACKBONES = {"alex": "AlexNet_Weights", "vgg": "VGG16_Weights", "squeeze": "SqueezeNet1_1_Weights"}
@@ -95,6 +96,10 @@ def image_metrics(x_hat: Tensor, x: Tensor, family: str, lpips: bool = True, lpi
     """
     x_hat = x_hat.detach().cpu().float()
     x = x.detach().cpu().float()
+    if x.ndim == 5:  # a volume (1, C, D, H, W): 3D scores, no LPIPS
+        v = volume_metrics(x_hat, x, family)
+        return {"psnr": v["psnr"], "ssim": v["ssim"], "lpips": None, "psnr_range": v["psnr_range"],
+                "z_error": v["z_error"], "notes": f"3D PSNR/SSIM (window {v.get('ssim_window')})"}
     psnr, ssim = deepinv_metrics(family, x.shape[1])
     out = {
         "psnr": float(psnr(x_hat, x).reshape(-1)[0]),
@@ -105,6 +110,51 @@ def image_metrics(x_hat: Tensor, x: Tensor, family: str, lpips: bool = True, lpi
     }
     if lpips:
         out["lpips"], out["notes"] = _lpips(x_hat, x, lpips_net)
+    return out
+
+
+def z_gradient_error(x_hat: Tensor, x: Tensor) -> float:
+    """Slice-to-slice consistency of a volume ``(..., D, H, W)``: the relative error of its
+    z-gradient, :math:`\|D_z \hat x - D_z x\| / \|D_z x\|` (:math:`D_z` the difference of
+    neighbouring slices)."""
+    dz = lambda v: v[..., 1:, :, :] - v[..., :-1, :, :]  # noqa: E731
+    ref = dz(x.double())
+    return float((dz(x_hat.double()) - ref).norm() / ref.norm().clamp_min(1e-12))
+
+
+def volume_metrics(x_hat: Tensor, x: Tensor, family: str = "image") -> dict:
+    """3D scores of a volume ``x_hat`` against ``x`` (``(D, H, W)``, ``(C, D, H, W)`` or
+    ``(1, C, D, H, W)``; the first channel, or the magnitude of a complex pair):
+
+    * ``psnr`` over the whole volume, peak 1 (``psnr_range = "1"``; MRI: the reference's
+      maximum, ``"gt-max"``, as for 2D images);
+    * ``ssim``: :func:`skimage.metrics.structural_similarity` on the ``(D, H, W)`` volume
+      (3D Gaussian-free 7-voxel window, the largest odd one that fits; ``None`` below 3
+      voxels along an axis; ``ssim_window`` records it), data range as for PSNR;
+    * ``z_error``: :func:`z_gradient_error`.
+
+    deepinv's SSIM is 2D only, so the 3D SSIM is scikit-image's.
+    """
+    import numpy as np
+    from skimage.metrics import structural_similarity
+
+    def volume(v: Tensor) -> np.ndarray:
+        v = v.detach().cpu().double()
+        v = v.reshape(-1, *v.shape[-4:])[0] if v.ndim >= 4 else v[None]
+        return (v.norm(dim=0) if v.shape[0] == 2 else v[0]).numpy()
+
+    est, ref = volume(x_hat), volume(x)
+    peak = float(ref.max()) if family == "mri" else 1.0
+    mse = float(np.mean((est - ref) ** 2))
+    out = {"psnr": float(10 * np.log10(peak**2 / max(mse, 1e-20))), "ssim": None,
+           "psnr_range": "gt-max" if family == "mri" else "1", "z_error": None}
+    window = min(7, *ref.shape)
+    window -= 1 - window % 2
+    if window >= 3:
+        out["ssim"] = float(structural_similarity(est, ref, data_range=peak, win_size=window))
+        out["ssim_window"] = int(window)
+    if ref.shape[0] > 1:
+        out["z_error"] = z_gradient_error(torch.from_numpy(est), torch.from_numpy(ref))
     return out
 
 

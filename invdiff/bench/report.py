@@ -29,7 +29,7 @@ __all__ = ["summarize", "summary_markdown", "summary_csv", "write_grid", "write_
 
 CSV_COLUMNS = [
     "prior", "prior_hash", "task", "sampler", "n", "n_failed",
-    "psnr_mean", "psnr_std", "ssim_mean", "ssim_std", "lpips_mean", "lpips_std",
+    "psnr_mean", "psnr_std", "ssim_mean", "ssim_std", "lpips_mean", "lpips_std", "z_error_mean", "z_error_std",
     "wall_time_mean", "nfe_mean", "nfe_backward_mean", "peak_memory_max", "best_psnr",
 ]
 
@@ -85,7 +85,7 @@ def summarize(rows: Sequence[dict]) -> list[dict]:
         ok = [r for r in group if r.get("status") == "ok"]
         s = {"prior": prior, "prior_hash": group[0]["prior_hash"], "task": task, "sampler": sampler,
              "n": len(ok), "n_failed": len(group) - len(ok)}
-        for key in ("psnr", "ssim", "lpips"):
+        for key in ("psnr", "ssim", "lpips", "z_error"):  # z_error: volume grids
             values = [r.get(key) for r in ok]
             s[f"{key}_mean"], s[f"{key}_std"] = _stat(values) if all(v is not None for v in values) else (None, None)
         s["wall_time_mean"] = _stat([r.get("wall_time") for r in ok])[0]
@@ -175,6 +175,14 @@ def summary_markdown(stats: Sequence[dict], rows: Sequence[dict]) -> str:
                          for t in tasks]
                 lines.append(f"| {name} | " + " | ".join(parts) + " |")
             lines.append("")
+        if any(s.get("z_error_mean") is not None for s in mine):
+            lines += ["z-gradient error ‖Dz x̂ − Dz x‖ / ‖Dz x‖ (volumes; lower is better):", "", header, rule]
+            for name in samplers:
+                parts = [_fmt(cell[t, name]["z_error_mean"], cell[t, name]["z_error_std"], 3,
+                              _is_best(mine, cell[t, name], "z_error_mean", lower=True)) if (t, name) in cell else ""
+                         for t in tasks]
+                lines.append(f"| {name} | " + " | ".join(parts) + " |")
+            lines.append("")
         lines += ["Sampler wall time (s) / NFE per cell:", "", header, rule]
         for name in samplers:
             parts = []
@@ -212,8 +220,11 @@ def _load_recon(folder: Path, rel: str | None):
 
 
 def _show(img) -> Any:
-    """``(1, C, H, W)`` -> a 2-D array to display (magnitude for complex, grey for 1 channel, RGB for 3)."""
+    """``(1, C, H, W)`` -> a 2-D array to display (magnitude for complex, grey for 1 channel, RGB for 3);
+    a volume ``(1, C, D, H, W)`` shows its central axial slice."""
     x = img[0].float()
+    if x.ndim == 4:
+        x = x[:, x.shape[1] // 2]
     if x.shape[0] == 2:
         return x.norm(dim=0).numpy()
     if x.shape[0] == 3:

@@ -58,7 +58,7 @@ from .grid import (
     task_specs,
     tensor_hash,
 )
-from .images import BenchImage, load_images
+from .images import BenchImage, load_images, load_volumes
 from .metrics import image_metrics
 
 __all__ = ["run", "SeededSampler", "BenchResult", "BenchPrior", "resolve_priors", "prior_hash", "versions"]
@@ -276,6 +276,7 @@ class _Setup:
     params: dict[str, dict]  # sampler label -> full parameters (JSON record)
     overrides: dict[str, dict]  # sampler label -> the keyword arguments it is built with
     cells: list[Cell]
+    depth: int | None = None  # a volume grid: D slices per volume
 
 
 def grid_shape(prior, size) -> tuple[int, int, int]:
@@ -291,9 +292,12 @@ def grid_shape(prior, size) -> tuple[int, int, int]:
     return prior.check_shape(shape, where="bench")
 
 
-def _setup(tasks, samplers, priors, images, n_images, seeds, steps, size=None) -> _Setup:
+def _setup(tasks, samplers, priors, images, n_images, seeds, steps, size=None, depth=None) -> _Setup:
     from .. import operators
 
+    if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 1):
+        raise ValueError(f"depth must be a positive integer, got {depth!r}")
+    volume = depth is not None
     task_list = task_specs(tasks)
     for task in task_list:
         operators.describe(task.name)  # unknown names fail before any work
@@ -303,16 +307,20 @@ def _setup(tasks, samplers, priors, images, n_images, seeds, steps, size=None) -
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     params, overrides = {}, {}
     for spec in sampler_list:
-        bench_sampler_class(spec.name)  # unknown names fail before any work
+        bench_sampler_class(spec.name, volume)  # unknown names fail before any work
         takes_steps = spec.name.lower() != "baseline"
         overrides[spec.label] = {**({"steps": steps} if steps is not None and takes_steps else {}),
                                  **spec.overrides}
-        params[spec.label] = sampler_params(spec.name, overrides[spec.label])
+        params[spec.label] = sampler_params(spec.name, overrides[spec.label], volume)
     prior_list = resolve_priors(priors)
     image_sets, physics, cells = {}, {}, []
     for bp in prior_list:
         shape = grid_shape(bp.prior, size)
-        image_sets[bp.name] = load_images(images, n_images, bp.prior, bp.name, shape)
+        if volume:  # (C, D, H, W): the prior sees the (C, H, W) slices
+            shape = (shape[0], depth, *shape[1:])
+            image_sets[bp.name] = load_volumes(images, n_images, bp.name, shape)
+        else:
+            image_sets[bp.name] = load_images(images, n_images, bp.prior, bp.name, shape)
         for task in task_list:
             try:
                 physics[bp.name, task.label] = operators.make(task.name, img_size=shape, **task.overrides)
@@ -329,7 +337,7 @@ def _setup(tasks, samplers, priors, images, n_images, seeds, steps, size=None) -
     ids = [c.cell_id for c in cells]
     if len(set(ids)) != len(ids):
         raise ValueError("the grid has identical cells (the same prior given twice under different names?)")
-    return _Setup(prior_list, task_list, sampler_list, image_sets, physics, params, overrides, cells)
+    return _Setup(prior_list, task_list, sampler_list, image_sets, physics, params, overrides, cells, depth)
 
 
 def _save_recon(out: Path, cell: Cell, x_hat: Tensor, x: Tensor) -> str:
@@ -380,8 +388,11 @@ class _Runner:
         key = (cell.prior, cell.sampler.label)
         if key not in self._samplers:
             prior = self.priors[cell.prior].prior.to(self.device)
-            overrides = self.setup.overrides[cell.sampler.label]
-            self._samplers[key] = bench_sampler_class(cell.sampler.name)(prior, verbose=self.verbose, **overrides)
+            overrides = dict(self.setup.overrides[cell.sampler.label])
+            if isinstance(overrides.get("perpendicular_prior"), str):  # TPDM's second prior, by name or path
+                overrides["perpendicular_prior"] = _one_prior(overrides["perpendicular_prior"]).prior.to(self.device)
+            cls = bench_sampler_class(cell.sampler.name, self.setup.depth is not None)
+            self._samplers[key] = cls(prior, verbose=self.verbose, **overrides)
         return self._samplers[key]
 
     def measure(self, cell: Cell, x: Tensor) -> Tensor:
@@ -466,6 +477,7 @@ def run(
     steps: int | None = None,
     out: str | os.PathLike = "invdiff-bench",
     size: int | str | tuple[int, int] | None = None,
+    depth: int | None = None,
     device: str = "cpu",
     rerun_failed: bool = False,
     save_recon: str = "figure",
@@ -493,6 +505,11 @@ def run(
     :param size: image size of the grid, ``N`` or ``"HxW"`` (default: the prior's own for a
         fixed-size prior, 256x256 for a prior of any size); images are resized to it
         (antialiased) and operators built at it. A fixed-size prior at another size is an error.
+    :param depth: a volume grid: volumes of ``depth`` slices of the grid's size
+        (:func:`~invdiff.bench.images.load_volumes`), every task on ``(C, depth, H, W)``
+        (a 2D task slice-stacked, or ``mri3d-<R>x`` / ``zsr-<k>x``), the samplers ``baseline``
+        and the volume samplers (``dds-3d``, ``tpdm:perpendicular_prior=NAME``,
+        ``diffusion-mbir``), 3D PSNR / SSIM and the z-gradient error (``z_error``).
     :param seeds: a count ``S`` (seeds ``0 .. S-1``) or a list of seeds.
     :param steps: overrides every sampler's ``steps`` (a sampler spec's own ``steps`` wins).
     :param out: output folder (created); running again into it resumes.
@@ -524,7 +541,7 @@ def run(
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError(f"device {device!r} requested but CUDA is not available")
         torch.device(device)  # a malformed device fails here, before any work
-        setup = _setup(tasks, samplers, priors, images, n_images, seeds, steps, size)
+        setup = _setup(tasks, samplers, priors, images, n_images, seeds, steps, size, depth)
         out.mkdir(parents=True, exist_ok=True)
         previous = store.load_results(out) if (out / store.RESULTS).exists() or store.rank_files(out) else []
         finished = {r["cell_id"] for r in previous if r.get("status") == "ok" or not rerun_failed}

@@ -25,7 +25,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     flags = {
         "tasks": args.tasks, "samplers": args.samplers, "priors": args.priors, "images": args.images_from,
         "n_images": args.images, "seeds": args.seeds, "steps": args.steps, "out": args.out, "device": args.device,
-        "save_recon": args.save_recon, "size": args.size, "figure_images": args.figure_images, "lpips_net": args.lpips_net,
+        "save_recon": args.save_recon, "size": args.size, "depth": args.depth, "figure_images": args.figure_images, "lpips_net": args.lpips_net,
     }
     cfg.update({k: v for k, v in flags.items() if v is not None})
     for flag in ("rerun_failed", "verbose"):
@@ -78,6 +78,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=None, help="override every sampler's number of steps")
     p.add_argument("--size", default=None,
                    help="image size of the grid, N or HxW (default: a fixed-size prior's own, 256 for a patch prior)")
+    p.add_argument("--depth", type=int, default=None,
+                   help="a volume grid: volumes of D slices (volume samplers dds-3d, tpdm, diffusion-mbir; 3D metrics)")
     p.add_argument("--out", default=None, help="output folder (default ./invdiff-bench); rerunning resumes")
     add_device(p, from_config=True)
     p.add_argument("--rerun-failed", action="store_true", help="run again the cells recorded as failed")
