@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
+#: one page per sampler: the measurements behind its docstring's design choices (``benchmarks/sampler_choices.py``)
+SAMPLER_DOCS = DOCS.parent / "samplers"
 
 
 class _Tee(io.TextIOBase):
@@ -33,8 +35,9 @@ class _Tee(io.TextIOBase):
 
 
 @contextlib.contextmanager
-def page(name: str, title: str, enabled: bool):
-    """Tee standard output; on success write it to ``docs/benchmarks/<name>.md`` if ``enabled``."""
+def page(name: str, title: str, enabled: bool, folder: Path = DOCS, command: str | None = None):
+    """Tee standard output; on success write it to ``<folder>/<name>.md`` (default ``docs/benchmarks``)
+    if ``enabled``; ``command`` replaces the regenerating command read from ``sys.argv``."""
     captured = io.StringIO()
     with contextlib.redirect_stdout(_Tee(sys.stdout, captured)):
         yield
@@ -44,8 +47,9 @@ def page(name: str, title: str, enabled: bool):
     from invdiff.files import atomic_write
 
     argv = " ".join(a for a in sys.argv[1:])
-    header = (f"# {title}\n\nRegenerate with `python benchmarks/{Path(sys.argv[0]).name} {argv}` "
+    command = command or f"python benchmarks/{Path(sys.argv[0]).name} {argv}"
+    header = (f"# {title}\n\nRegenerate with `{command}` "
               f"({time.strftime('%Y-%m-%d')}; {platform.machine()}, {torch.get_num_threads()} torch threads, "
               f"torch {torch.__version__}; numbers are this machine's).\n\n")
-    DOCS.mkdir(parents=True, exist_ok=True)
-    atomic_write(DOCS / f"{name}.md", header + captured.getvalue().strip() + "\n", fsync=False)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(folder / f"{name}.md", header + captured.getvalue().strip() + "\n", fsync=False)

@@ -83,23 +83,23 @@ class DAPS(Sampler):
     from a power iteration (or ``operator_norm``). In the paper's setting :math:`c_0 \approx 1`
     and :math:`\rho = 0.01`. invdiff's defaults are :math:`c_0 = 1` and **no decay**
     (:math:`\rho = 1`): with an ill-conditioned ``A`` (CT) a step of 1 % of the curvature bound
-    no longer moves the chain in the weakly measured directions: on the 32x32 CT demo
-    (one sample) :math:`c_0 = 0.5` with the decay gave 25.3 dB, below FBP's 32.4;
-    :math:`c_0 = 1` without decay 40.6 (41.2 with the final level below).
+    no longer moves the chain in the weakly measured directions, and on the 32x32 CT demo the
+    decayed step falls below FBP where the full step comes close to the exact posterior mean
+    (measured: ``docs/samplers/daps.md``).
 
     **Departure: fewer levels, lower final level.** The default is 50 levels x 5 ODE steps
     (250 NFE) and 50 Langevin steps per level, a CPU budget (``steps=200,
     langevin_steps=100`` is the paper's), and the annealing ends at 0.01 instead of 0.05
     (the paper's 0.1 on ``[-1, 1]``): the last level's :math:`r = \sigma` is left as noise in
-    the directions the measurement does not see (0.05 caps a sample near 26 dB).
+    the directions the measurement does not see, which costs a sample most where the
+    measurement sees least (inpainting) (measured: ``docs/samplers/daps.md``).
 
-    DAPS draws samples: on the demo problems one sample is ~3 dB below the posterior mean
-    (as an exact posterior sample is), so compare ``sample(n).mean`` with the baselines.
-    Measured (32x32 Gaussian-prior demo, mean of 8 samples, 250 NFE): CT 30 views 43.9 dB
-    (exact posterior mean 44.8, FBP 32.4), MRI 4x 22.2 (22.8, 22.0), inpainting 70 % 27.9
-    (31.8, 7.4), Gaussian deblur 23.7 (24.5, 22.2). On a smooth Gaussian prior the samples are
-    over-dispersed (per-pixel std 1.4-1.7x the exact one): the isotropic
-    :math:`\mathcal N(\hat x_0, \sigma^2 I)` approximation ignores how much the prior shrinks.
+    DAPS draws samples: one sample is below the posterior mean (as an exact posterior sample
+    is), so compare ``sample(n).mean`` with the baselines. On the Gaussian-prior demo
+    problems the mean of 8 samples comes within about 1 dB of the exact posterior mean except
+    for inpainting; where the prior does most of the work (inpainting, deblurring) the samples
+    are over-dispersed: the isotropic :math:`\mathcal N(\hat x_0, \sigma^2 I)` approximation
+    ignores how much the prior shrinks (measured: ``docs/samplers/daps.md``).
 
     NFE = ``steps`` x ``ode_steps`` (no backward pass); ``steps`` x ``langevin_steps``
     applications of ``A`` and ``A_vjp``.

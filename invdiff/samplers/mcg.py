@@ -49,17 +49,17 @@ class MCG(DPS):
     :math:`W = \rho\,\sigma_{i+1}^2 / s^2` (``relax_scale`` :math:`\rho`): hard while the
     diffusion noise dominates, vanishing as :math:`\sigma_{i+1} \to 0`, where the measurement
     noise dominates and the likelihood gradient of step 2 takes over; the last step is not
-    projected. Measured on the 16x16 Gaussian problems of ``benchmarks/exactness.py``
-    (:math:`s = 0.05`): mean error 0.12 (inpainting) and 0.16 (blur) against 0.17 and 7.7 with
-    the hard projection. The projection removes the spread of the samples in the measured
-    subspace: MCG's samples are narrower than the posterior (std ratio 0.4-0.7), a property of
-    the method, not only of this implementation.
+    projected. On the 16x16 Gaussian problems of ``benchmarks/exactness.py`` the relaxed
+    projection is closer to the exact posterior mean than the hard one, which fails on blur
+    (measured: ``docs/samplers/mcg.md``). The projection removes the spread of the samples in
+    the measured subspace: MCG's samples are narrower than the posterior, a property of the
+    method, not only of this implementation.
 
     Defaults: 200 steps (invdiff's DPS; the paper uses 1000 DDPM steps and, for CT, 2000
     VE-SDE predictor-corrector steps), ``zeta=1`` with the likelihood weighting; CG with at
     most ``projection_iterations=10`` iterations to relative residual ``1e-4`` (exact in one
-    for inpainting; on the 32x32 CT problem of ``invdiff demo --analytic``, 100 steps, 5 / 10
-    / 50 iterations give 42.5 / 42.6 / 42.3 dB while 50 cost twice the time). Needs a linear
+    for inpainting; on the 32x32 CT problem of ``invdiff demo --analytic`` more iterations
+    cost time without improving the result; measured: ``docs/samplers/mcg.md``). Needs a linear
     operator (``A_adjoint`` for the projection). Cost per step: one forward and one backward
     pass of the network plus the CG (``A`` and ``A_adjoint`` only).
 

@@ -100,10 +100,10 @@ class REDDiff(Sampler):
     keeps the paper's :math:`2v(N/M)` instead.
 
     **Departure: λ = 0.05, not 0.25.** With the likelihood term above, the paper's 0.25
-    over-regularises the demo problems: Gaussian deblur 21.8 dB, below the Wiener baseline's
-    22.2 (λ = 0.05: 23.6; 0.01: 24.4, but inpainting and MRI prefer 0.05). Inpainting is
-    insensitive to λ (Adam normalises each pixel, and unobserved pixels only see the
-    regulariser).
+    over-regularises deblurring, below the Wiener baseline; a smaller λ helps deblurring and
+    costs MRI, and 0.05 is the compromise (measured: ``docs/samplers/reddiff.md``). Inpainting
+    and CT are insensitive to λ (Adam normalises each pixel, and unobserved pixels only see
+    the regulariser).
 
     Other departures: the official ``sigma_x0`` (extra noise on :math:`\mu`, 0 by default)
     is left out; the schedule is :func:`~invdiff.samplers.steps.ddpm_sigmas` (timesteps
@@ -121,12 +121,11 @@ class REDDiff(Sampler):
 
     RED-Diff returns a **point estimate** (a regularised MAP-like solution), not a posterior
     sample: :meth:`sample` runs ``n`` optimisations with different :math:`\epsilon` draws,
-    and their spread is optimisation noise, not posterior uncertainty. Measured on the
-    32x32 Gaussian-prior demo problems (one run, defaults, 100 NFE, < 0.5 s), against the
-    exact posterior mean and the classical baseline: CT 30 views 38.7 dB (44.8, FBP 32.4),
-    MRI 4x 22.7 (22.8, zero-filled 22.0), inpainting 70 % 25.2 (31.8, 7.4), Gaussian
-    deblur 23.6 (24.5, Wiener 22.2). A smaller ``lr`` (0.02) gives CT 42.6 but slows
-    inpainting, whose unobserved pixels must travel from 0.
+    and their spread is optimisation noise, not posterior uncertainty. On the 32x32
+    Gaussian-prior demo problems (one run, defaults, 100 NFE, under a second) it is above the
+    classical baselines and below the exact posterior mean, furthest on CT and inpainting. A
+    smaller ``lr`` (0.02) helps CT but slows inpainting, whose unobserved pixels must travel
+    from 0 (measured: ``docs/samplers/reddiff.md``).
 
     Cost: ``steps`` network calls, no backward pass; one ``A`` and one ``A_vjp`` per step.
 

@@ -145,13 +145,12 @@ class ReSample(Sampler):
     principle needs :math:`\tau > 1`: the noise energy exceeds its mean half of the time, and
     then an iterate that reaches :math:`m s^2` has fitted the noise. The default
     :math:`\tau = 1 + 3\sqrt{2/m}` is the three-sigma bound of the :math:`\chi^2_m` noise
-    energy (measured, 32x32 Gaussian-prior deblurring, two images, 100 steps: 13.7 / 13.0 dB
-    with :math:`\tau = 1`, 20.8 / 22.7 with the default, 20.8 / 22.8 with 1.5; CT, inpainting
-    and MRI within 0.1 dB of each other). The price is a little less fitting where fitting was
-    safe: with the shipped ``ct-phantom-latent-64`` on two held-out phantoms, deblurring gets
-    27.2 dB against 28.4 with :math:`\tau = 1` (Wiener 21.5; sparse-view CT 33.5 either way),
-    and the analytic latent problem of ``benchmarks/exactness.py`` a mean error of 0.12
-    against 0.05 on blur.
+    energy: on Gaussian-prior deblurring :math:`\tau = 1` can fit the noise and lose many dB,
+    the default and 1.5 do not, and CT, inpainting and MRI barely change. The price is a
+    little less fitting where fitting was safe: deblurring with the shipped
+    ``ct-phantom-latent-64`` and blur on the analytic latent problem of
+    ``benchmarks/exactness.py`` are somewhat better with :math:`\tau = 1` (measured:
+    ``docs/samplers/resample.md``).
     (b) For a linear operator the pixel-space problem is solved by CGLS from
     :math:`\mathcal D(\hat z_0)` (:func:`~invdiff.samplers.steps.cgls`): the same limit as
     gradient descent from that point (the least-squares solution closest to it), in tens of
@@ -162,9 +161,10 @@ class ReSample(Sampler):
     the official code. (e) A pixel-space :class:`~invdiff.priors.DiffusionPrior` is accepted
     and used with the identity autoencoder; then the latent-space problem *is* the pixel-space
     one, and both thirds use the pixel-space solver (CGLS for a linear operator): Adam on the
-    pixels themselves does not regularise by early stopping as a Krylov method does and fits
-    the noise (measured, 32x32 Gaussian-prior deblurring of ``invdiff demo --analytic``, 100
-    steps: 14.6 dB with Adam in the last third, 21.0 with CGLS, Wiener 21.9).
+    pixels themselves does not regularise by early stopping as a Krylov method does; with the
+    stopping rule of (a) the two agree on the Gaussian-prior deblurring of ``invdiff demo
+    --analytic``, and with :math:`\tau = 1` both can fit the noise (measured:
+    ``docs/samplers/resample.md``).
 
     Cost: ``steps`` network calls with a backward pass (the DPS step), plus ``lookahead``
     forward calls per consistency step; the optimisations call the decoder (and ``A``,

@@ -106,12 +106,10 @@ class SMC(Sampler):
     particles converge to the posterior of the prior chain as ``K`` grows (Thm. 1). With an
     exact denoiser that chain samples the prior up to the discretisation of the schedule, so
     the error of a weighted-particle estimate falls as :math:`K^{-1/2}` down to a floor set
-    by ``steps``. Measured (``benchmarks/exactness.py``, Gaussian prior, 4x4, 50 %
-    inpainting, 32 runs): RMS relative error of the weighted mean 0.59 / 0.34 / 0.19 / 0.092
-    / 0.051 for K = 4 / 16 / 64 / 256 / 1024 (K exact samples: 0.41 / 0.20 / 0.11 / 0.058 /
-    0.026); relative covariance error 0.96 / 0.79 / 0.48 / 0.32 / 0.24, whose floor is the
-    50-step chain's under-dispersion (trace of the particle covariance 0.80 of the exact one;
-    0.94 with 200 steps, where the error at K = 1024 is 0.12, and 0.97 with 800).
+    by ``steps``: on the 4x4 problems of ``benchmarks/exactness.py`` the errors of the
+    weighted mean and covariance fall with ``K`` within a small factor of those of ``K``
+    exact samples, and the covariance error's floor is the chain's under-dispersion at 50
+    steps, which more steps remove (measured: ``docs/samplers/smc.md``).
 
     **Conversions and departures.** The official code runs the VP DDPM on ``[-1, 1]`` images
     (100 respaced steps of the linear schedule, ``clip_twisted``: the twisted estimate is
@@ -122,18 +120,19 @@ class SMC(Sampler):
     diffusion variance :math:`\sigma_i^2` (``twist="tds"``: :math:`\Sigma_i = s^2 I + \sigma_i^2 AA^\top`);
     invdiff's default ``"pigdm"`` is the official option 2 (ΠGDM's
     :math:`r_i^2`, Song et al. 2023) with :math:`\sigma_d` the prior's ``sigma_data``
-    instead of 1 — bounded at high noise, where :math:`\sigma_i^2` makes the twist flat
-    (measured, 4x4 problem above, K = 16 / 64: mean error 0.34 / 0.19 against 0.40 / 0.24). The
-    solve :math:`\Sigma_i^{-1} r` uses at most ``cg_iterations`` CG steps in measurement
-    space (exact in one for inpainting and single-coil MRI); for a nonlinear operator
-    :math:`AA^\top` is replaced by :math:`\|A\|^2 I`. The measurement noise :math:`s`
-    enters the weights (the official inpainting code is noiseless and pastes ``y`` into the
-    final sample). Poisson noise uses the Gaussian approximation of DPS (not exact); a
+    instead of 1 — bounded at high noise, where :math:`\sigma_i^2` makes the twist flat, and
+    closer to the exact posterior mean on the 4x4 problems (measured:
+    ``docs/samplers/smc.md``). The solve :math:`\Sigma_i^{-1} r` uses at most ``cg_iterations``
+    CG steps in measurement space (exact in one for inpainting and single-coil MRI); for a
+    nonlinear operator :math:`AA^\top` is replaced by :math:`\|A\|^2 I`. The measurement
+    noise :math:`s` enters the weights (the official inpainting code is noiseless and pastes
+    ``y`` into the final sample). Poisson noise uses the Gaussian approximation of DPS (not exact); a
     noiseless measurement uses ``min_noise`` (a hard constraint has no density).
     Resampling: the official code resamples at every step (``ess_threshold=None``);
     invdiff's default resamples adaptively, when ESS < ``K/2`` (``ess_threshold=1``
-    resamples at every step), which keeps more distinct paths (0.34 / 0.19 against 0.35 /
-    0.20). Default ``particles=16`` (the official base config uses 4; the paper reports 2-64),
+    resamples at every step), which keeps more distinct paths and is as close or closer to
+    the exact posterior mean (measured: ``docs/samplers/smc.md``). Default ``particles=16``
+    (the official base config uses 4; the paper reports 2-64),
     100 steps (the official respacing).
 
     **Outputs.** ``sampler(y, physics)`` returns, per measurement, one particle drawn
