@@ -14,7 +14,9 @@ LINEAR = [n for n in operators.available(examples=True) if n != "phase-retrieval
 ALL = operators.available(examples=True)
 
 
-def size_for(name: str) -> tuple[int, int, int]:
+def size_for(name: str) -> tuple[int, ...]:
+    if operators.task_info(name).volume:  # (C, D, H, W), odd in-plane, D divisible by the zsr factor
+        return (1, 8, 17, 13)
     if name.startswith("sr-"):
         return (3, 36, 28)  # divisible by the factor
     if name.startswith(("ct-", "mri-")):
