@@ -167,19 +167,14 @@ def summary_markdown(stats: Sequence[dict], rows: Sequence[dict]) -> str:
                 parts.append(text)
             lines.append(f"| {name} | " + " | ".join(parts) + " |")
         lines.append("")
-        if any(s["lpips_mean"] is not None for s in mine):
-            lines += ["LPIPS, mean ± std (lower is better):", "", header, rule]
+        for key, title in (("lpips", "LPIPS, mean ± std (lower is better):"),
+                           ("z_error", "z-gradient error ‖Dz x̂ − Dz x‖ / ‖Dz x‖ (volumes; lower is better):")):
+            if not any(s.get(f"{key}_mean") is not None for s in mine):
+                continue
+            lines += [title, "", header, rule]
             for name in samplers:
-                parts = [_fmt(cell[t, name]["lpips_mean"], cell[t, name]["lpips_std"], 3,
-                              _is_best(mine, cell[t, name], "lpips_mean", lower=True)) if (t, name) in cell else ""
-                         for t in tasks]
-                lines.append(f"| {name} | " + " | ".join(parts) + " |")
-            lines.append("")
-        if any(s.get("z_error_mean") is not None for s in mine):
-            lines += ["z-gradient error ‖Dz x̂ − Dz x‖ / ‖Dz x‖ (volumes; lower is better):", "", header, rule]
-            for name in samplers:
-                parts = [_fmt(cell[t, name]["z_error_mean"], cell[t, name]["z_error_std"], 3,
-                              _is_best(mine, cell[t, name], "z_error_mean", lower=True)) if (t, name) in cell else ""
+                parts = [_fmt(cell[t, name][f"{key}_mean"], cell[t, name][f"{key}_std"], 3,
+                              _is_best(mine, cell[t, name], f"{key}_mean", lower=True)) if (t, name) in cell else ""
                          for t in tasks]
                 lines.append(f"| {name} | " + " | ".join(parts) + " |")
             lines.append("")
