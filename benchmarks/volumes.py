@@ -25,7 +25,7 @@ consistency), seconds per volume and the peak RSS of the process. The coronal vi
 every reconstruction is written as a PNG (``docs/benchmarks/volumes_<case>.png`` with
 ``--docs``, else into ``--out``).
 
-    python benchmarks/volumes.py [--steps 50] [--views 30,8] [--threads 2] [--quick] [--docs] [--out DIR]
+    python benchmarks/volumes.py [--steps 50] [--views 30,8] [--mbir-steps N] [--threads 2] [--quick] [--docs] [--out DIR]
 """
 
 from __future__ import annotations
@@ -115,6 +115,8 @@ def run_method(case: dict, method: str, steps: int, threads: int, out: str) -> d
             sampler = TPDM(prior, _load(CORONAL_PRIOR, case.get("mode")), steps=steps)
         elif method == "diffusion-mbir":
             sampler = DiffusionMBIR(prior, steps=steps)
+        elif method.startswith("diffusion-mbir-"):  # diffusion-mbir-<N>: N predictor steps
+            sampler = DiffusionMBIR(prior, steps=int(method.rsplit("-", 1)[1]))
         else:
             raise ValueError(method)
         est = sampler(y, physics, generator=g)
@@ -165,6 +167,8 @@ def main() -> int:
     p.add_argument("--views", default="30,8", help="CT views per slice, one CT volume per entry")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="small volumes (8x64² CT, 48³ brain)")
+    p.add_argument("--mbir-steps", type=int, default=0,
+                   help="also run DiffusionMBIR with this many predictor steps on the brain (0: not)")
     p.add_argument("--docs", action="store_true", help="write docs/benchmarks/volumes.md and its PNGs")
     p.add_argument("--out", default=None, help="folder of the coronal PNGs (default: a temporary folder)")
     p.add_argument("--case", help=argparse.SUPPRESS)
@@ -188,6 +192,8 @@ def main() -> int:
         print("|---|---|---|---|---|---|---|---|")
         summary = []
         for case in cases(args.quick, tuple(int(v) for v in args.views.split(","))):
+            if args.mbir_steps and case["family"] == "brain":
+                case["methods"].append(f"diffusion-mbir-{args.mbir_steps}")
             rows = {}
             for method in case["methods"]:
                 r = _spawn(case, method, args, scratch)

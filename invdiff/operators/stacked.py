@@ -27,19 +27,25 @@ from deepinv.physics import GaussianNoise, LinearPhysics, Physics, StackedPhysic
 from deepinv.utils import TensorList
 from torch import Tensor
 
+from .noise import measurement_noise
+
 __all__ = ["WhitenedStack", "whitened_stack"]
 
 
 def _noise_std(physics: Physics, index: int) -> float:
-    model = getattr(physics, "noise_model", None)
-    sigma = torch.as_tensor(model.sigma).reshape(-1) if isinstance(model, GaussianNoise) else None
-    if sigma is None or sigma.numel() != 1 or not float(sigma) > 0:
+    """The one Gaussian noise level of component ``index`` (:func:`.noise.measurement_noise`)."""
+    try:
+        kind, sigma = measurement_noise(physics)
+    except ValueError:
+        kind, sigma = type(getattr(physics, "noise_model", None)).__name__, None
+    if kind != "gaussian" or not isinstance(sigma, float) or not sigma > 0:
+        model = getattr(physics, "noise_model", None)
         raise ValueError(
             f"stacked physics: component {index} ({type(physics).__name__}) has noise "
-            f"{type(model).__name__}{'' if sigma is None else f'(sigma={sigma.tolist()})'}; whitening a stack needs "
-            "Gaussian noise with one level > 0 on every component"
+            f"{type(model).__name__}{'' if sigma is None else f'(level={sigma if isinstance(sigma, float) else sigma.tolist()})'}; "
+            "whitening a stack needs Gaussian noise with one level > 0 on every component"
         )
-    return float(sigma)
+    return sigma
 
 
 class WhitenedStack(Physics):
