@@ -220,10 +220,15 @@ class Sampler(Reconstructor):
                 f"{bad} of {x.numel()} values are NaN/Inf; lower the step size or check the measurement scale"
             )
 
+    def randn(self, shape, generator, like: Tensor) -> Tensor:
+        """Standard normal noise of ``shape`` from ``generator``, in the real dtype and on the
+        device of ``like`` (volume samplers draw it slice-major)."""
+        return randn_like(like.new_zeros(tuple(shape), dtype=like.real.dtype), generator)
+
     def initial_noise(self, shape, sigma: float, x_init: Tensor | None, generator, like: Tensor) -> Tensor:
         """The start of a diffusion loop, :math:`x_N = x_\\text{init} + \\sigma_N z` (``x_init``
         = 0 when ``None``), in the real dtype and on the device of ``like`` (the measurement)."""
-        x = sigma * randn_like(like.new_zeros(tuple(shape), dtype=like.real.dtype), generator)
+        x = sigma * self.randn(shape, generator, like)
         return x if x_init is None else x + x_init.to(x.dtype)
 
     def step_done(self, i: int, sigma: float, x: Tensor, x0: Tensor, callback: Callable[[dict], None] | None,

@@ -14,11 +14,10 @@ from ..priors.base import DiffusionPrior
 from .base import Sampler
 from .steps import (
     ddim_step,
-    denoiser_error_variance,
     gaussian_noise_std,
     make_sigmas,
-    per_image,
     proximal_least_squares,
+    proximal_weight,
     randn_like,
 )
 
@@ -137,18 +136,10 @@ class DDS(Sampler):
         self.clip = clip
         self.cg_tol = float(cg_tol)
 
-    def _gamma(self, sigma: float, noise_sigma: float | Tensor, ndim: int = 4) -> float | Tensor | None:
-        """Weight of the data term at noise level ``sigma``; ``None`` = noiseless (hard constraint).
-        Per-image levels come back shaped to broadcast against ``ndim``-dimensional images."""
-        if self.gamma is not None:
-            return float(self.gamma)
-        if isinstance(noise_sigma, Tensor):  # per-image levels: a (B, 1, 1, 1) weight
-            if not bool((noise_sigma > 0).any()):
-                return None
-            noise_sigma = per_image(noise_sigma.clamp_min(1e-6), ndim)
-        elif noise_sigma <= 0:
-            return None
-        return self.gamma_scale * denoiser_error_variance(sigma, self.prior.sigma_data) / noise_sigma**2
+    def _gamma(self, sigma: float, noise_sigma: float | Tensor) -> float | Tensor | None:
+        """Weight of the data term at noise level ``sigma`` (:func:`~invdiff.samplers.steps.proximal_weight`);
+        ``None`` = noiseless (hard constraint)."""
+        return proximal_weight(sigma, noise_sigma, self.prior.sigma_data, self.gamma, self.gamma_scale)
 
     def _run(self, y: Tensor, physics, x_init: Tensor | None, generator, callback: Callable | None) -> Tensor:
         noise_sigma = gaussian_noise_std(physics, y, self.noise_sigma)

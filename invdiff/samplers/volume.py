@@ -32,8 +32,7 @@ from torch import Tensor
 from ..operators.volume import SliceStack, from_slices, to_slices
 from ..priors.base import DiffusionPrior
 from .base import Sampler
-from .dds import DDS
-from .steps import ddim_step, gaussian_noise_std, make_sigmas, operator_norm_squared, randn_like
+from .steps import ddim_step, gaussian_noise_std, make_sigmas, operator_norm_squared, proximal_weight
 from .steps.volume import TVzADMM
 
 __all__ = ["VolumeSampler", "DDS3D", "TPDM", "DiffusionMBIR", "VOLUME_SAMPLERS", "make_volume"]
@@ -76,15 +75,11 @@ class VolumeSampler(Sampler):
             self.perpendicular_prior.check_shape(plane, where=f"{self.name} ({self.perpendicular_plane} slices)")
         return (C, D, H, W)
 
-    def randn_volume(self, shape, generator, like: Tensor) -> Tensor:
-        """Standard normal ``(B, C, D, H, W)``, drawn as ``(B, D, C, H, W)`` (slice-major)."""
+    def randn(self, shape, generator, like: Tensor) -> Tensor:
+        """Standard normal ``(B, C, D, H, W)``, drawn as ``(B, D, C, H, W)`` (slice-major); also
+        the noise of :meth:`initial_noise`."""
         B, C, D, H, W = shape
-        z = randn_like(like.new_zeros((B, D, C, H, W), dtype=like.real.dtype), generator)
-        return z.permute(0, 2, 1, 3, 4)
-
-    def initial_noise(self, shape, sigma: float, x_init: Tensor | None, generator, like: Tensor) -> Tensor:
-        x = sigma * self.randn_volume(shape, generator, like)
-        return x if x_init is None else x + x_init.to(x.dtype)
+        return super().randn((B, D, C, H, W), generator, like).permute(0, 2, 1, 3, 4)
 
     def denoise_volume(self, x: Tensor, sigma: float, plane: str = "axial") -> Tensor:
         """Every slice of ``plane`` denoised by that plane's prior, ``slices_per_call`` per
@@ -100,8 +95,7 @@ class VolumeSampler(Sampler):
 
     def set_coupling(self, rho: float, tv_weight: float, cg_iterations: int, cg_tol: float) -> None:
         """Validate and keep the TV-z ADMM settings (``rho``, ``tv_weight`` relative to ``‖A‖²``)."""
-        if rho < 0 or tv_weight < 0 or (tv_weight > 0 and rho == 0):
-            raise ValueError(f"need rho >= 0, tv_weight >= 0 and rho > 0 when tv_weight > 0; got {rho}, {tv_weight}")
+        TVzADMM.check(rho, tv_weight)
         if cg_iterations < 0:
             raise ValueError(f"cg_iterations must be >= 0, got {cg_iterations}")
         self.rho, self.tv_weight = float(rho), float(tv_weight)
@@ -215,10 +209,10 @@ class DDS3D(VolumeSampler):
             eps = (x - x0) / sigma
             # 2. data consistency: one ADMM iteration of the TV-z problem around x0
             if self.wants_data_step(plane):
-                gamma = DDS._gamma(self, sigma, noise_sigma, ndim=5)
+                gamma = proximal_weight(sigma, noise_sigma, self.prior.sigma_data, self.gamma, self.gamma_scale, ndim=5)
                 x0 = data(x0, anchor=x0, mu=0.0 if gamma is None else 1.0 / gamma)
             # 3. DDIM renoising with the network's eps
-            noise = self.randn_volume(x.shape, generator, y) if (self.eta > 0 and sigma_next > 0) else None
+            noise = self.randn(x.shape, generator, y) if (self.eta > 0 and sigma_next > 0) else None
             x = ddim_step(x, x0, sigma, sigma_next, self.eta, noise, eps=eps)
             self.step_done(i, sigma, x, x0, callback, plane=plane)
         return x
@@ -377,13 +371,13 @@ class DiffusionMBIR(VolumeSampler):
             s, x0 = self.score(x, sigma)
             if sigma_next > 0:
                 x = x + (sigma**2 - sigma_next**2) * s + math.sqrt(sigma**2 - sigma_next**2) * \
-                    self.randn_volume(x.shape, generator, y)
+                    self.randn(x.shape, generator, y)
             else:
                 x = x0
             # 2. corrector: one Langevin step at sigma_{i+1}
             if self.corrector and sigma_next > 0:
                 s, _ = self.score(x, sigma_next)
-                z = self.randn_volume(x.shape, generator, y)
+                z = self.randn(x.shape, generator, y)
                 step = 2 * (self.snr * slice_norm(z) / slice_norm(s).clamp_min(1e-12)) ** 2  # per slice
                 x = x + step * s + (2 * step).sqrt() * z
             # 3. data consistency: one ADMM iteration of TV-z on the whole volume

@@ -20,6 +20,7 @@ from .likelihood import (
                          likelihood_variance,
                          measurement_noise,
                          per_image,
+                         proximal_weight,
 )
 from .linalg import (
                          cgls,
@@ -38,7 +39,7 @@ __all__ = [
     "karras_sigmas", "ddpm_sigmas", "ddpm_timestep", "make_sigmas",
     "ancestral_std", "ddim_step",
     "measurement_noise", "per_image", "gaussian_noise_std", "LIKELIHOODS", "likelihood_variance",
-    "denoiser_error_variance",
+    "denoiser_error_variance", "proximal_weight",
     "batch_norm", "guidance_gradient", "GaussianGuidance",
     "conjugate_gradient", "cgls", "proximal_least_squares", "project_measurements", "operator_norm_squared",
     "initial_estimate",

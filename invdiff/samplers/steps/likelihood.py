@@ -7,6 +7,7 @@
 * :func:`likelihood_variance` — the per-entry variance of DPS's Gaussian (approximate)
   likelihood, Poisson included;
 * :func:`denoiser_error_variance` — ΠGDM's variance of the denoiser's error;
+* :func:`proximal_weight` — DDS's scale-aware weight of the data term built on it;
 * :func:`per_image` — per-image values shaped to broadcast against a batch.
 """
 
@@ -18,7 +19,7 @@ from torch import Tensor
 from ...operators.noise import measurement_noise
 
 __all__ = ["measurement_noise", "per_image", "gaussian_noise_std", "LIKELIHOODS", "likelihood_variance",
-           "denoiser_error_variance"]
+           "denoiser_error_variance", "proximal_weight"]
 
 
 def denoiser_error_variance(sigma: float, sigma_data: float) -> float:
@@ -114,3 +115,21 @@ def likelihood_variance(
         return "none", 0.0
     # a Gaussian likelihood (for Poisson data: the mean Poisson variance)
     return "gaussian", per_image(gaussian_noise_std(physics, y, noise_sigma), y.ndim) ** 2
+
+
+def proximal_weight(sigma: float, noise_sigma: float | Tensor, sigma_data: float, gamma: float | None = None,
+                    scale: float = 1.0, ndim: int = 4) -> float | Tensor | None:
+    """DDS's weight :math:`\gamma` of the data term at noise level ``sigma``: ``gamma`` when
+    given, else :math:`\kappa\, r_\sigma^2 / s^2` (``scale`` = :math:`\kappa`, :math:`r_\sigma^2`
+    of :func:`denoiser_error_variance`, :math:`s` the measurement noise std); ``None`` for
+    noiseless data (a hard constraint). Per-image levels (a ``(B,)`` tensor) give a weight
+    shaped to broadcast against ``ndim``-dimensional images (5 for volumes)."""
+    if gamma is not None:
+        return float(gamma)
+    if isinstance(noise_sigma, Tensor):  # per-image levels: a (B, 1, ..., 1) weight
+        if not bool((noise_sigma > 0).any()):
+            return None
+        noise_sigma = per_image(noise_sigma.clamp_min(1e-6), ndim)
+    elif noise_sigma <= 0:
+        return None
+    return scale * denoiser_error_variance(sigma, sigma_data) / noise_sigma**2

@@ -71,15 +71,21 @@ class TVzADMM:
 
     def __init__(self, physics, y: Tensor, rho: float, tv_weight: float, cg_iterations: int,
                  cg_tol: float = 1e-6, per_slice: bool = False) -> None:
-        if rho < 0 or tv_weight < 0:
-            raise ValueError(f"TV-z ADMM needs rho >= 0 and tv_weight >= 0, got {rho}, {tv_weight}")
-        if tv_weight > 0 and rho == 0:
-            raise ValueError("TV-z ADMM: tv_weight > 0 needs rho > 0 (the threshold is tv_weight / rho)")
+        self.check(rho, tv_weight)
         self.physics, self.rho, self.tv_weight = physics, float(rho), float(tv_weight)
         self.cg_iterations, self.cg_tol, self.per_slice = int(cg_iterations), float(cg_tol), per_slice
         self.aty = physics.A_adjoint(y)
         self.z: Tensor | None = None
         self.u: Tensor | None = None
+
+    @staticmethod
+    def check(rho: float, tv_weight: float) -> None:
+        """``rho >= 0``, ``tv_weight >= 0``, and ``rho > 0`` when ``tv_weight > 0`` (the threshold is
+        ``tv_weight / rho``); else ``ValueError``."""
+        if rho < 0 or tv_weight < 0:
+            raise ValueError(f"TV-z ADMM needs rho >= 0 and tv_weight >= 0, got {rho}, {tv_weight}")
+        if tv_weight > 0 and rho == 0:
+            raise ValueError("TV-z ADMM: tv_weight > 0 needs rho > 0 (the threshold is tv_weight / rho)")
 
     def __call__(self, x: Tensor, anchor: Tensor | None = None, mu: float | Tensor = 0.0) -> Tensor:
         """One ADMM iteration started at ``x``; ``anchor`` is :math:`\\hat x` (weight ``mu``)."""
@@ -87,15 +93,16 @@ class TVzADMM:
         if self.z is None:
             self.z = torch.zeros_like(z_difference(x))
             self.u = torch.zeros_like(self.z)
+        proximal = anchor is not None and not (isinstance(mu, float) and mu == 0.0)
         rhs = self.aty.to(x.dtype)
-        if anchor is not None and not (isinstance(mu, float) and mu == 0.0):
+        if proximal:
             rhs = rhs + mu * anchor
         if rho > 0:
             rhs = rhs + rho * z_difference_adjoint(self.z - self.u)
 
         def apply(v: Tensor) -> Tensor:
             out = A.A_adjoint(A.A(v))
-            if not (isinstance(mu, float) and mu == 0.0):
+            if proximal:
                 out = out + mu * v
             if rho > 0:
                 out = out + rho * z_difference_adjoint(z_difference(v))
