@@ -455,6 +455,14 @@ def reconstruct(
         kwargs["steps"] = int(steps)
     method = _make_sampler(sampler, prior, volume, kwargs, perpendicular_prior, progress)
     means, stds, baselines, runs = [], [], [], []
+
+    def keep(shown: Tensor, baseline: Tensor, run: dict) -> None:
+        """One run's (K, N, C, H, W) displayed samples: their mean, std, the baseline and the run record."""
+        means.append(shown.mean(0).cpu())
+        stds.append(shown.std(0, unbiased=True).cpu() if samples > 1 else None)
+        baselines.append(_display(baseline).cpu())
+        runs.append(run)
+
     if volume:  # one joint run over the (1, C, N, H, W) volume
         physics = measurement.volume_physics(device)
         y = measurement.volume_y().to(device)
@@ -463,13 +471,9 @@ def reconstruct(
         C, D = physics.img_size[:2]
         slices = post.samples[:, 0].transpose(1, 2)  # (K, D, C, H, W): every sample as its slices
         shown = _display(slices.reshape(-1, C, *shape[1:])).reshape(samples, D, -1, *shape[1:])
-        means.append(shown.mean(0).cpu())
-        stds.append(shown.std(0, unbiased=True).cpu() if samples > 1 else None)
         with torch.no_grad():
-            baselines.append(_display(physics.A_dagger(y)[0].transpose(0, 1)).cpu())
-        run = method.last_run.as_dict()
-        run["slices"], run["seed"] = D, int(seed)
-        runs.append(run)
+            baseline = physics.A_dagger(y)[0].transpose(0, 1)
+        keep(shown, baseline, {**method.last_run.as_dict(), "slices": D, "seed": int(seed)})
     else:
         bar = tqdm(range(measurement.n_slices), desc=f"reconstruct ({method.name})", unit="slice",
                    disable=not progress, file=sys.stderr)
@@ -479,13 +483,9 @@ def reconstruct(
             g = torch.Generator(device=device).manual_seed(int(seed) + k)
             post = method.sample(y, physics, n=samples, generator=g)
             shown = _display(post.samples.reshape(-1, *post.samples.shape[2:])).reshape(samples, 1, -1, *shape[1:])
-            means.append(shown.mean(0).cpu())
-            stds.append(shown.std(0, unbiased=True).cpu() if samples > 1 else None)
             with torch.no_grad():
-                baselines.append(_display(physics.A_dagger(y)).cpu())
-            run = method.last_run.as_dict()
-            run["slice"], run["seed"] = k, int(seed) + k
-            runs.append(run)
+                baseline = physics.A_dagger(y)
+            keep(shown, baseline, {**method.last_run.as_dict(), "slice": k, "seed": int(seed) + k})
     mean = torch.cat(means)
     std = torch.cat(stds) if samples > 1 else None
     baseline = torch.cat(baselines)
