@@ -77,24 +77,10 @@ def _load(name: str, mode: str | None = None):
     return prior if mode is None else prior.with_mode(mode)
 
 
-def z_gradient_error(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """``‖Dz x − Dz ref‖ / ‖Dz ref‖`` over the volume."""
-    from invdiff.samplers.steps.volume import z_difference
-
-    return float((z_difference(x) - z_difference(ref)).norm() / z_difference(ref).norm())
-
-
-def scores(x: torch.Tensor, ref: torch.Tensor) -> dict:
-    from skimage.metrics import structural_similarity
-
-    mse = float(((x - ref) ** 2).mean())
-    ssim = structural_similarity(x[0, 0].double().numpy(), ref[0, 0].double().numpy(), data_range=1.0)
-    return dict(psnr=10 * np.log10(1 / max(mse, 1e-12)), ssim=float(ssim), z_error=z_gradient_error(x, ref))
-
-
 def run_method(case: dict, method: str, steps: int, threads: int, out: str) -> dict:
     torch.set_num_threads(threads)
     from invdiff import operators
+    from invdiff.bench.metrics import volume_metrics
     from invdiff.samplers.volume import DDS3D, TPDM, DiffusionMBIR
 
     x = truth(case)
@@ -128,7 +114,7 @@ def run_method(case: dict, method: str, steps: int, threads: int, out: str) -> d
         if method == "baseline":
             np.save(Path(out) / f"{case['key']}_truth.npy", x[0, 0, :, x.shape[3] // 2, :].numpy())
     return dict(method=method, seconds=seconds, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                **scores(est, x), **info)
+                **{k: v for k, v in volume_metrics(est, x).items() if k in ("psnr", "ssim", "z_error")}, **info)
 
 
 def figure(case: dict, folder: Path, target: Path) -> None:

@@ -117,9 +117,13 @@ def z_gradient_error(x_hat: Tensor, x: Tensor) -> float:
     """Slice-to-slice consistency of a volume ``(..., D, H, W)``: the relative error of its
     z-gradient, :math:`\|D_z \hat x - D_z x\| / \|D_z x\|` (:math:`D_z` the difference of
     neighbouring slices)."""
-    dz = lambda v: v[..., 1:, :, :] - v[..., :-1, :, :]  # noqa: E731
-    ref = dz(x.double())
-    return float((dz(x_hat.double()) - ref).norm() / ref.norm().clamp_min(1e-12))
+    from ..samplers.steps.volume import z_difference
+
+    def dz(v: Tensor) -> Tensor:
+        return z_difference(v.double().reshape(-1, 1, *v.shape[-3:]))
+
+    ref = dz(x)
+    return float((dz(x_hat) - ref).norm() / ref.norm().clamp_min(1e-12))
 
 
 def volume_metrics(x_hat: Tensor, x: Tensor, family: str = "image") -> dict:
