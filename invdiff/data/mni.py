@@ -329,9 +329,11 @@ def volume(size: int = 80, seed: int | None = None, depth: int | None = None) ->
         level = 0.01 * float(vol.max())
         vol = np.hypot(vol + level * rng.standard_normal(vol.shape), level * rng.standard_normal(vol.shape))
         vol = np.clip(vol / np.percentile(vol[vol > 0.05 * vol.max()], 99.5), 0, 1)
-    # V[d, h, w] = vol[x = w, y = Y - 1 - h, z = Z - 1 - d]
-    v = np.ascontiguousarray(np.transpose(vol, (2, 1, 0))[::-1, ::-1, :])
-    inside = np.nonzero(load_template() .transpose(2, 1, 0)[::-1, ::-1, :] > 0.05)
+    def oriented(a: np.ndarray) -> np.ndarray:  # V[d, h, w] = a[x = w, y = Y - 1 - h, z = Z - 1 - d]
+        return np.transpose(a, (2, 1, 0))[::-1, ::-1, :]
+
+    v = np.ascontiguousarray(oriented(vol))
+    inside = np.nonzero(oriented(load_template()) > 0.05)  # the head's box, the same for every contrast
     lo = np.array([i.min() for i in inside])
     hi = np.array([i.max() + 1 for i in inside])
     side = int((hi - lo).max()) + 2 * _MARGIN
