@@ -56,7 +56,7 @@ def _imports(path: pathlib.Path) -> set[str]:
 
 def test_layers_import_only_downwards():
     assert "apps" in _imports(ROOT / "cli" / "workflows.py")  # the scan sees relative imports
-    assert _imports(ROOT / "apps" / "demo.py") >= {"files", "operators", "priors", "samplers", "data"}
+    assert _imports(ROOT / "apps" / "demo.py") >= {"files", "operators", "priors", "samplers", "bench"}
     bad = []
     for path in sorted(ROOT.rglob("*.py")):
         rel = path.relative_to(ROOT).parts
@@ -120,3 +120,7 @@ def test_a_registered_sampler_passes_the_shared_contract(toy, problem):
     contract.test_global_rng_untouched_and_sample_batches(toy, base, latent, truth)
     contract.test_prior_kind_is_checked_at_construction(toy, base, latent)
     contract.test_operator_with_per_image_parameters_serves_every_sample_and_particle(toy, base, latent, truth)
+    # its options are validated by the ranges the base class declares (steps, eta)
+    assert ToyProjection.Params(steps=5).eta == 1.0
+    with pytest.raises(samplers.OptionError, match=r"^toy-projection: eta=2 is out of range"):
+        samplers.make(toy, base, eta=2)

@@ -134,7 +134,7 @@ def test_guidance_pulls_towards_the_data(prior):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(ensemble_size=1), "ensemble_size must be >= 2"),
+    (dict(ensemble_size=1), "ensemble_size must be a whole number >= 2"),
     (dict(max_batch=0), "max_batch"),
 ])
 def test_bad_arguments(prior, kwargs, match):

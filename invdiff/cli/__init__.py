@@ -21,23 +21,46 @@ __all__ = ["main", "build_parser", "COMMAND_MODULES"]
 COMMAND_MODULES: tuple[str, ...] = ("demo", "listing", "train", "bench", "workflows")
 
 
+class UsageError(Exception):
+    """A command-line usage error (unknown option, bad value): one line, exit status 1."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with invdiff's error convention: a usage error is one line
+    (``invdiff: error: ... (see invdiff reconstruct --help)``) and exit status 1, like every
+    other error, instead of argparse's usage block and status 2."""
+
+    def error(self, message: str):
+        raise UsageError(f"invdiff: error: {message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="invdiff", description=__doc__.splitlines()[0])
+    parser = Parser(prog="invdiff", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for module in COMMAND_MODULES:
         importlib.import_module(f"{__name__}.{module}").register(sub)
     return parser
 
 
+def _one_line(err: BaseException) -> str:
+    """An exception's message on one line (a library's multi-line text folded)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 600 else text[:597] + "..."
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by commands that log provenance
+    """Run one command; every error is one line on stderr and a non-zero status (1; 130
+    after Ctrl-C, at any point, start-up included)."""
     try:
+        args = build_parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by commands that log provenance
         return args.func(args)
+    except UsageError as err:
+        print(err, file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError, RuntimeError, OSError, ImportError) as err:
         # ImportError: an optional extra is missing; its message names the pip command
-        print(f"invdiff: error: {err}", file=sys.stderr)
+        print(f"invdiff: error: {_one_line(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("invdiff: interrupted", file=sys.stderr)

@@ -9,7 +9,7 @@ import shlex
 
 from ..specs import parse_key_values, parse_spec
 
-__all__ = ["add_device", "add_seed", "add_progress", "add_params", "device", "command_line", "progress",
+__all__ = ["add_device", "add_seed", "seed", "add_progress", "add_params", "device", "command_line", "progress",
            "parse_key_values", "parse_spec"]
 
 
@@ -19,8 +19,19 @@ def add_device(p: argparse.ArgumentParser, from_config: bool = False) -> None:
                    help="cpu (default" + (", or the --config file's" if from_config else "") + "), cuda, cuda:1")
 
 
+def seed(text: str) -> int:
+    """A ``--seed`` value: a non-negative integer (a negative one would reach a sentinel)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
+    return value
+
+
 def add_seed(p: argparse.ArgumentParser, help: str = "seed of every random draw (default 0)") -> None:
-    p.add_argument("--seed", type=int, default=0, help=help)
+    p.add_argument("--seed", type=seed, default=0, help=help)
 
 
 def add_progress(p: argparse.ArgumentParser, verbose: str = "also show each sampler's progress bar") -> None:

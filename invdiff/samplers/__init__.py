@@ -6,7 +6,7 @@ lists the names.
 
 from __future__ import annotations
 
-from .base import PosteriorSamples, RunInfo, Sampler, SamplerDivergedError
+from .base import IncompatibleError, OptionError, PosteriorSamples, RunInfo, Sampler, SamplerDivergedError
 from .daps import DAPS
 from .dds import DDS
 from .diffpir import DiffPIR
@@ -70,6 +70,8 @@ __all__ = [
     "get",
     "make",
     "Sampler",
+    "OptionError",
+    "IncompatibleError",
     "RunInfo",
     "PosteriorSamples",
     "SamplerDivergedError",

@@ -21,25 +21,18 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..priors.base import DiffusionPrior
+from .params import (ClipRange, Choice, Hyperparameters, Integer, OptionError, Real, Sigmas, make_params_class,
+                     serialisable)
+from .steps.likelihood import LIKELIHOODS
 from .steps.randomness import randn_like
 
-__all__ = ["Sampler", "RunInfo", "PosteriorSamples", "SamplerDivergedError", "serialisable"]
+__all__ = ["Sampler", "RunInfo", "PosteriorSamples", "SamplerDivergedError", "IncompatibleError", "OptionError", "serialisable"]
 
 
-def serialisable(value):
-    """A constructor argument as JSON: numbers, strings, ``None``, lists (tuples and tensors
-    become lists), dicts; a module (a second prior) as its class name."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, Tensor):
-        return value.detach().cpu().tolist()
-    if isinstance(value, (list, tuple)):
-        return [serialisable(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): serialisable(v) for k, v in value.items()}
-    if isinstance(value, torch.nn.Module):
-        return f"<{type(value).__name__}>"
-    return repr(value)
+class IncompatibleError(ValueError, TypeError):
+    """A prior or operator this sampler cannot use (a latent prior for a pixel sampler, a
+    nonlinear operator for a method that needs ``A_adjoint``): one line, before any work.
+    A ``TypeError`` for the code that caught the type mismatch as one."""
 
 
 class SamplerDivergedError(RuntimeError):
@@ -108,38 +101,72 @@ class Sampler(Reconstructor):
 
     name = "sampler"
 
+    #: The ranges of the options, by name (see :mod:`invdiff.samplers.params`). The names
+    #: shared by several samplers are declared here once; a sampler adds its own and may
+    #: override these (DiffPIR's ``zeta`` is in [0, 1], its ``schedule`` has ``"quad"``).
+    parameter_constraints = {
+        "steps": Integer(1),
+        "zeta": Real(0),
+        "eta": Real(0, 1),
+        "schedule": Choice("karras", "ddpm"),
+        "sigmas": Sigmas(),
+        "clip": ClipRange(),
+        "noise_sigma": Real(0, none=True),
+        "min_noise": Real(0),
+        "likelihood": Choice(*LIKELIHOODS),
+        "poisson_gain": Real(0, closed="neither", none=True),
+        "operator_norm": Real(0, closed="neither", none=True),
+        "cg_iterations": Integer(0),
+        "cg_tol": Real(0),
+        "max_batch": Integer(1, none=True),
+        "gamma_scale": Real(0, closed="neither"),
+    }
+    #: The frozen, validated dataclass of this sampler's options (built from the
+    #: constructor's signature by :func:`~invdiff.samplers.params.make_params_class`).
+    Params: type[Hyperparameters]
+
     def __init_subclass__(cls, **kwargs) -> None:
-        """Record the arguments of every subclass's constructor (see :meth:`hyperparameters`)."""
+        """Give every subclass its ``Params`` and make its constructor validate them first."""
         super().__init_subclass__(**kwargs)
+        parent_params = next((k.__dict__["Params"] for k in cls.__mro__[1:] if "Params" in k.__dict__), None)
+        cls.Params = make_params_class(cls, parent_params)
         init = cls.__dict__.get("__init__")
         if init is None:
             return
         signature = inspect.signature(init)
 
         @functools.wraps(init)
-        def recording_init(self, *args, **kw):
-            outermost = "_hyperparameters" not in self.__dict__
-            if outermost:
-                self.__dict__["_hyperparameters"] = None  # the subclass's own call records, not super()'s
-            init(self, *args, **kw)
-            if outermost:
+        def validating_init(self, *args, **kw):
+            if "params" in self.__dict__:  # super().__init__ of the outermost call: validated there
+                return init(self, *args, **kw)
+            try:
                 bound = signature.bind(self, *args, **kw)
+            except TypeError:  # an unknown or missing keyword: Params.build names it
+                bound = None
+            values = {}
+            if bound is not None:
                 bound.apply_defaults()
-                args_ = dict(bound.arguments)
-                for k, p in signature.parameters.items():
+                for k, v in bound.arguments.items():
+                    p = signature.parameters[k]
                     if p.kind is p.VAR_KEYWORD:
-                        args_.update(args_.pop(k, {}))
-                    elif p.kind is p.VAR_POSITIONAL:
-                        args_.pop(k, None)
-                self.__dict__["_hyperparameters"] = {k: v for k, v in args_.items()
-                                                     if k not in ("self", "prior", "verbose")}
+                        values.update({key: val for key, val in v.items() if key not in ("prior", "verbose")})
+                    elif k not in ("self", "prior", "verbose") and p.kind is not p.VAR_POSITIONAL:
+                        values[k] = v
+            else:
+                values = {k: v for k, v in kw.items() if k not in ("prior", "verbose")}
+            #: the options this sampler was built with (validated; ``params.to_dict()`` as JSON)
+            self.__dict__["params"] = type(self).Params.build(values)
+            try:
+                init(self, *args, **kw)
+            except BaseException:
+                self.__dict__.pop("params", None)
+                raise
 
-        cls.__init__ = recording_init
+        cls.__init__ = validating_init
 
     def hyperparameters(self) -> dict:
-        """Every constructor argument of this sampler (defaults resolved), as JSON
-        (:func:`serialisable`): what the bench records, and what
-        :meth:`from_hyperparameters` rebuilds the sampler from.
+        """Every option of this sampler (defaults resolved), as JSON: ``params.to_dict()``,
+        what the bench records, and what :meth:`from_hyperparameters` rebuilds the sampler from.
 
         >>> from invdiff.priors import GaussianPrior
         >>> from invdiff.samplers import DDS
@@ -150,17 +177,21 @@ class Sampler(Reconstructor):
         >>> DDS.from_hyperparameters(s.prior, params).hyperparameters() == params
         True
         """
-        return {k: serialisable(v) for k, v in (self.__dict__.get("_hyperparameters") or {}).items()}
+        return self.params.to_dict()
 
     @classmethod
     def from_hyperparameters(cls, prior: DiffusionPrior, params: dict, **objects) -> "Sampler":
-        """The sampler of ``params`` (:meth:`hyperparameters`) over ``prior``; its constructor
-        validates them. Tensor-valued arguments (``sigmas``) come back as tensors; modules
-        (a second prior) must be passed again in ``objects``."""
-        params = {k: v for k, v in params.items() if not (isinstance(v, str) and v.startswith("<"))}
-        if isinstance(params.get("sigmas"), list):
-            params["sigmas"] = torch.tensor(params["sigmas"], dtype=torch.float64)
-        return cls(prior, **params, **objects)
+        """The sampler of ``params`` (:meth:`hyperparameters`) over ``prior``; tensor-valued
+        options (``sigmas``) come back as tensors; objects (a second prior) must be passed
+        again in ``objects``."""
+        return cls.from_params(prior, cls.Params.from_dict(params, **objects))
+
+    @classmethod
+    def from_params(cls, prior: DiffusionPrior, params: Hyperparameters, verbose: bool = False) -> "Sampler":
+        """The sampler of a ``cls.Params`` object over ``prior``."""
+        if not isinstance(params, cls.Params):
+            raise TypeError(f"{cls.__name__}.from_params needs a {cls.__name__}.Params, got {type(params).__name__}")
+        return cls(prior, verbose=verbose, **params.as_kwargs())
 
     #: ``"pixel"`` (the default: the sampler denoises images) or ``"latent"`` (it samples the
     #: latents of a :class:`~invdiff.priors.LatentDiffusionPrior`; a pixel prior is then used
@@ -181,14 +212,14 @@ class Sampler(Reconstructor):
     def __init__(self, prior: DiffusionPrior, verbose: bool = False) -> None:
         super().__init__()
         if not isinstance(prior, DiffusionPrior):
-            raise TypeError(
+            raise IncompatibleError(
                 f"{type(self).__name__} needs an invdiff DiffusionPrior, got {type(prior).__name__}; "
                 "wrap a deepinv denoiser with invdiff.priors.DenoiserPrior"
             )
         from ..priors.latent import LatentDiffusionPrior
 
         if isinstance(prior, LatentDiffusionPrior) and type(self).prior_kind != "latent":
-            raise TypeError(
+            raise IncompatibleError(
                 f"{type(self).__name__} samples in pixel space and cannot use a LatentDiffusionPrior; "
                 "use a latent sampler (ReSample) or a pixel prior"
             )
@@ -430,14 +461,22 @@ class Sampler(Reconstructor):
                 setattr(module, attr, rep)
         return expanded
 
-    def _check_measurement(self, y: Tensor, physics) -> Tensor:
+    def check_physics(self, physics) -> None:
+        """Refuse an operator this sampler cannot use (a nonlinear one for a method that needs
+        ``A_adjoint``), before any work: :class:`IncompatibleError`, one line."""
         from deepinv.physics import LinearPhysics
 
         if not self.supports_nonlinear and not isinstance(physics, LinearPhysics):
-            raise TypeError(
+            from . import available, get
+
+            others = ", ".join(n for n in available() if get(n).supports_nonlinear)
+            raise IncompatibleError(
                 f"{self.name}: needs a linear operator (a deepinv LinearPhysics with A_adjoint), "
-                f"got {type(physics).__name__}"
+                f"got {type(physics).__name__}; these samplers take nonlinear operators: {others}"
             )
+
+    def _check_measurement(self, y: Tensor, physics) -> Tensor:
+        self.check_physics(physics)
         if not isinstance(y, Tensor):
             raise TypeError(f"{self.name}: y must be a torch.Tensor, got {type(y).__name__}")
         if not torch.isfinite(y).all():

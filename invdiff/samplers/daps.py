@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ..priors.base import DiffusionPrior
 from .base import Sampler
+from .params import Integer, Real
 from .steps import (
     gaussian_noise_std,
     karras_sigmas,
@@ -139,6 +140,15 @@ class DAPS(Sampler):
     """
 
     name = "daps"
+    parameter_constraints = {
+        "ode_steps": Integer(1),
+        "langevin_steps": Integer(0),
+        "sigma_max": Real(0, closed="neither"),
+        "sigma_min": Real(0, closed="neither"),
+        "ode_sigma_min": Real(0, closed="neither"),
+        "step_scale": Real(0, closed="neither"),
+        "lr_min_ratio": Real(0, 1, closed="right"),
+    }
 
     def __init__(
         self,
@@ -158,8 +168,6 @@ class DAPS(Sampler):
         verbose: bool = False,
     ) -> None:
         super().__init__(prior, verbose=verbose)
-        if steps < 1 or ode_steps < 1 or langevin_steps < 0:
-            raise ValueError("need steps >= 1, ode_steps >= 1 and langevin_steps >= 0")
         top = min(float(sigma_max), prior.sigma_max)
         if not 0 < sigma_min < top:
             raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {top}")

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ..priors.base import DiffusionPrior
 from .base import Sampler
+from .params import Real
 from .steps import (
     ddim_step,
     gaussian_noise_std,
@@ -106,6 +107,7 @@ class DDS(Sampler):
 
     name = "dds"
     supports_nonlinear = False
+    parameter_constraints = {"gamma": Real(0, closed="neither", none=True)}
 
     def __init__(
         self,
@@ -123,10 +125,6 @@ class DDS(Sampler):
         verbose: bool = False,
     ) -> None:
         super().__init__(prior, verbose=verbose)
-        if not 0 <= eta <= 1:
-            raise ValueError(f"eta must be in [0, 1], got {eta}")
-        if cg_iterations < 0:
-            raise ValueError(f"cg_iterations must be >= 0, got {cg_iterations}")
         self.sigmas = make_sigmas(prior, steps, schedule, sigmas)
         self.eta = float(eta)
         self.cg_iterations = int(cg_iterations)

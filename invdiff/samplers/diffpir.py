@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ..priors.base import DiffusionPrior
 from .base import Sampler
+from .params import Choice, Integer, Real
 from .steps import (
     ddpm_sigmas,
     gaussian_noise_std,
@@ -143,6 +144,13 @@ class DiffPIR(Sampler):
 
     name = "diffpir"
     supports_nonlinear = False
+    parameter_constraints = {
+        "steps": Integer(2),  # the quad schedule's first and last levels
+        "lam": Real(0, closed="neither"),
+        "zeta": Real(0, 1),
+        "data_solver": Choice("auto", "prox", "cg"),
+        "schedule": Choice("quad", "karras", "ddpm"),
+    }
 
     def __init__(
         self,
@@ -161,12 +169,6 @@ class DiffPIR(Sampler):
         verbose: bool = False,
     ) -> None:
         super().__init__(prior, verbose=verbose)
-        if not 0 <= zeta <= 1:
-            raise ValueError(f"zeta must be in [0, 1], got {zeta}")
-        if lam <= 0:
-            raise ValueError(f"lam must be > 0, got {lam}")
-        if data_solver not in ("auto", "prox", "cg"):
-            raise ValueError(f"data_solver must be 'auto', 'prox' or 'cg', got {data_solver!r}")
         if sigmas is None and schedule == "quad":
             sigmas = quad_sigmas(steps)
         self.sigmas = make_sigmas(prior, steps, schedule, sigmas)

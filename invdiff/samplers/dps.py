@@ -15,8 +15,8 @@ from torch import Tensor
 
 from ..priors.base import DiffusionPrior
 from .base import Sampler
+from .params import Choice
 from .steps import (
-    LIKELIHOODS,
     GaussianGuidance,
     ddim_step,
     ddpm_timestep,
@@ -135,6 +135,7 @@ class DPS(Sampler):
     """
 
     name = "dps"
+    parameter_constraints = {"weighting": Choice("likelihood", "paper")}
 
     def __init__(
         self,
@@ -155,10 +156,6 @@ class DPS(Sampler):
         verbose: bool = False,
     ) -> None:
         super().__init__(prior, verbose=verbose)
-        if weighting not in ("likelihood", "paper"):
-            raise ValueError(f"weighting must be 'likelihood' or 'paper', got {weighting!r}")
-        if likelihood not in LIKELIHOODS:
-            raise ValueError(f"likelihood must be one of {', '.join(LIKELIHOODS)}, got {likelihood!r}")
         self.sigmas = make_sigmas(prior, steps, schedule, sigmas)
         self.zeta = float(zeta)
         self.weighting = weighting

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ..priors.base import DiffusionPrior
 from .base import PosteriorSamples, Sampler
+from .params import Flag, Integer, Real
 from .steps import (
     ddim_step,
     denoiser_error_variance,
@@ -186,6 +187,13 @@ class EnKG(Sampler):
     """
 
     name = "enkg"
+    parameter_constraints = {
+        "ensemble_size": Integer(2),  # the Kalman gain needs an ensemble
+        "perturb": Flag(),
+        "guide_from": Real(infinite=True),  # a window of sigma; below 0: never guide
+        "guide_until": Real(infinite=True),
+        "tempering_power": Real(0),
+    }
 
     def __init__(
         self,
@@ -206,10 +214,6 @@ class EnKG(Sampler):
         verbose: bool = False,
     ) -> None:
         super().__init__(prior, verbose=verbose)
-        if ensemble_size < 2:
-            raise ValueError(f"ensemble_size must be >= 2 (the Kalman gain needs an ensemble), got {ensemble_size}")
-        if max_batch is not None and max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1 or None, got {max_batch}")
         self.sigmas = make_sigmas(prior, steps, "karras", sigmas)
         self.ensemble_size = int(ensemble_size)
         self.perturb = bool(perturb)

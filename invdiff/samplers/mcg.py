@@ -11,6 +11,7 @@ from torch import Tensor
 
 from ..priors.base import DiffusionPrior
 from .dps import DPS, DPSRun
+from .params import Flag, Integer, Real
 from .steps import project_measurements, randn_like
 
 __all__ = ["MCG"]
@@ -64,15 +65,13 @@ class MCG(DPS):
     pass of the network plus the CG (``A`` and ``A_adjoint`` only).
 
     :param prior: a pixel-space :class:`~invdiff.priors.DiffusionPrior`.
-    :param steps: number of noise levels.
-    :param zeta: scale of the gradient step (see :class:`DPS`).
-    :param weighting: DPS's step rule, ``"likelihood"`` or ``"paper"``.
     :param relax: Tikhonov-relaxed projection for noisy measurements (see above).
     :param projection_iterations: most CG iterations per projection.
     :param projection_tol: CG relative-residual tolerance.
     :param relax_scale: :math:`\rho`.
-    :param kwargs: the rest of :class:`DPS`'s arguments (``eta``, ``clip``, ``likelihood``,
-        ``poisson_gain``, ``noise_sigma``, ``sigmas``, ``verbose``...).
+    :param kwargs: :class:`DPS`'s arguments, with its defaults: ``steps`` (200), ``zeta`` (scale
+        of the gradient step), ``weighting`` (DPS's step rule), ``eta``, ``clip``, ``likelihood``,
+        ``poisson_gain``, ``noise_sigma``, ``sigmas``, ``verbose``...
 
     Example::
 
@@ -90,20 +89,23 @@ class MCG(DPS):
 
     name = "mcg"
     supports_nonlinear = False
+    parameter_constraints = {
+        "relax": Flag(),
+        "projection_iterations": Integer(0),
+        "projection_tol": Real(0),
+        "relax_scale": Real(0),
+    }
 
     def __init__(
         self,
         prior: DiffusionPrior,
-        steps: int = 200,
-        zeta: float = 1.0,
-        weighting: str = "likelihood",
         relax: bool = True,
         projection_iterations: int = 10,
         projection_tol: float = 1e-4,
         relax_scale: float = 1.0,
         **kwargs,
     ) -> None:
-        super().__init__(prior, steps=steps, zeta=zeta, weighting=weighting, **kwargs)
+        super().__init__(prior, **kwargs)  # DPS's options and defaults (steps 200, zeta 1, weighting)
         self.relax = bool(relax)
         self.projection_iterations = int(projection_iterations)
         self.projection_tol = float(projection_tol)

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ..priors.base import DiffusionPrior
 from .base import Sampler
+from .params import Choice, Real
 from .steps import (
     gaussian_noise_std,
     initial_estimate,
@@ -161,6 +162,14 @@ class REDDiff(Sampler):
     """
 
     name = "reddiff"
+    parameter_constraints = {
+        "lam": Real(0),
+        "lr": Real(0, closed="neither"),
+        "v": Real(0),
+        "weighting": Choice("linear", "sqrt", "square", "const"),
+        "data_weighting": Choice("likelihood", "paper"),
+        "start": Choice("auto", "A_dagger"),
+    }
 
     def __init__(
         self,
@@ -180,12 +189,7 @@ class REDDiff(Sampler):
         verbose: bool = False,
     ) -> None:
         super().__init__(prior, verbose=verbose)
-        snr_weight(1.0, weighting)  # validate
-        if start not in ("auto", "A_dagger"):
-            raise ValueError(f"start must be 'auto' or 'A_dagger', got {start!r}")
         self.start = start
-        if data_weighting not in ("likelihood", "paper"):
-            raise ValueError(f"data_weighting must be 'likelihood' or 'paper', got {data_weighting!r}")
         self.sigmas = make_sigmas(prior, steps, schedule, sigmas)
         self.lam, self.lr, self.v = float(lam), float(lr), float(v)
         self.weighting, self.data_weighting = weighting, data_weighting

@@ -19,8 +19,8 @@ from torch import Tensor
 from ..priors.base import DiffusionPrior
 from ..priors.latent import IdentityAutoencoder, LatentDiffusionPrior
 from .base import Sampler
+from .params import Choice, Flag, Integer, Real
 from .steps import (
-    LIKELIHOODS,
     GaussianGuidance,
     ancestral_std,
     cgls,
@@ -217,6 +217,19 @@ class ReSample(Sampler):
     name = "resample"
     #: the prior this sampler is built for: a LatentDiffusionPrior (read by the contract tests)
     prior_kind = "latent"
+    parameter_constraints = {
+        "weighting": Choice("likelihood", "paper"),
+        "consistency_every": Integer(1),
+        "lookahead": Integer(0),
+        "pixel_iterations": Integer(0),
+        "pixel_lr": Real(0, closed="neither"),
+        "latent_iterations": Integer(0),
+        "latent_lr": Real(0, closed="neither", none=True),
+        "patience": Integer(1),
+        "discrepancy": Real(0, none=True),
+        "final_consistency": Flag(),
+        "decoder_norm": Real(0, closed="neither", none=True),
+    }
 
     def __init__(
         self,
@@ -251,12 +264,6 @@ class ReSample(Sampler):
             prior = LatentDiffusionPrior(IdentityAutoencoder(prior.image_shape), prior, prior.image_shape)
             prior.any_size = pixel.any_size  # a pixel prior of any size: identity autoencoder of the run's shape
         super().__init__(prior, verbose=verbose)
-        if consistency_every < 1 or lookahead < 0 or pixel_iterations < 0 or latent_iterations < 0 or patience < 1:
-            raise ValueError("need consistency_every >= 1, patience >= 1 and non-negative lookahead and iterations")
-        if likelihood not in LIKELIHOODS:
-            raise ValueError(f"likelihood must be one of {', '.join(LIKELIHOODS)}, got {likelihood!r}")
-        if weighting not in ("likelihood", "paper"):
-            raise ValueError(f"weighting must be 'likelihood' or 'paper', got {weighting!r}")
         self.weighting = weighting
         self.sigmas = make_sigmas(prior.latent, steps, schedule, sigmas)
         self.zeta = float(zeta)

@@ -17,8 +17,8 @@ from torch import Tensor
 
 from ..priors.base import DiffusionPrior
 from .base import Sampler
+from .params import Choice, Integer, Real
 from .steps import (
-    LIKELIHOODS,
     GaussianGuidance,
     ancestral_std,
     denoiser_error_variance,
@@ -179,6 +179,7 @@ class SMC(Sampler):
     """
 
     name = "smc"
+    parameter_constraints = {"particles": Integer(1), "ess_threshold": Real(0, 1), "twist": Choice(*TWISTS)}
 
     def __init__(
         self,
@@ -201,16 +202,6 @@ class SMC(Sampler):
         verbose: bool = False,
     ) -> None:
         super().__init__(prior, verbose=verbose)
-        if particles < 1:
-            raise ValueError(f"particles must be >= 1, got {particles}")
-        if not 0 <= ess_threshold <= 1:
-            raise ValueError(f"ess_threshold must be in [0, 1], got {ess_threshold}")
-        if twist not in TWISTS:
-            raise ValueError(f"twist must be one of {', '.join(TWISTS)}, got {twist!r}")
-        if likelihood not in LIKELIHOODS:
-            raise ValueError(f"likelihood must be one of {', '.join(LIKELIHOODS)}, got {likelihood!r}")
-        if max_batch is not None and max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.sigmas = make_sigmas(prior, steps, schedule, sigmas)
         self.particles = int(particles)
         self.ess_threshold = float(ess_threshold)

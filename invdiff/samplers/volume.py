@@ -32,6 +32,7 @@ from torch import Tensor
 from ..operators.volume import SliceStack, from_slices, to_slices
 from ..priors.base import DiffusionPrior
 from .base import Sampler
+from .params import Choice, Flag, Instance, Integer, Real
 from .steps import ddim_step, gaussian_noise_std, make_sigmas, operator_norm_squared, proximal_weight
 from .steps.volume import TVzADMM
 
@@ -51,13 +52,12 @@ class VolumeSampler(Sampler):
 
     name = "volume"
     supports_nonlinear = False
+    parameter_constraints = {"slices_per_call": Integer(1, none=True), "rho": Real(0), "tv_weight": Real(0)}
     #: the plane of :attr:`perpendicular_prior` (the axial prior is ``self.prior``).
     perpendicular_plane: str = "coronal"
 
     def __init__(self, prior: DiffusionPrior, slices_per_call: int | None = None, verbose: bool = False) -> None:
         super().__init__(prior, verbose=verbose)
-        if slices_per_call is not None and slices_per_call < 1:
-            raise ValueError(f"slices_per_call must be >= 1 or None, got {slices_per_call}")
         self.slices_per_call = slices_per_call
         #: the prior of the perpendicular plane's slices, if any (TPDM).
         self.perpendicular_prior: DiffusionPrior | None = None
@@ -96,8 +96,6 @@ class VolumeSampler(Sampler):
     def set_coupling(self, rho: float, tv_weight: float, cg_iterations: int, cg_tol: float) -> None:
         """Validate and keep the TV-z ADMM settings (``rho``, ``tv_weight`` relative to ``‖A‖²``)."""
         TVzADMM.check(rho, tv_weight)
-        if cg_iterations < 0:
-            raise ValueError(f"cg_iterations must be >= 0, got {cg_iterations}")
         self.rho, self.tv_weight = float(rho), float(tv_weight)
         self.cg_iterations, self.cg_tol = int(cg_iterations), float(cg_tol)
 
@@ -160,6 +158,7 @@ class DDS3D(VolumeSampler):
     """
 
     name = "dds-3d"
+    parameter_constraints = {"gamma": Real(0, closed="neither", none=True)}
 
     def __init__(
         self,
@@ -180,8 +179,6 @@ class DDS3D(VolumeSampler):
         verbose: bool = False,
     ) -> None:
         super().__init__(prior, slices_per_call=slices_per_call, verbose=verbose)
-        if not 0 <= eta <= 1:
-            raise ValueError(f"eta must be in [0, 1], got {eta}")
         self.sigmas = make_sigmas(prior, steps, schedule, sigmas)
         self.eta = float(eta)
         self.set_coupling(rho, tv_weight, cg_iterations, cg_tol)
@@ -257,17 +254,17 @@ class TPDM(DDS3D):
     """
 
     name = "tpdm"
+    parameter_constraints = {
+        "perpendicular_prior": Instance(DiffusionPrior),
+        "perpendicular_plane": Choice("coronal", "sagittal"),
+        "alternate": Integer(2),
+        "data_on_auxiliary": Flag(),
+    }
 
     def __init__(self, prior: DiffusionPrior, perpendicular_prior: DiffusionPrior,
                  perpendicular_plane: str = "coronal", alternate: int = 2, data_on_auxiliary: bool = False,
                  rho: float = 0.0, tv_weight: float = 0.0, **kwargs) -> None:
         super().__init__(prior, rho=rho, tv_weight=tv_weight, **kwargs)
-        if not isinstance(perpendicular_prior, DiffusionPrior):
-            raise TypeError(f"tpdm: perpendicular_prior must be a DiffusionPrior, got {type(perpendicular_prior).__name__}")
-        if perpendicular_plane not in ("coronal", "sagittal"):
-            raise ValueError(f"tpdm: perpendicular_plane must be 'coronal' or 'sagittal', got {perpendicular_plane!r}")
-        if alternate < 2:
-            raise ValueError(f"tpdm: alternate (K) must be >= 2, got {alternate}")
         self.perpendicular_prior = perpendicular_prior
         self.perpendicular_plane = perpendicular_plane
         self.alternate = int(alternate)
@@ -333,6 +330,7 @@ class DiffusionMBIR(VolumeSampler):
     """
 
     name = "diffusion-mbir"
+    parameter_constraints = {"corrector": Flag(), "snr": Real(0, closed="neither")}
 
     def __init__(
         self,
@@ -350,8 +348,6 @@ class DiffusionMBIR(VolumeSampler):
         verbose: bool = False,
     ) -> None:
         super().__init__(prior, slices_per_call=slices_per_call, verbose=verbose)
-        if snr <= 0:
-            raise ValueError(f"snr must be > 0, got {snr}")
         self.sigmas = make_sigmas(prior, steps, schedule, sigmas)
         self.corrector, self.snr = bool(corrector), float(snr)
         self.set_coupling(rho, tv_weight, cg_iterations, cg_tol)
