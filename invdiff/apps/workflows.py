@@ -51,7 +51,6 @@ from ..io import (
     Measurement,
     ValueMap,
     atomic_dir,
-    check_new_path,
     check_volume_geometry,
     read,
     read_fastmri,
@@ -65,6 +64,7 @@ from ..io import (
 from ..io.fastmri import estimate_coil_maps, is_fastmri_file
 from ..io.intensity import HU_WINDOW, ROBUST_PERCENTILE
 from ..io.measurement import ACQUIRED_MRI
+from ..files import check_output, invdiff_folder, invdiff_hdf5
 from ..specs import parse_size
 
 __all__ = [
@@ -77,6 +77,9 @@ __all__ = [
     "Reconstruction",
     "reconstruct",
     "write_reconstruction",
+    "check_measurement_out",
+    "check_reconstruction_out",
+    "measurement_inputs",
     "load_prior",
 ]
 
@@ -106,6 +109,14 @@ def load_prior(name_or_path: str | os.PathLike, device: torch.device | str = "cp
     from .. import priors
 
     return priors.load(name_or_path).to(device).eval()
+
+
+def _check_seed(seed) -> int:
+    """A seed is a non-negative integer: a measurement file records ``noise_seed`` -1 for
+    acquired data, so a negative seed would make a simulation read as an acquisition."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or int(seed) < 0:
+        raise ValueError(f"--seed must be a non-negative integer, got {seed!r}")
+    return int(seed)
 
 
 def _source_record(stack: ImageStack) -> dict:
@@ -154,6 +165,7 @@ def simulate(
     """
     from .. import operators
 
+    _check_seed(seed)  # before any work
     is_volume = operators.task_info(task).volume
     stack = source if isinstance(source, ImageStack) else read(source, modality, volume=is_volume)
     if is_volume and stack.headers is not None:  # (idempotent for a stack read with volume=True)
@@ -183,9 +195,11 @@ def simulate(
 
 
 def simulate_to_file(source, task: str, out: str | os.PathLike, overwrite: bool = False, **kwargs) -> Measurement:
-    """:func:`simulate`, then :func:`invdiff.io.save_measurement` to ``out`` (checked
-    before any work: an existing ``out`` is an error unless ``overwrite``)."""
-    check_new_path(out, overwrite)
+    """:func:`simulate`, then :func:`invdiff.io.save_measurement` to ``out``, checked before
+    any work (:func:`check_measurement_out`): ``out`` is never the source (nor inside it), and
+    an existing ``out`` is replaced only with ``overwrite`` and only if it is a measurement
+    file invdiff wrote."""
+    check_measurement_out(out, [source.source if isinstance(source, ImageStack) else source], overwrite)
     m, _ = simulate(source, task, **kwargs)
     save_measurement(out, m, overwrite=overwrite)
     m.attrs["path"] = str(out)
@@ -365,13 +379,10 @@ def _make_sampler(name: str, prior, volume: bool, options: dict, perpendicular_p
     if key == "tpdm" and perpendicular_prior is None:
         raise ValueError("tpdm needs a perpendicular prior (--perpendicular-prior NAME_OR_PATH): a 2D prior of "
                          "coronal slices (C, D, W), e.g. a patch prior")
-    try:
-        if not volume:
-            return samplers.make(name, prior, **options)
-        extra = {"perpendicular_prior": perpendicular_prior} if key == "tpdm" else {}
-        return make_volume(name, prior, verbose=progress, **extra, **options)
-    except TypeError as err:  # an option the sampler does not take
-        raise ValueError(f"sampler {name}: {err}") from None
+    if not volume:  # an unknown or out-of-range option, an unusable prior: one-line errors
+        return samplers.make(name, prior, **options)
+    extra = {"perpendicular_prior": perpendicular_prior} if key == "tpdm" else {}
+    return make_volume(name, prior, verbose=progress, **extra, **options)
 
 
 def _volume_geometry(m: Measurement) -> float | None:
@@ -433,6 +444,7 @@ def reconstruct(
 
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
+    _check_seed(seed)
     volume = bool(volume or measurement.volume)
     sampler = sampler or ("dds-3d" if volume else "dps")
     shape = measurement.slice_size
@@ -454,6 +466,7 @@ def reconstruct(
     if steps is not None:
         kwargs["steps"] = int(steps)
     method = _make_sampler(sampler, prior, volume, kwargs, perpendicular_prior, progress)
+    method.check_physics(measurement.volume_physics(device) if volume else measurement.physics(0, device))
     means, stds, baselines, runs = [], [], [], []
 
     def keep(shown: Tensor, baseline: Tensor, run: dict) -> None:
@@ -514,6 +527,26 @@ def reconstruct(
 # ----------------------------------------------------------------------------- outputs
 
 
+def check_measurement_out(out, inputs, overwrite: bool = False, flag: str = "output") -> Path:
+    """The output rules of a measurement file (:func:`invdiff.files.check_output`): never
+    one of ``inputs`` or inside one; an existing file is replaced only with ``overwrite``
+    and only if invdiff wrote it (an HDF5 file with invdiff's attributes)."""
+    return check_output(out, inputs, overwrite, own=invdiff_hdf5, flag=flag)
+
+
+def check_reconstruction_out(out, inputs, overwrite: bool = False, flag: str = "output") -> Path:
+    """The output rules of a reconstruction folder (:func:`invdiff.files.check_output`):
+    never one of ``inputs``, inside one or holding one; an existing folder is replaced only
+    with ``overwrite`` and only if invdiff wrote it (its ``provenance.json`` and nothing else
+    than the files that lists)."""
+    return check_output(out, inputs, overwrite, own=invdiff_folder("provenance.json"), flag=flag)
+
+
+def measurement_inputs(m: Measurement) -> list:
+    """The files a reconstruction of ``m`` was made from: the measurement file and its source scan."""
+    return [m.attrs.get("path"), (m.source or {}).get("path")]
+
+
 def _description(rec: Reconstruction, m: Measurement, what: str) -> str:
     k = rec.info["samples"]
     base = f"invdiff {rec.info['sampler']} {what}" + (f" K={k}" if k > 1 else "")
@@ -562,7 +595,9 @@ def write_reconstruction(
     extra: dict | None = None,
 ) -> dict[str, Any]:
     """Write ``rec`` into the new folder ``out`` (built under a temporary name, renamed
-    when complete; an existing ``out`` is an error unless ``overwrite``).
+    when complete). ``out`` is never the measurement file or its source scan, nor inside or
+    around them; an existing ``out`` is an error unless ``overwrite``, and is replaced only
+    if it is a reconstruction folder invdiff wrote (:func:`check_reconstruction_out`).
 
     Contents by source: DICOM -> ``mean/`` and ``std/`` derived series; NIfTI ->
     ``mean.nii.gz``, ``std.nii.gz`` with the source affine; PNG/TIFF -> ``mean_<name>``,
@@ -578,6 +613,7 @@ def write_reconstruction(
     """
     from .. import __version__
 
+    check_reconstruction_out(out, measurement_inputs(m), overwrite)
     fmt = _output_format(m, fmt)
     vm = m.value_map
     factor = tuple(float(f) for f in m.resample.get("factor", [1.0, 1.0]))
@@ -631,14 +667,18 @@ def write_reconstruction(
                     write_image(target, values[k] * scale, bits=bits)
                     files[what].append(target.name)
         else:  # fastMRI submission layout
+            import io
+
             import h5py
 
-            with h5py.File(tmp / "reconstruction.h5", "w") as f:
+            buf = io.BytesIO()  # built in memory: a full disk is an OSError of the write, not of HDF5
+            with h5py.File(buf, "w") as f:
                 f.create_dataset("reconstruction", data=mean_src[:, 0].astype(np.float32))
                 if std_src is not None:
                     f.create_dataset("std", data=std_src[:, 0].astype(np.float32))
                 f.attrs["invdiff_version"] = __version__
                 f.attrs["value_map"] = vm.to_json()
+            (tmp / "reconstruction.h5").write_bytes(buf.getvalue())
             files["mean"] = ["reconstruction.h5"]
         std_max = None
         if png:

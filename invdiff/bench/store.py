@@ -7,6 +7,7 @@ Layout of a benchmark folder::
                              by rank 0 at the end (and by any later run of the same folder)
     recon/<cell_id>.safetensors   reconstructions kept for the figure
     summary.md, summary.csv, grid.png
+    .invdiff-bench.pid       the process id of the run holding the folder's lock (while it runs)
 
 A line is written with one ``os.write`` on a file opened with ``O_APPEND`` and then
 ``os.fsync``-ed, so a killed run leaves at most one partial last line; readers skip it
@@ -18,14 +19,28 @@ cell re-run with ``--rerun-failed``, or a rank file and the merged file after a 
 between merging and removing the rank files), the last successful one wins, else the last
 failed one. :func:`merge` rewrites ``results.jsonl`` atomically (temporary file in the same
 folder, then ``os.replace``) with one line per cell, in first-seen order.
+
+**One run per folder.** A run holds an exclusive :func:`fcntl.flock` on the folder itself
+(:func:`lock`) from reading the finished cells to writing the summary; a second run on the
+same folder is refused at once with one line naming the first one's process id. The lock
+belongs to the open file, so the kernel releases it when its process dies (a killed run
+never blocks the next one). Without ``fcntl`` (Windows) runs are not locked.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Sequence
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 from ..files import atomic_write
 
@@ -39,9 +54,50 @@ __all__ = [
     "rank_file",
     "merge",
     "count_lines",
+    "lock",
+    "BenchLocked",
 ]
 
 RESULTS = "results.jsonl"
+PID_FILE = ".invdiff-bench.pid"
+
+
+class BenchLocked(RuntimeError):
+    """Another run holds the benchmark folder."""
+
+
+@contextmanager
+def lock(out: str | os.PathLike) -> Iterator[None]:
+    """Hold the exclusive lock of the benchmark folder ``out`` (which must exist).
+
+    :raises BenchLocked: (a ``RuntimeError``) another process holds it: one line,
+        ``another invdiff bench is running on OUT (pid N)``.
+    """
+    out = Path(out)
+    if fcntl is None:  # pragma: no cover
+        yield
+        return
+    fd = os.open(out, os.O_RDONLY)  # the folder itself: no lock file to leave behind
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+                raise
+            try:
+                pid = (out / PID_FILE).read_text().strip() or "unknown"
+            except OSError:
+                pid = "unknown"
+            raise BenchLocked(f"another invdiff bench is running on {out} (pid {pid}); wait for it to finish "
+                              f"or use another --out") from None
+        pid_file = out / PID_FILE
+        try:
+            atomic_write(pid_file, f"{os.getpid()}\n", fsync=False)
+            yield
+        finally:
+            pid_file.unlink(missing_ok=True)  # still locked: no other run has written it
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def rank_file(out: Path, rank: int) -> Path:
@@ -58,7 +114,7 @@ def rank_files(out: Path) -> list[Path]:
 def append_row(path: Path, row: dict) -> None:
     """Append ``row`` as one JSON line to ``path``; flushed and fsynced before returning."""
     data = (json.dumps(row, sort_keys=True, allow_nan=True) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # the umask decides
     try:
         size = os.fstat(fd).st_size
         if size:

@@ -37,7 +37,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         if not cfg.get(key):
             raise ValueError(f"bench: {flag} is required (on the command line or in --config)")
     cfg.setdefault("out", "invdiff-bench")
-    result = run(**cfg, progress=progress(args))
+    inputs = [args.config] if args.config else []  # out must keep clear of it (and of the images, priors)
+    result = run(**cfg, inputs=inputs, progress=progress(args))
     if int(os.environ.get("RANK", "0")) == 0:
         summary = result.files.get("summary.md")
         if summary is not None:

@@ -32,7 +32,9 @@ def _common(p: argparse.ArgumentParser, seed_help: str, sigma_help: str) -> None
                    help="CT: HU window mapped to [0, 1] (default -1000,1000; write --window=-1000,1000)")
     p.add_argument("--modality", default="auto", choices=["auto", "CT", "MR"], help="NIfTI sources only (default: guess)")
     add_params(p, "task parameter override, e.g. --param fbp_filter=hann (repeatable; TOML values)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output that invdiff wrote (a measurement file; a reconstruction folder "
+                        "with its provenance.json and only its files); never an input")
 
 
 def _grid(m) -> str:
@@ -43,8 +45,9 @@ def _grid(m) -> str:
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from ..io.intensity import HU_WINDOW
-    from ..apps.workflows import simulate_to_file
+    from ..apps.workflows import check_measurement_out, simulate_to_file
 
+    check_measurement_out(args.out, [args.input], args.overwrite, flag="--out")  # before any work
     m = simulate_to_file(
         args.input, args.task, args.out, overwrite=args.overwrite, size=args.size, seed=args.seed, noise=args.noise,
         noise_sigma=args.noise_sigma, window=args.window or HU_WINDOW, modality=args.modality, params=parse_key_values(args.param),
@@ -60,9 +63,10 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _cmd_reconstruct(args: argparse.Namespace) -> int:
-    from ..io import check_new_path, read
+    from ..io import read
     from ..io.intensity import HU_WINDOW
-    from ..apps.workflows import load_prior, open_measurement, reconstruct, simulate, write_reconstruction
+    from ..apps.workflows import (check_reconstruction_out, load_prior, open_measurement, reconstruct, simulate,
+                                  write_reconstruction)
 
     if (args.measurement is None) == (args.input is None):
         raise ValueError("give either --measurement FILE or --input SCAN with --task NAME")
@@ -82,11 +86,17 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     if sampler_name is not None and key not in VOLUME_SAMPLERS and key not in samplers.available():
         raise ValueError(f"unknown sampler {sampler_name!r}; available: {', '.join(samplers.available())}; "
                          f"with --volume: {', '.join(VOLUME_SAMPLERS)}")  # before any work
+    if sampler_name is not None:  # unknown or out-of-range options: one line, before any work
+        cls = VOLUME_SAMPLERS[key] if key in VOLUME_SAMPLERS else samplers.get(key)
+        cls.Params.check({**sampler_options, **({"steps": args.steps} if args.steps is not None else {})})
     if key == "tpdm" and not args.perpendicular_prior:
         raise ValueError("--sampler tpdm needs --perpendicular-prior NAME_OR_PATH (a 2D prior of coronal slices)")
     if args.perpendicular_prior and key != "tpdm":
         raise ValueError(f"--perpendicular-prior is for --sampler tpdm, not {sampler_name or 'the default sampler'}")
-    check_new_path(args.out, args.overwrite)
+    # the output is never an input (the scan, the measurement, a prior file) nor inside or around one;
+    # --overwrite replaces only a reconstruction folder invdiff wrote
+    check_reconstruction_out(args.out, [args.input, args.measurement, args.prior, args.perpendicular_prior],
+                             args.overwrite, flag="--out")
     device = resolve_device(args.device)
     prior = load_prior(args.prior, device)
     perpendicular = load_prior(args.perpendicular_prior, device) if args.perpendicular_prior else None

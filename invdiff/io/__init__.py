@@ -18,6 +18,7 @@ the 99.5th percentile; 8/16-bit images: ``v / (2^bits - 1)``).
 from __future__ import annotations
 
 import os
+import struct
 import warnings
 from pathlib import Path
 
@@ -104,12 +105,24 @@ def read(path: str | os.PathLike, modality: str = "auto", volume: bool = False) 
     (1, 1, 64, 64)
     """
     kind = source_kind(path)
-    if kind == "dicom":
-        return read_dicom(path, volume=volume)
-    if kind == "nifti":
-        return read_nifti(path, modality)
-    if kind in ("png", "tiff"):
-        return read_image(path)
+    try:
+        if kind == "dicom":
+            return read_dicom(path, volume=volume)
+        if kind == "nifti":
+            return read_nifti(path, modality)
+        if kind in ("png", "tiff"):
+            return read_image(path)
+    except (FileNotFoundError, ImportError):
+        raise
+    except (ValueError, RuntimeError) as err:  # the readers' own messages, kept to one line naming the source
+        text = " ".join(str(err).split())
+        cls = type(err) if type(err) in (ValueError, RuntimeError) else ValueError
+        raise cls(text if str(path) in text else f"{path}: {text}") from None
+    except (OSError, KeyError, TypeError, AttributeError, IndexError, OverflowError, MemoryError, EOFError,
+            struct.error) as err:
+        # an odd header or a damaged file the readers did not foresee: still one line, never a traceback
+        raise ValueError(f"{path}: unreadable {kind} source ({type(err).__name__}: "
+                         f"{' '.join(str(err).split()) or 'no detail'})") from None
     raise ValueError(f"{path}: a fastMRI k-space file is a measurement, not an image; use read_fastmri")
 
 

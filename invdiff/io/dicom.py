@@ -9,8 +9,12 @@ LUT (``RescaleSlope``/``RescaleIntercept``) is applied with
 sorted by their position along the slice normal
 :math:`\mathbf n = \mathbf r \times \mathbf c` (the two ``ImageOrientationPatient``
 direction cosines): the key is :math:`\mathbf n \cdot \text{ImagePositionPatient}`;
-without positions, by ``InstanceNumber``, then file name. Multi-frame files give one
-slice per frame.
+without positions, by ``InstanceNumber``, then file name. Multi-frame (enhanced) files give one
+slice per frame, each with a classic single-frame header: position, orientation, pixel spacing,
+slice thickness and rescale from the functional groups (``PerFrameFunctionalGroupsSequence``,
+else ``SharedFunctionalGroupsSequence``), so such a file also reads as a volume; a derived
+series is written as classic single-frame files referencing the source frame
+(``SourceImageSequence`` with ``ReferencedFrameNumber``), which ``info["note"]`` records.
 
 **Volumes** (:func:`check_volume_geometry`, ``read_dicom(..., volume=True)``): a series read as
 one volume must be a regular grid: one ``ImageOrientationPatient`` (to 1e-4), every slice
@@ -39,13 +43,14 @@ import datetime
 import json
 import os
 import re
+import struct
 import warnings
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from .stack import ImageStack
+from .stack import ImageStack, check_finite
 
 __all__ = [
     "read_dicom",
@@ -91,11 +96,14 @@ def _decode(ds, path: Path) -> np.ndarray:
     from pydicom.pixels import apply_rescale
 
     if "PixelData" not in ds:
-        raise ValueError(f"{path}: DICOM file has no pixel data (Modality {ds.get('Modality', '?')})")
+        raise ValueError(f"{path}: DICOM file has no pixel data (Modality {ds.get('Modality', '?')}): not an image "
+                         "(a structured report, presentation state, ...) or a truncated file")
     ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     ts_name = getattr(ts, "name", str(ts)) if ts is not None else "unknown transfer syntax"
     try:
-        arr = ds.pixel_array
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            arr = ds.pixel_array
     except (RuntimeError, NotImplementedError) as err:
         msg = str(err)
         # pydicom lists each plugin and what it needs, one per line
@@ -106,15 +114,22 @@ def _decode(ds, path: Path) -> np.ndarray:
                 + "; ".join(needs)
             ) from None
         raise RuntimeError(f"{path}: cannot decode {ts_name} pixel data: {_one_line(msg)}") from None
-    except (ValueError, AttributeError, KeyError, TypeError, EOFError) as err:
+    except (ValueError, AttributeError, KeyError, TypeError, EOFError, IndexError, OverflowError, MemoryError,
+            struct.error) as err:
         raise ValueError(f"{path}: corrupt or incomplete DICOM pixel data ({ts_name}): {_one_line(err)}") from None
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    spp = int(ds.get("SamplesPerPixel", 1) or 1)
-    arr = np.asarray(arr)
-    if spp == 1:
-        arr = arr.reshape(frames, 1, *arr.shape[-2:])
-    else:
-        arr = arr.reshape(frames, *arr.shape[-3:]).transpose(0, 3, 1, 2)
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        spp = int(ds.get("SamplesPerPixel", 1) or 1)
+        arr = np.asarray(arr)
+        if spp == 1:
+            arr = arr.reshape(frames, 1, *arr.shape[-2:])
+        else:
+            arr = arr.reshape(frames, *arr.shape[-3:]).transpose(0, 3, 1, 2)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{path}: pixel data do not match NumberOfFrames/SamplesPerPixel/Rows/Columns "
+                         f"({_one_line(err)})") from None
+    if arr.size == 0:
+        raise ValueError(f"{path}: DICOM file has empty pixel data")
     if spp == 1 and str(ds.get("PhotometricInterpretation", "MONOCHROME2")) == "MONOCHROME1":
         warnings.warn(f"{path}: MONOCHROME1 (inverted display); values are read as stored", stacklevel=3)
     try:
@@ -129,10 +144,13 @@ def _read(path: Path, stop_before_pixels: bool = False):
     from pydicom.errors import InvalidDicomError
 
     try:
-        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+        with warnings.catch_warnings():  # pydicom's notes on encoding quirks it reads through (one-line errors only)
+            warnings.simplefilter("ignore")
+            return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
     except InvalidDicomError as err:
         raise ValueError(f"{path}: not a DICOM file ({_one_line(err)})") from None
-    except (EOFError, OSError, ValueError, KeyError, TypeError, AttributeError, NotImplementedError) as err:
+    except (EOFError, OSError, ValueError, KeyError, TypeError, AttributeError, NotImplementedError, IndexError,
+            OverflowError, MemoryError, struct.error) as err:
         if isinstance(err, FileNotFoundError):
             raise FileNotFoundError(f"{path}: no such DICOM file") from None
         raise ValueError(f"{path}: corrupt DICOM file: {_one_line(err) or type(err).__name__}") from None
@@ -149,21 +167,119 @@ def _normal(ds) -> np.ndarray | None:
 
 def sort_key(ds, name: str):
     n, ipp = _normal(ds), ds.get("ImagePositionPatient")
-    pos = float(np.dot(n, np.asarray(ipp, float))) if n is not None and ipp is not None and len(ipp) == 3 else None
-    inst = ds.get("InstanceNumber")
-    return (pos is None, pos if pos is not None else 0.0, int(inst) if inst not in (None, "") else 0, name)
+    try:
+        pos = float(np.dot(n, np.asarray(ipp, float))) if n is not None and ipp is not None and len(ipp) == 3 else None
+    except (TypeError, ValueError):
+        pos = None
+    try:
+        inst = int(ds.get("InstanceNumber") or 0)
+    except (TypeError, ValueError):
+        inst = 0
+    try:
+        frame = int(ds.get("ReferencedFrameNumber") or 0)  # a frame of a multi-frame file (see _frames)
+    except (TypeError, ValueError):
+        frame = 0
+    return (pos is None, pos if pos is not None else 0.0, inst, frame, name)
+
+
+#: enhanced / multi-frame SOP classes and the classic single-frame class a frame is written as
+_CLASSIC = {
+    "1.2.840.10008.5.1.4.1.1.2.1": "1.2.840.10008.5.1.4.1.1.2",  # Enhanced CT -> CT Image
+    "1.2.840.10008.5.1.4.1.1.2.2": "1.2.840.10008.5.1.4.1.1.2",  # Legacy Converted Enhanced CT
+    "1.2.840.10008.5.1.4.1.1.4.1": "1.2.840.10008.5.1.4.1.1.4",  # Enhanced MR -> MR Image
+    "1.2.840.10008.5.1.4.1.1.4.4": "1.2.840.10008.5.1.4.1.1.4",  # Legacy Converted Enhanced MR
+    "1.2.840.10008.5.1.4.1.1.7.2": "1.2.840.10008.5.1.4.1.1.7",  # Multi-frame Grayscale Byte SC
+    "1.2.840.10008.5.1.4.1.1.7.3": "1.2.840.10008.5.1.4.1.1.7",  # Multi-frame Grayscale Word SC
+}
+#: multi-frame attributes a frame's own header does not keep
+_MULTIFRAME_ONLY = ("PixelData", "NumberOfFrames", "FrameIncrementPointer", "PerFrameFunctionalGroupsSequence",
+                    "SharedFunctionalGroupsSequence", "DimensionOrganizationSequence", "DimensionIndexSequence")
+MULTIFRAME_NOTE = ("multi-frame DICOM: each frame read as one slice (geometry and rescale from the functional "
+                   "groups); a derived DICOM output is written as a classic single-frame series")
+
+
+def _group_value(groups, sequence: str, keyword: str):
+    """``keyword`` of the first item of ``sequence`` in the frame's own functional group, else the shared one."""
+    for group in groups:
+        seq = group.get(sequence) if group is not None else None
+        if seq and keyword in seq[0]:
+            return seq[0][keyword].value
+    return None
+
+
+def _frames(path: Path, ds, values: np.ndarray) -> list[tuple[str, object, np.ndarray]]:
+    """A multi-frame (enhanced) file as one ``(name, header, values (1, C, H, W))`` per frame,
+    each header a classic single-frame one: ``ImagePositionPatient``, ``ImageOrientationPatient``,
+    ``PixelSpacing``, ``SliceThickness`` and the rescale from the frame's functional groups
+    (``PerFrameFunctionalGroupsSequence``, else ``SharedFunctionalGroupsSequence``); the source
+    frame is recorded as ``ReferencedSOPClassUID`` / ``ReferencedSOPInstanceUID`` /
+    ``ReferencedFrameNumber`` (the writer moves them into ``SourceImageSequence``)."""
+    from pydicom.dataset import Dataset
+
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    shared = shared[0] if shared else None
+    per = ds.get("PerFrameFunctionalGroupsSequence") or []
+    base = Dataset()
+    for elem in ds:
+        if elem.keyword not in _MULTIFRAME_ONLY:
+            base.add(copy.deepcopy(elem))
+    if hasattr(ds, "file_meta"):
+        base.file_meta = copy.deepcopy(ds.file_meta)
+    sop_class = str(ds.get("SOPClassUID", ""))
+    rescaled = "RescaleSlope" in ds or "ModalityLUTSequence" in ds  # already applied by _decode
+    items = []
+    for f in range(values.shape[0]):
+        groups = ([per[f]] if f < len(per) else []) + [shared]
+        h = copy.deepcopy(base)
+        for sequence, keyword in (("PlanePositionSequence", "ImagePositionPatient"),
+                                  ("PlaneOrientationSequence", "ImageOrientationPatient"),
+                                  ("PixelMeasuresSequence", "PixelSpacing"),
+                                  ("PixelMeasuresSequence", "SliceThickness"),
+                                  ("PixelMeasuresSequence", "SpacingBetweenSlices")):
+            value = _group_value(groups, sequence, keyword)
+            if value is not None:
+                setattr(h, keyword, value)
+        frame = values[f : f + 1]
+        slope = _group_value(groups, "PixelValueTransformationSequence", "RescaleSlope")
+        intercept = _group_value(groups, "PixelValueTransformationSequence", "RescaleIntercept")
+        if not rescaled and (slope is not None or intercept is not None):
+            try:
+                slope_f = float(slope) if slope not in (None, "") else 1.0
+                intercept_f = float(intercept) if intercept not in (None, "") else 0.0
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}: frame {f + 1}: invalid RescaleSlope/RescaleIntercept "
+                                 f"({slope!r}, {intercept!r})") from None
+            if not (np.isfinite(slope_f) and np.isfinite(intercept_f) and slope_f != 0):
+                raise ValueError(f"{path}: frame {f + 1}: invalid RescaleSlope/RescaleIntercept ({slope_f}, {intercept_f})")
+            frame = frame * slope_f + intercept_f
+            h.RescaleSlope, h.RescaleIntercept = _ds_text(slope_f), _ds_text(intercept_f)
+            h.RescaleType = _group_value(groups, "PixelValueTransformationSequence", "RescaleType") or \
+                ("HU" if str(ds.get("Modality", "")) == "CT" else "US")
+        h.SOPClassUID = _CLASSIC.get(sop_class, sop_class)
+        h.ReferencedSOPClassUID = sop_class
+        h.ReferencedSOPInstanceUID = str(ds.get("SOPInstanceUID", ""))
+        h.ReferencedFrameNumber = f + 1
+        items.append((f"{path.name}:{f}", h, frame))
+    return items
 
 
 def read_dicom_files(paths: Sequence[str | os.PathLike]) -> list[tuple[str, object, np.ndarray]]:
-    """Read DICOM files: ``[(name, header without pixel data, values (F, C, H, W))]``, sorted
-    by slice position (then instance number, then name)."""
+    """Read DICOM files: ``[(name, header without pixel data, values (1, C, H, W))]``, sorted
+    by slice position (then instance number, frame, name); a multi-frame file gives one entry
+    per frame (``"<file>:<index>"``, a classic header per frame: :func:`_frames`)."""
     items = []
     for p in paths:
         p = Path(p)
         ds = _read(p)
         values = _decode(ds, p)
         del ds.PixelData
-        items.append((p.name, ds, values))
+        if values.shape[0] > 1 or "PerFrameFunctionalGroupsSequence" in ds or "NumberOfFrames" in ds:
+            entries = _frames(p, ds, values)
+        else:
+            entries = [(p.name, ds, values)]
+        for _, _, v in entries:
+            check_finite(v, p, "pixel values")
+        items.extend(entries)
     items.sort(key=lambda it: sort_key(it[1], it[0]))
     return items
 
@@ -216,7 +332,7 @@ def check_volume_geometry(headers: Sequence, names: Sequence[str], where: str = 
                          f"{common[0]}x{common[1]}; a volume needs one slice size")
     if n < 2:
         return None
-    if len({str(h.get("SOPInstanceUID", id(h))) for h in headers}) == 1:
+    if len({(str(h.get("SOPInstanceUID", id(h))), str(h.get("ReferencedFrameNumber", ""))) for h in headers}) == 1:
         raise ValueError(f"{where}: a multi-frame file ({names[0].split(':')[0]}); its per-frame positions are not read, "
                          "so it cannot be checked as a volume; use a series of single-frame files")
     missing = [nm for nm, h in zip(names, headers) if _normal(h) is None or len(h.get("ImagePositionPatient") or []) != 3]
@@ -302,8 +418,11 @@ def read_dicom(path: str | os.PathLike, series_uid: str | None = None, volume: b
     first = items[0][1]
     modality = str(first.get("Modality", "")) or None
     units = "HU" if modality == "CT" and "RescaleIntercept" in first else "stored"
-    multiframe = any(it[2].shape[0] > 1 for it in items)
-    info = {"multiframe": multiframe, "transfer_syntax": str(first.file_meta.get("TransferSyntaxUID", ""))}
+    multiframe = any("ReferencedFrameNumber" in it[1] for it in items)
+    meta = getattr(first, "file_meta", None)
+    info = {"multiframe": multiframe, "transfer_syntax": str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""}
+    if multiframe:
+        info["note"] = MULTIFRAME_NOTE
     if volume:
         info["slice_spacing"] = check_volume_geometry(headers, names, str(path))
     return ImageStack(
@@ -405,7 +524,8 @@ def write_dicom_series(
     if any(int(h.get("SamplesPerPixel", 1) or 1) != 1 for h in headers):
         raise ValueError("write_dicom_series: only monochrome sources can be written back")
     if len({id(h) for h in headers}) != len(headers):
-        raise ValueError("write_dicom_series: multi-frame DICOM sources cannot be written back; use NIfTI or PNG")
+        raise ValueError("write_dicom_series: one header per slice, not the same header for several slices "
+                         "(read a multi-frame file with read_dicom: it gives one header per frame)")
     folder = Path(folder)
     series_uid = series_uid or generate_uid()
     now = datetime.datetime.now()
@@ -431,8 +551,15 @@ def write_dicom_series(
         ds.SoftwareVersions = f"invdiff {__version__}"
         ds.BurnedInAnnotation = "NO"
         ref = pydicom.Dataset()
-        ref.ReferencedSOPClassUID = src.SOPClassUID
-        ref.ReferencedSOPInstanceUID = src.SOPInstanceUID
+        if "ReferencedFrameNumber" in src:  # a frame of a multi-frame source, written as a classic slice
+            ref.ReferencedSOPClassUID = src.ReferencedSOPClassUID
+            ref.ReferencedSOPInstanceUID = src.ReferencedSOPInstanceUID
+            ref.ReferencedFrameNumber = src.ReferencedFrameNumber
+            for keyword in ("ReferencedSOPClassUID", "ReferencedSOPInstanceUID", "ReferencedFrameNumber"):
+                delattr(ds, keyword)
+        else:
+            ref.ReferencedSOPClassUID = src.SOPClassUID
+            ref.ReferencedSOPInstanceUID = src.SOPInstanceUID
         ds.SourceImageSequence = DicomSequence([ref])
         _resampled_geometry(ds, factor)
         stored = _to_stored(img, ds)

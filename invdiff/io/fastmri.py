@@ -90,13 +90,24 @@ def read_fastmri(path: str | os.PathLike) -> KSpaceData:
     """Read a fastMRI ``.h5`` file (single- or multi-coil).
 
     :raises FileNotFoundError: no such file.
-    :raises ValueError: not HDF5, no ``kspace``, wrong dtype or rank, mask of the wrong length.
+    :raises ValueError: not HDF5, no ``kspace``, wrong dtype or rank, mask of the wrong length,
+        non-finite k-space; a truncated or edited file is one line naming it.
     """
-    import h5py
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such fastMRI file")
+    try:
+        return _read_fastmri(path)
+    except ValueError as err:
+        text = " ".join(str(err).split())
+        raise ValueError(text if text.startswith(str(path)) else f"{path}: invalid fastMRI file ({text})") from None
+    except (OSError, KeyError, TypeError, AttributeError, IndexError, RuntimeError, MemoryError) as err:
+        raise ValueError(f"{path}: corrupt fastMRI file ({type(err).__name__}: {' '.join(str(err).split())})") from None
+
+
+def _read_fastmri(path: Path) -> KSpaceData:
+    import h5py
+
     try:
         f = h5py.File(path, "r")
     except OSError as err:
@@ -113,6 +124,11 @@ def read_fastmri(path: str | os.PathLike) -> KSpaceData:
             kspace = np.asarray(ds[()], dtype=np.complex64)
         except OSError as err:
             raise ValueError(f"{path}: corrupt 'kspace' dataset ({err})") from None
+        if kspace.size == 0:
+            raise ValueError(f"{path}: empty 'kspace' dataset {kspace.shape}")
+        from .stack import check_finite
+
+        check_finite(kspace, path, "k-space values")
         multicoil = kspace.ndim == 4
         if not multicoil:
             kspace = kspace[:, None]

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..files import atomic_file
-from .stack import ImageStack
+from .stack import ImageStack, check_finite
 
 __all__ = ["IMAGE_SUFFIXES", "read_image", "write_image", "write_png"]
 
@@ -65,6 +65,10 @@ def read_image(path: str | os.PathLike) -> ImageStack:
         if isinstance(err, ValueError) and str(err).startswith(str(path)):
             raise
         raise ValueError(f"{path}: not a readable image ({err})") from None
+    if not pages:
+        raise ValueError(f"{path}: not a readable image (no pages)")
+    for k, page in enumerate(pages):
+        check_finite(page[0], path if len(pages) == 1 else f"{path} (page {k})", "pixel values")
     shapes = {p[0].shape for p in pages}
     if len(shapes) > 1:
         raise ValueError(f"{path}: pages of different sizes {sorted(shapes)}")

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..files import atomic_file
+from ..files import atomic_write, check_new_path
 from .intensity import ValueMap
 
 __all__ = ["Measurement", "save_measurement", "load_measurement", "FORMAT", "ACQUIRED_MRI"]
@@ -167,8 +167,10 @@ class Measurement:
             task["coil_maps"] = self.coil_maps
         try:
             return operators.make(**task, device=device)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{where}: cannot rebuild the operator from its task record: {err}") from None
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError, OverflowError,
+                ZeroDivisionError) as err:  # a tampered record: one line, never a traceback
+            raise ValueError(f"{where}: cannot rebuild the operator from its task record: "
+                             f"{_one_line(err) or type(err).__name__}") from None
 
     def check(self) -> None:
         """Raise ``ValueError`` unless every slice's measurement has the shape its operator
@@ -211,37 +213,45 @@ def _json_attr(f, key: str, path: Path, required: bool = True, default=None):
 
 
 def save_measurement(path: str | os.PathLike, m: Measurement, overwrite: bool = False) -> Path:
-    """Write ``m`` to ``path`` (HDF5; temporary file, then rename).
+    """Write ``m`` to ``path`` (HDF5 built in memory, then written to a temporary file and
+    renamed: a full disk is one ``OSError``, never an HDF5 library error at close).
 
     :raises FileExistsError: ``path`` exists and ``overwrite`` is False.
     """
+    import io
+
     import h5py
 
     from .. import __version__
     from .dicom import headers_to_json
 
     path = Path(path)
-    with atomic_file(path, overwrite) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["invdiff_format"] = FORMAT
-            f.attrs["invdiff_version"] = __version__
-            f.attrs["created"] = datetime.datetime.now().isoformat(timespec="seconds")
-            f.attrs["task"] = json.dumps(m.task)
-            f.attrs["noise_seed"] = -1 if m.noise_seed is None else int(m.noise_seed)
-            f.attrs["value_map"] = m.value_map.to_json()
-            f.attrs["source"] = json.dumps(m.source)
-            f.attrs["resample"] = json.dumps(m.resample)
-            f.create_dataset("y", data=m.y.detach().cpu().float().numpy(), compression="gzip", compression_opts=4)
-            if m.headers is not None:
-                f.create_dataset("dicom_headers", data=headers_to_json(m.headers), dtype=h5py.string_dtype())
-            if m.affine is not None:
-                f.create_dataset("nifti_affine", data=np.asarray(m.affine, np.float64))
-            if m.nifti_header is not None:
-                f.create_dataset("nifti_header", data=np.void(m.nifti_header))
-            if m.mask is not None:
-                f.create_dataset("mask", data=m.mask.cpu().numpy().astype(np.float32))
-            if m.coil_maps is not None:
-                f.create_dataset("coil_maps", data=m.coil_maps.cpu().numpy().astype(np.complex64))
+    if m.noise_seed is not None and int(m.noise_seed) < 0:  # -1 on disk means acquired data
+        raise ValueError(f"{path}: noise_seed must be a non-negative integer (or None for acquired data), "
+                         f"got {m.noise_seed}")
+    check_new_path(path, overwrite)  # before the work
+    buf = io.BytesIO()
+    with h5py.File(buf, "w") as f:
+        f.attrs["invdiff_format"] = FORMAT
+        f.attrs["invdiff_version"] = __version__
+        f.attrs["created"] = datetime.datetime.now().isoformat(timespec="seconds")
+        f.attrs["task"] = json.dumps(m.task)
+        f.attrs["noise_seed"] = -1 if m.noise_seed is None else int(m.noise_seed)
+        f.attrs["value_map"] = m.value_map.to_json()
+        f.attrs["source"] = json.dumps(m.source)
+        f.attrs["resample"] = json.dumps(m.resample)
+        f.create_dataset("y", data=m.y.detach().cpu().float().numpy(), compression="gzip", compression_opts=4)
+        if m.headers is not None:
+            f.create_dataset("dicom_headers", data=headers_to_json(m.headers), dtype=h5py.string_dtype())
+        if m.affine is not None:
+            f.create_dataset("nifti_affine", data=np.asarray(m.affine, np.float64))
+        if m.nifti_header is not None:
+            f.create_dataset("nifti_header", data=np.void(m.nifti_header))
+        if m.mask is not None:
+            f.create_dataset("mask", data=m.mask.cpu().numpy().astype(np.float32))
+        if m.coil_maps is not None:
+            f.create_dataset("coil_maps", data=m.coil_maps.cpu().numpy().astype(np.complex64))
+    atomic_write(path, buf.getvalue(), overwrite=overwrite, fsync=True)
     return path
 
 
@@ -251,19 +261,55 @@ def load_measurement(path: str | os.PathLike, check: bool = True) -> Measurement
     :param check: verify the measurement against the rebuilt operator (:meth:`Measurement.check`).
     :raises FileNotFoundError: no such file.
     :raises ValueError: not HDF5, not an invdiff measurement (a fastMRI file gets a hint),
-        missing or invalid records, or a measurement that does not match its operator.
+        missing or invalid records, or a measurement that does not match its operator; one
+        line naming the file, whatever the edit or truncation (the file is only read).
     """
-    import h5py
-
-    from .dicom import headers_from_json
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such measurement file")
     try:
+        return _load_measurement(path, check)
+    except ValueError as err:
+        text = _one_line(err)
+        if text.startswith(str(path)):
+            raise ValueError(text) from None
+        raise ValueError(f"{path}: invalid measurement file ({text})") from None
+    except (OSError, KeyError, TypeError, AttributeError, IndexError, OverflowError, RuntimeError, MemoryError,
+            ZeroDivisionError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise ValueError(f"{path}: corrupt or edited measurement file ({type(err).__name__}: "
+                         f"{_one_line(err) or 'no detail'})") from None
+
+
+def _one_line(err) -> str:
+    return " ".join(str(err).split())
+
+
+#: the most voxels a task record may ask for (a tampered img_size must not allocate terabytes)
+_MAX_VOXELS = 1 << 28
+
+
+def _check_task_record(task, path: Path) -> None:
+    if not isinstance(task, dict) or not isinstance(task.get("name"), str) or "img_size" not in task:
+        raise ValueError(f"{path}: the task record must be a dict with 'name' and 'img_size', got {task!r:.200}")
+    size = task["img_size"]
+    if (not isinstance(size, list) or len(size) not in (3, 4)
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in size)):
+        raise ValueError(f"{path}: the task record's img_size must be 3 or 4 positive integers, got {size!r:.200}")
+    if int(np.prod(size, dtype=np.float64)) > _MAX_VOXELS:
+        raise ValueError(f"{path}: the task record's img_size {size} is implausibly large (edited file?)")
+
+
+def _load_measurement(path: Path, check: bool) -> Measurement:
+    import h5py
+
+    from .dicom import headers_from_json
+
+    try:
         f = h5py.File(path, "r")
     except OSError as err:
-        raise ValueError(f"{path}: not a readable HDF5 measurement file ({err})") from None
+        raise ValueError(f"{path}: not a readable HDF5 measurement file ({_one_line(err)})") from None
     with f:
         fmt = f.attrs.get("invdiff_format")
         fmt = fmt.decode() if isinstance(fmt, bytes) else fmt
@@ -271,9 +317,10 @@ def load_measurement(path: str | os.PathLike, check: bool = True) -> Measurement
             if "kspace" in f:
                 raise ValueError(f"{path}: a fastMRI k-space file, not an invdiff measurement; "
                                  "reconstruct it directly (invdiff.apps.workflows.fastmri_measurement)")
-            raise ValueError(f"{path}: not an invdiff measurement file (invdiff_format {fmt!r}, expected {FORMAT!r})")
-        if "y" not in f:
-            raise ValueError(f"{path}: measurement file has no 'y' dataset")
+            raise ValueError(f"{path}: not an invdiff measurement file (invdiff_format {fmt!r:.80}, expected {FORMAT!r})")
+        for name in ("y",):
+            if name not in f or not isinstance(f[name], h5py.Dataset):
+                raise ValueError(f"{path}: measurement file has no '{name}' dataset")
         try:
             y = torch.from_numpy(np.asarray(f["y"][()], dtype=np.float32))
             headers = [h.decode() if isinstance(h, bytes) else h for h in f["dicom_headers"][()]] if "dicom_headers" in f else None
@@ -282,14 +329,33 @@ def load_measurement(path: str | os.PathLike, check: bool = True) -> Measurement
             mask = torch.from_numpy(np.asarray(f["mask"][()])) if "mask" in f else None
             maps = torch.from_numpy(np.asarray(f["coil_maps"][()])) if "coil_maps" in f else None
         except OSError as err:
-            raise ValueError(f"{path}: corrupt measurement file ({err})") from None
+            raise ValueError(f"{path}: corrupt measurement file ({_one_line(err)})") from None
+        if y.ndim < 2 or y.numel() == 0:
+            raise ValueError(f"{path}: measurement y has shape {tuple(y.shape)}; expected (N, ...) with N >= 1")
+        if headers is not None and not all(isinstance(h, str) for h in headers):
+            raise ValueError(f"{path}: 'dicom_headers' must be one JSON string per slice")
+        if affine is not None and (affine.shape != (4, 4) or not np.isfinite(affine).all()):
+            raise ValueError(f"{path}: 'nifti_affine' must be a finite 4x4 matrix, got shape {affine.shape}")
         task = _json_attr(f, "task", path)
-        if not isinstance(task, dict) or "name" not in task or "img_size" not in task:
-            raise ValueError(f"{path}: the task record must be a dict with 'name' and 'img_size', got {task!r}")
-        noise_seed = int(f.attrs.get("noise_seed", -1))
-        value_map = ValueMap.from_dict(_json_attr(f, "value_map", path))
+        _check_task_record(task, path)
+        seed = f.attrs.get("noise_seed", -1)
+        if isinstance(seed, (np.ndarray, bytes, str)) or not float(seed).is_integer():
+            raise ValueError(f"{path}: attribute 'noise_seed' must be an integer, got {seed!r:.80}")
+        noise_seed = int(seed)
+        record = _json_attr(f, "value_map", path)
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: attribute 'value_map' must be a JSON object, got {record!r:.80}")
+        value_map = ValueMap.from_dict(record)
         source = _json_attr(f, "source", path)
         resample = _json_attr(f, "resample", path, required=False, default={})
+        for key, value in (("source", source), ("resample", resample)):
+            if not isinstance(value, dict):
+                raise ValueError(f"{path}: attribute '{key}' must be a JSON object, got {value!r:.80}")
+        factor = resample.get("factor", [1.0, 1.0])
+        if (not isinstance(factor, list) or len(factor) != 2
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) and v > 0
+                           for v in factor)):
+            raise ValueError(f"{path}: the resample record's factor must be two positive numbers, got {factor!r:.80}")
         attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()
                  if k in ("invdiff_version", "created")}
     attrs["path"] = str(path)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..files import atomic_file
-from .stack import ImageStack
+from .stack import ImageStack, check_finite
 
 __all__ = ["NIFTI_SUFFIXES", "read_nifti", "write_nifti", "resampled_affine"]
 
@@ -59,9 +59,12 @@ def read_nifti(path: str | os.PathLike, modality: str = "auto") -> ImageStack:
         data = data[..., None]
     if data.ndim != 3:
         raise ValueError(f"{path}: expected a 2D or 3D volume, got shape {data.shape}")
+    if data.size == 0:
+        raise ValueError(f"{path}: empty NIfTI volume (shape {data.shape})")
+    check_finite(data, path, "voxels")  # before any statistic of the values (nanmin of all-NaN warns)
     slices = np.stack([np.rot90(data[:, :, k]) for k in range(data.shape[2])])[:, None]
     if modality == "auto":
-        modality = "CT" if np.nanmin(data) <= -500 else "MR"
+        modality = "CT" if data.min() <= -500 else "MR"
         rule = "auto: minimum <= -500 -> CT (HU)" if modality == "CT" else "auto: minimum > -500 -> MR"
     else:
         modality, rule = modality.upper(), "given"

@@ -10,7 +10,22 @@ import torch
 
 from .intensity import HU_WINDOW, ROBUST_PERCENTILE, ValueMap, value_map_for
 
-__all__ = ["ImageStack"]
+__all__ = ["ImageStack", "check_finite"]
+
+
+def check_finite(values, source, what: str = "values") -> None:
+    """Refuse images with NaN or Inf values, before any work: one line naming the file and how
+    many values (a single NaN would spread through every measurement it touches).
+
+    :raises ValueError: ``"<source>: 1 of 16384 voxels is NaN/Inf; invdiff needs finite images"``.
+    """
+    values = np.asarray(values)
+    if values.dtype.kind not in "fc":
+        return
+    bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+    if bad:
+        verb = "is" if bad == 1 else "are"
+        raise ValueError(f"{source}: {bad} of {values.size} {what} {verb} NaN/Inf; invdiff needs finite images")
 
 
 @dataclass
@@ -49,6 +64,7 @@ class ImageStack:
             raise ValueError(f"{self.source}: ImageStack values must be (N, C, H, W), got {self.values.shape}")
         if len(self.identifiers) != self.values.shape[0]:
             raise ValueError(f"{self.source}: {len(self.identifiers)} identifiers for {self.values.shape[0]} slices")
+        check_finite(self.values, self.source, "voxels" if self.kind == "nifti" else "pixel values")
 
     @property
     def shape(self) -> tuple[int, int, int, int]:

@@ -105,6 +105,17 @@ def _need(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
+def _number(value, key: str, name: str) -> float:
+    """``float(value)``, refusing what is not a finite number (NaN or Inf would make every
+    measurement NaN/Inf without an error)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{name}: {key} must be a number, got {value!r}") from None
+    _need(bool(np.isfinite(number)), f"{name}: {key} must be a finite number, got {value!r}")
+    return number
+
+
 # ----------------------------------------------------------------------- builders
 def _blur_gauss(n, size, gen, p, device):
     C, H, W = size
@@ -403,8 +414,13 @@ def make(
 
     if task.family == "mri" and noise == "poisson":
         raise ValueError(f"{name}: Poisson noise is not defined for complex k-space; use 'gaussian' or 'none'")
-    sigma = task.default_sigma if noise_sigma is None else float(noise_sigma)
-    gain = task.default_gain if poisson_gain is None else float(poisson_gain)
+    sigma = task.default_sigma if noise_sigma is None else _number(noise_sigma, "noise_sigma", name)
+    gain = task.default_gain if poisson_gain is None else _number(poisson_gain, "poisson_gain", name)
+    _need(sigma >= 0, f"{name}: noise_sigma must be >= 0, got {sigma:g}")
+    _need(gain >= 0, f"{name}: poisson_gain must be >= 0, got {gain:g}")
+    for key, value in params.items():  # every numeric task parameter must be a finite number
+        if isinstance(value, (float, int, np.floating, np.integer)) and not isinstance(value, bool):
+            _number(value, key, name)
 
     generator = torch.Generator().manual_seed(int(seed))
     if volume and not task.volume_only:  # a 2D task on every axial slice

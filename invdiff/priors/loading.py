@@ -256,22 +256,48 @@ def _read_safetensors(path: Path, tensors: bool = True) -> tuple[dict[str, Tenso
     return state, metadata
 
 
+_CONVERT = ("to convert a file you trust, load it in your own trusted environment and save model.state_dict() "
+            "with safetensors.torch.save_file (or torch.save(model.state_dict(), path))")
+
+
+def _one_line(text: Any) -> str:
+    return " ".join(str(text).split())
+
+
+def _torch_reason(err: BaseException) -> str:
+    """The one informative line of torch's weights-only refusal (``Unsupported global: ...``,
+    ``Unsupported operand 147``), without its advice to re-run with ``weights_only=False``."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    for ln in lines:
+        if ln.startswith("Unsupported") or "Unsupported global" in ln or "unsupported GLOBAL" in ln:
+            return ln.split("WeightsUnpickler error:")[-1].strip()
+    for k, ln in enumerate(lines):  # "WeightsUnpickler error: <reason>" (the reason may be on the next line)
+        if "WeightsUnpickler error" in ln:
+            rest = ln.split("WeightsUnpickler error:")[-1].strip()
+            return rest or (lines[k + 1] if k + 1 < len(lines) else "")
+    first = lines[0] if lines else type(err).__name__
+    return "" if "weights only load failed" in first.lower() else first
+
+
 def _read_torch(path: Path) -> Any:
+    """``torch.load(weights_only=True)``: never unpickles code; every failure is one line."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        refused = re.search(r"Unsupported global|Unsupported class|GLOBAL |unrecognized function", str(err))
-        if "weights only load failed" in str(err).lower() and refused:
-            reason = next((ln.strip() for ln in str(err).splitlines() if "Unsupported global" in ln), "")
+        reason = _torch_reason(err)
+        if re.search(r"Unsupported global|Unsupported class|GLOBAL |unrecognized function", str(err), re.I):
             raise ValueError(
-                f"{path}: refused to load: the checkpoint holds pickled Python objects, not only tensors"
-                f"{' (' + reason + ')' if reason else ''}. invdiff reads .pt files only with "
-                f"torch.load(weights_only=True) and never unpickles code; re-save the bare state dict "
-                f"(torch.save(model.state_dict(), path)) or convert it to .safetensors"
-            ) from err
-        raise ValueError(f"{path}: corrupt or truncated checkpoint ({err})") from err
+                f"{path}: refused to load: not a weights-only checkpoint, it holds pickled Python objects"
+                f"{' (' + reason + ')' if reason else ''}; invdiff never unpickles (it reads .pt/.pth/.ckpt files "
+                f"only with torch.load(weights_only=True)); {_CONVERT}"
+            ) from None
+        raise ValueError(
+            f"{path}: corrupt or truncated checkpoint, or not a weights-only one: torch.load(weights_only=True) "
+            f"cannot read it{' (' + reason + ')' if reason else ''}; invdiff never unpickles; {_CONVERT}"
+        ) from None
     except Exception as err:
-        raise ValueError(f"{path}: corrupt or truncated checkpoint ({type(err).__name__}: {err})") from err
+        raise ValueError(f"{path}: corrupt or truncated checkpoint ({type(err).__name__}: "
+                         f"{_one_line(_torch_reason(err) or err)})") from None
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -329,17 +355,17 @@ def _check_state_dict(model: nn.Module, state: Mapping[str, Tensor], source: str
 
     def listing(label: str, items: list[str]) -> str:
         more = f", ... ({len(items) - _SHOW} more)" if len(items) > _SHOW else ""
-        return f"\n  {len(items)} {label}: {', '.join(items[:_SHOW])}{more}"
+        return f"{len(items)} {label}: {', '.join(items[:_SHOW])}{more}"
 
-    text = f"{source}: the weights do not match {what}:"
+    parts = []
     if missing:
-        text += listing("missing keys", missing)
+        parts.append(listing("missing keys", missing))
     if unexpected:
-        text += listing("unexpected keys", unexpected)
+        parts.append(listing("unexpected keys", unexpected))
     if shapes:
-        text += listing("shape mismatches", shapes)
-    text += "\nPass the checkpoint's config= (a preset name or a dict of flags), or check family=."
-    raise ValueError(text)
+        parts.append(listing("shape mismatches", shapes))
+    raise ValueError(f"{source}: the weights do not match {what}: " + "; ".join(parts)
+                     + "; pass the checkpoint's config= (a preset name or a dict of flags), or check family=")
 
 
 def _metadata_json(metadata: Mapping[str, str], key: str, path: Path, default: Any = None) -> Any:
@@ -452,9 +478,14 @@ def load(
             f"(e.g. its num_heads / num_head_channels)"
         ) from err
     network = fam.network(prior)
-    _check_state_dict(network, state, str(path), f"the {family} model of config {config!r}")
+    shown = repr(config)
+    shown = shown if len(shown) <= 300 else shown[:300] + "...}"
+    _check_state_dict(network, state, str(path), f"the {family} model of config {shown}")
     network.to_empty(device="cpu")
-    network.load_state_dict(state, strict=True)
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as err:  # torch's multi-line report (e.g. a dtype it cannot copy)
+        raise ValueError(f"{path}: the weights do not load into the {family} model: {_one_line(err)}") from None
     prior.to(device)
     if dtype != torch.float32:
         network.to(dtype)
