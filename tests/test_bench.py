@@ -149,7 +149,7 @@ def test_failed_cells_are_recorded_and_rerun(tmp_path):
     errors = {r["task"]: r["error"] for r in result.rows}
     assert all(r["status"] == "failed" for r in result.rows) and result.failed == 2
     assert errors["inpaint-random-70"].startswith("SamplerDivergedError: dds: diverged at step 0")
-    assert errors["phase-retrieval"].startswith("TypeError: dds: needs a linear operator")
+    assert errors["phase-retrieval"].startswith("IncompatibleError: dds: needs a linear operator")
     assert "failed (1)" in (tmp_path / "summary.md").read_text()
     # without --rerun-failed a failed cell counts as done; with it, it runs again
     prior.broken = False
@@ -232,7 +232,7 @@ def test_toml_config_cli_and_report(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--tasks", "nope-3", "--samplers", "dps"], "unknown task 'nope-3'"),
-    (["--tasks", "mri-4x", "--samplers", "dps:foo=1"], "sampler 'dps': unknown parameter(s) ['foo']"),
+    (["--tasks", "mri-4x", "--samplers", "dps:foo=1"], "dps: unknown option 'foo'"),
     (["--tasks", "mri-4x:img_size=[1,8,8]", "--samplers", "dps"], "set by the benchmark"),
     (["--samplers", "dps"], "--tasks is required"),
     (["--tasks", "mri-4x", "--samplers", "dps", "--images-from", "/no/such/folder"], "no image folder at"),
@@ -358,3 +358,69 @@ def test_baseline_row_is_the_operators_own_reconstruction(tmp_path):
         assert r["psnr"] == pytest.approx(float(dinv.metric.PSNR()(fbp, x)), abs=1e-4)
         assert rows["dds", r["image"]]["psnr"] > r["psnr"]  # the prior helps
     assert "| baseline |" in (tmp_path / "summary.md").read_text()
+
+
+def test_samples_cell_scores_the_mean_of_k_samples(tmp_path):
+    from safetensors.torch import load_file
+
+    from invdiff.bench.metrics import image_metrics
+
+    one = run(tasks="ct-sparse-30", samplers="dds", priors=PRIOR, n_images=1, steps=STEPS, progress=False, out=tmp_path)
+    three = run(tasks="ct-sparse-30", samplers="dds", priors=PRIOR, n_images=1, steps=STEPS, samples=3,
+                progress=False, out=tmp_path)
+    a, b = one.rows[0], three.rows[0]
+    # K is part of the cell's id (a resume never mixes K), and K = 1 keeps the ids of earlier grids
+    assert three.ran == 1 and a["cell_id"] != b["cell_id"] and (a["samples"], b["samples"]) == (1, 3)
+    from invdiff.bench.grid import Cell, SamplerSpec
+
+    cell = Cell("p", "h", task_specs("ct-sparse-30")[0], {}, SamplerSpec("dds"), {}, "i", 0, "ih", 0)
+    assert "samples" not in cell.key and "sampler_prior_hash" not in cell.key
+    prior = resolve_priors(PRIOR)[0].prior
+    x = load_images(None, 1, prior, PRIOR)[0].x[None]
+    physics = operators.make(**b["task_params"])
+    y = physics(x, seed=b["measurement_seed"])
+    post = samplers.make("dds", prior, steps=STEPS).sample(y, physics, n=3,
+                                                           generator=torch.Generator().manual_seed(b["sampler_seed"]))
+    assert b["psnr"] == pytest.approx(image_metrics(post.mean, x, "image", lpips=False)["psnr"], abs=1e-5)
+    assert b["nfe"] == STEPS  # the K samples are one batched run
+    kept = load_file(str(tmp_path / b["recon"]))
+    assert torch.allclose(kept["x_hat"], post.mean) and torch.allclose(kept["std"], post.std)
+    assert "std" not in load_file(str(tmp_path / a["recon"]))
+    with pytest.raises(ValueError, match="samples"):
+        run(tasks="ct-sparse-30", samplers="dds", priors=PRIOR, samples=0, progress=False, out=tmp_path / "bad")
+
+
+def test_a_sampler_runs_on_its_own_prior(tmp_path):
+    from invdiff.bench import prior_hash
+    from invdiff.priors import GaussianPrior
+
+    own = GaussianPrior.stationary((1, 16, 16), length_scale=4, variance=0.03, mean=0.4)
+    result = run(tasks="ct-sparse-30", samplers=["dds", {"name": "dds", "label": "dds-own", "prior": own}],
+                 priors=PRIOR, n_images=1, steps=STEPS, progress=False, out=tmp_path)
+    rows = {r["sampler"]: r for r in result.rows}
+    assert rows["dds"]["sampler_prior"] is None and rows["dds"]["sampler_prior_hash"] is None
+    r = rows["dds-own"]
+    # the grid's prior still gives the images and the measurement; the cell records both priors
+    assert r["prior"] == PRIOR and r["sampler_prior_hash"] == prior_hash(own) and r["sampler_prior"].startswith("Gauss")
+    assert r["measurement_seed"] == rows["dds"]["measurement_seed"] and r["cell_id"] != rows["dds"]["cell_id"]
+    x = load_images(None, 1, resolve_priors(PRIOR)[0].prior, PRIOR)[0].x[None]
+    physics = operators.make(**r["task_params"])
+    x_hat = SeededSampler(samplers.make("dds", own, steps=STEPS), r["sampler_seed"])(
+        physics(x, seed=r["measurement_seed"]), physics)
+    assert r["psnr"] == pytest.approx(float(dinv.metric.PSNR()(x_hat, x)), abs=1e-4)
+    # the spec form NAME:prior=P parses into the sampler's prior, not a sampler option
+    from invdiff.bench.grid import sampler_specs
+
+    spec = sampler_specs("resample:prior=ct-phantom-latent-64")[0]
+    assert spec.prior == "ct-phantom-latent-64" and spec.overrides == {}
+
+
+def test_task_table_pivots_the_summary():
+    from invdiff.bench.report import task_table
+
+    base = dict(prior="p", prior_hash="h" * 64, status="ok", task_params={}, sampler_params={}, seed=0)
+    rows = [dict(base, task=t, sampler=s, image=str(i), psnr=v + i, ssim=0.5)
+            for t, s, v in (("a", "x", 10.0), ("a", "y", 20.0), ("b", "x", 30.0)) for i in (0, 1)]
+    text = task_table(summarize(rows), ["y", "x"], labels={"x": "X (classical)"})
+    assert text.splitlines() == ["| task | prior | y | X (classical) |", "|---|---|---|---|",
+                                 "| a | p | 20.50 / 0.500 | 10.50 / 0.500 |", "| b | p | n/a | 30.50 / 0.500 |"]

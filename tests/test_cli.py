@@ -61,12 +61,25 @@ def test_shipped_priors_are_listed_loadable_and_small(capsys):
     assert "ct-phantom-64" in out and "mri-brain-64" in out
 
 
-def test_demo_on_shipped_priors_beats_the_baselines(tmp_path):
+def test_demo_on_shipped_priors_beats_the_baselines_and_resumes(tmp_path, capsys):
     from invdiff.apps.demo import run_demo
+    from invdiff.bench import load_results
 
-    rows = run_demo(out=tmp_path, images=2, samples=2, steps=30, sampler_names=("dps",))
-    psnr = {(r["task"], r["sampler"]): r["psnr_ssim"][0] for r in rows}
+    stats = run_demo(out=tmp_path, images=2, samples=2, steps=30, sampler_names=("dps",))
+    psnr = {(s["task"], s["sampler"]): s["psnr_mean"] for s in stats}
     for task in ("ct-sparse-30", "mri-4x"):
         # DPS with 30 steps, mean of 2 samples, 2 held-out images: well above FBP / zero-filled
         assert psnr[task, "dps"] > psnr[task, "baseline"] + 2.0, psnr
-    assert (tmp_path / "demo.png").stat().st_size > 1000 and "mri-brain-64" in (tmp_path / "demo.md").read_text()
+        assert all(s["n"] == 2 and s["n_failed"] == 0 for s in stats)
+    md = (tmp_path / "demo.md").read_text()
+    assert "| task | prior | baseline (A_dagger) | dps |" in md and "| mri-4x | mri-brain-64 |" in md
+    assert f"{psnr['ct-sparse-30', 'dps']:.2f} / " in md and "Seconds (NFE)" in md
+    assert (tmp_path / "demo.png").stat().st_size > 1000
+    # the demo is a benchmark grid: 2 tasks x (baseline, dps) x 2 images, each the mean of 2 samples
+    rows = load_results(tmp_path / "bench")
+    assert len(rows) == 8 and {r["samples"] for r in rows} == {2} and {r["lpips"] for r in rows} == {None}
+    capsys.readouterr()
+    again = run_demo(out=tmp_path, images=2, samples=2, steps=30, sampler_names=("dps",))
+    out = capsys.readouterr().out
+    assert again == stats and "4 finished cells reused" in out and " dB (" not in out  # nothing ran again
+    assert len(load_results(tmp_path / "bench")) == 8

@@ -2,10 +2,13 @@
 
 :func:`run_demo` (the default ``invdiff demo``) uses the shipped priors: sparse-view CT
 (``ct-sparse-30``) on held-out anatomical phantoms with ``ct-phantom-64`` and 4x MRI
-(``mri-4x``) on held-out MNI152 slices with ``mri-brain-64``. Each image is measured with
-the task's operator (seeded noise), reconstructed with the classical baseline
+(``mri-4x``) on held-out MNI152 slices with ``mri-brain-64``, as a benchmark grid
+(:func:`invdiff.bench.run`, one per task, in ``OUT/bench``): each image is measured with the
+task's operator (the cell's seeded noise), reconstructed with the classical baseline
 (``physics.A_dagger``: filtered back-projection, zero-filled inverse FFT) and with every
-registered sampler (the mean of a few posterior samples, and their per-pixel std).
+registered sampler (the mean of a few posterior samples, and their per-pixel std), and the
+table and figure are drawn from the grid's rows (:mod:`invdiff.bench.report`). Running it
+again with the same ``out`` and settings reuses the finished cells.
 
 :func:`run_analytic_demo` (``invdiff demo --analytic``) runs the same samplers on an
 analytic Gaussian prior whose exact posterior is known, next to the exact posterior mean,
@@ -160,6 +163,21 @@ def prior_for_task(task: str, size: int = 64) -> tuple[str, str]:
     return (f"mri-brain-{size}", "mri-brain") if family == "mri" else (f"ct-phantom-{size}", "ct-phantom")
 
 
+def _demo_samplers(names: tuple[str, ...], prior_name: str, available: list[str]) -> list[dict]:
+    """The bench sampler specs of the demo on ``prior_name``: the baseline, then each sampler with
+    its CPU-sized overrides, a latent sampler on the latent prior shipped beside the pixel prior."""
+    from .. import samplers
+
+    specs = [{"name": "baseline", "label": "baseline"}]
+    for name in names:
+        spec = {"name": name, "label": name, **DEMO_OVERRIDES.get(name, {})}
+        latent = LATENT_PRIORS.get(prior_name)
+        if samplers.get(name).prior_kind == "latent" and latent in available:
+            spec["prior"] = latent
+        specs.append(spec)
+    return specs
+
+
 def run_demo(
     out: Path = Path("invdiff-demo"),
     size: int = 64,
@@ -171,113 +189,81 @@ def run_demo(
     verbose: bool = False,
     tasks: tuple[str, ...] = DEMO_TASKS,
     sampler_names: tuple[str, ...] | None = None,
+    progress: bool = False,
 ) -> list[dict]:
     """Reconstruct held-out images with the shipped priors; print and write a table and a figure.
 
-    :param out: output folder (``demo.md``, ``demo.png``).
+    A benchmark grid (:func:`invdiff.bench.run`) per task, on the task's shipped prior, in
+    ``out/bench``: the baseline and every sampler, one cell per held-out image scoring the mean
+    of ``samples`` posterior samples (PSNR / SSIM as the benchmark computes them; LPIPS off).
+    Running again with the same ``out`` and settings reuses the finished cells.
+
+    :param out: output folder (``demo.md``, ``demo.png``; the grid in ``bench/``).
     :param size: image side; a shipped prior of that size must exist (64).
     :param steps: overrides every sampler's ``steps`` (default: each sampler's own).
     :param samples: posterior samples per image (their mean is scored; their std is shown).
     :param images: held-out images per task (PSNR/SSIM are averaged over them).
     :param sampler_names: samplers to run (default: all, DPS first).
-    :returns: one row per (task, sampler) with mean PSNR, SSIM, seconds and NFE.
+    :param progress: show the grid's progress bar.
+    :returns: :func:`invdiff.bench.summarize`'s statistics, one dict per (task, sampler),
+        the baseline included (``psnr_mean``, ``ssim_mean``, ``wall_time_mean``, ``nfe_mean``...).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .. import data, operators, priors, samplers
+    from .. import bench, priors, samplers
+    from ..bench.report import summarize, task_table, write_comparison, write_report
 
     names = tuple(sampler_names) if sampler_names else tuple(sorted(samplers.available(), key=lambda n: n != "dps"))
     for name in names:
         samplers.get(name)  # unknown names fail before any work
     needed = sorted({prior_for_task(t, size)[0] for t in tasks})
-    missing = [n for n in needed if n not in priors.available()]
+    available = priors.available()
+    missing = [n for n in needed if n not in available]
     if missing:
         raise FileNotFoundError(
-            f"no shipped prior {', '.join(missing)} (shipped: {', '.join(priors.available()) or 'none'}); "
+            f"no shipped prior {', '.join(missing)} (shipped: {', '.join(available) or 'none'}); "
             f"use --size 64, or --analytic"
         )
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    dev = torch.device(device)
-    overrides = {} if steps is None else {"steps": steps}
+    folder = out / "bench"
     changed = {n: o for n, o in DEMO_OVERRIDES.items() if n in names}
     print(f"invdiff demo: {images} held-out images per task at {size}x{size}, samplers {', '.join(names)}, "
           f"mean of {samples} posterior samples, device {device}"
           + (f"; CPU-sized: {', '.join(f'{n} {o}' for n, o in changed.items())}" if changed else ""))
-    rows, panels = [], []
-    for task in tasks:
-        prior_name, dataset = prior_for_task(task, size)
-        prior = priors.load(prior_name, device=dev)
-        truth = data.heldout(dataset, images, size=size)
-        physics = operators.make(task, img_size=(1, size, size), seed=seed)
-        y = physics(truth, seed=seed + 1)  # reproducible measurement noise
-        start = time.perf_counter()
-        baseline = physics.A_dagger(y).clamp(0, 1)
-        rows.append(dict(task=task, sampler="baseline", prior=prior_name, psnr_ssim=_metrics(baseline, truth),
-                         seconds=time.perf_counter() - start, nfe=0))
-        results = {}
-        physics = physics.to(dev)
-        latent_name = LATENT_PRIORS.get(prior_name)
-        wants_latent = any(samplers.get(n).prior_kind == "latent" for n in names)
-        latent = priors.load(latent_name, device=dev) if wants_latent and latent_name in priors.available() else None
-        for name in names:
-            kind = samplers.get(name).prior_kind
-            use = latent if (kind == "latent" and latent is not None) else prior
-            sampler = samplers.make(name, use, verbose=verbose, **{**DEMO_OVERRIDES.get(name, {}), **overrides})
-            post = sampler.sample(y.to(dev), physics, n=samples, generator=torch.Generator(dev).manual_seed(seed))
-            results[name] = post
-            rows.append(dict(task=task, sampler=name, prior=latent_name if use is latent else prior_name,
-                             psnr_ssim=_metrics(post.mean.cpu(), truth),
-                             seconds=sampler.last_run.wall_time, nfe=sampler.last_run.nfe))
-            print(f"  {task} {name}: {rows[-1]['psnr_ssim'][0]:.2f} dB ({rows[-1]['seconds']:.1f} s)", flush=True)
-        panels.append((task, truth, baseline, results))
 
-    cell = {(r["task"], r["sampler"]): r for r in rows}
-    columns = ["baseline", *names]
-    lines = ["| task | prior | " + " | ".join(["baseline (A_dagger)", *names]) + " |",
-             "|" + "---|" * (len(columns) + 2)]
-    for task in tasks:
-        parts = [f"{cell[(task, c)]['psnr_ssim'][0]:.2f} / {cell[(task, c)]['psnr_ssim'][1]:.3f}" for c in columns]
-        lines.append(f"| {task} | {prior_for_task(task, size)[0]} | " + " | ".join(parts) + " |")
-    lines.append("")
-    lines.append(f"PSNR (dB) / SSIM of the mean of {samples} samples, averaged over {images} held-out images. "
+    def finished(row: dict) -> None:
+        score = f"{row['psnr']:.2f} dB ({row['wall_time']:.1f} s)" if row["status"] == "ok" else row["error"]
+        print(f"  {row['task']} {row['sampler']} {row['image']}: {score}", flush=True)
+
+    rows = []
+    for task in tasks:  # one grid per task: each task has its own prior and images
+        prior_name, dataset = prior_for_task(task, size)
+        result = bench.run(
+            tasks=[{"name": task, "label": task, "seed": seed}], samplers=_demo_samplers(names, prior_name, available),
+            priors=prior_name, images=dataset, n_images=images, seeds=[seed], steps=steps, samples=samples,
+            out=folder, device=device, save_recon="figure", figure_images=1, lpips=False, verbose=verbose,
+            progress=progress, report=False, on_cell=finished,
+        )
+        if result.skipped:
+            print(f"  {task}: {result.skipped} finished cells reused from {folder}")
+        rows += result.rows
+    write_report(rows, folder, figure_images=1)  # the grid's own summary.md, summary.csv, grid.png
+    stats = summarize(rows)
+    tables = [s for s in stats if s["sampler"] != "baseline"]
+    by_sampler = {n: [s for s in tables if s["sampler"] == n and s["wall_time_mean"] is not None] for n in names}
+    lines = [task_table(stats, ["baseline", *names], labels={"baseline": "baseline (A_dagger)"}), ""]
+    lines.append(f"PSNR (dB) / SSIM of the mean of {samples} samples, averaged over {images} held-out images "
+                 "(MRI over the ground truth's range, as the benchmark). "
                  "Seconds (NFE) per task for all images and samples: "
-                 + "; ".join(f"{n} {sum(r['seconds'] for r in rows if r['sampler'] == n) / len(tasks):.1f} s "
-                             f"({cell[(tasks[0], n)]['nfe']})" for n in names))
+                 + "; ".join(f"{n} {sum(s['wall_time_mean'] * s['n'] for s in by_sampler[n]) / len(tasks):.1f} s "
+                             f"({by_sampler[n][0]['nfe_mean']:.0f})" for n in names if by_sampler[n]))
     if changed:
         lines.append("CPU-sized settings: " + "; ".join(f"{n} {o}" for n, o in changed.items()))
-    latent_rows = sorted({f"{r['sampler']} on {r['prior']}" for r in rows if r["prior"] in LATENT_PRIORS.values()})
-    if latent_rows:
-        lines.append("Latent prior: " + ", ".join(latent_rows))
+    own = sorted({f"{r['sampler']} on {r['sampler_prior']}" for r in rows if r.get("sampler_prior")})
+    if own:
+        lines.append("Latent prior: " + ", ".join(own))
+    lines.append(f"Cells, seeds and every sampler's parameters: {folder / 'results.jsonl'}")
     table = "\n".join(lines)
     print(table)
-
-    first = names[0]
-    cols = ["ground truth", "baseline"] + [f"{n} mean" for n in names] + [f"|{first} - truth|", f"{first} std"]
-    fig, axes = plt.subplots(len(panels), len(cols), figsize=(1.9 * len(cols), 2.0 * len(panels)), squeeze=False)
-    for r, (task, truth, baseline, results) in enumerate(panels):
-        mean = results[first].mean.cpu()
-        err, std = (mean - truth).abs(), results[first].std.cpu()
-        vmax_err = float(max(err[0].max(), std[0].max(), 1e-6))
-        imgs = [truth, baseline] + [results[n].mean.cpu() for n in names] + [err, std]
-        for c, img in enumerate(imgs):
-            ax = axes[r, c]
-            is_map = c >= len(cols) - 2
-            ax.imshow(img[0, 0].float().numpy(), cmap="magma" if is_map else "gray", vmin=0,
-                      vmax=vmax_err if is_map else 1)
-            ax.set_xticks([]), ax.set_yticks([])
-            if r == 0:
-                ax.set_title(cols[c], fontsize=8)
-            if 1 <= c < len(cols) - 2:
-                one = _metrics(imgs[c][:1], truth[:1])[0]
-                ax.text(1, 1, f"{one:.1f} dB", color="yellow", fontsize=7, va="top")
-        axes[r, 0].set_ylabel(task, fontsize=8)
-    fig.tight_layout()
-    _save_png_atomic(fig, out / "demo.png")
-    plt.close(fig)
+    png = write_comparison(rows, folder, out / "demo.png", maps=names[0] if names else None, samplers=["baseline", *names])
     md = atomic_write(out / "demo.md", table + "\n", fsync=False)
-    print(f"wrote {out / 'demo.png'} and {md}")
-    return rows
+    print(f"wrote {png} and {md}")
+    return stats

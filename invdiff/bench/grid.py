@@ -39,8 +39,8 @@ True
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import inspect
 import json
 import os
 
@@ -175,15 +175,28 @@ class TaskSpec:
 
 @dataclass(frozen=True)
 class SamplerSpec:
-    """A registered sampler with overrides (``samplers.make(name, prior, **overrides)``) and a label."""
+    """A registered sampler with overrides (``samplers.make(name, prior, **overrides)``) and a label.
+
+    ``prior`` (also given as the override ``prior=NAME``: ``"resample:prior=ct-phantom-latent-64"``)
+    is the sampler's own prior, used instead of the grid's (a latent sampler on a latent prior
+    trained on the same data); the grid's prior still chooses the images and the size, and the
+    cells record both priors' hashes.
+    """
 
     name: str
     overrides: dict = field(default_factory=dict)
     label: str = ""
+    prior: Any = None
 
     def __post_init__(self) -> None:
         if not self.label:
             object.__setattr__(self, "label", _label(self.name, self.overrides))
+        if "prior" in self.overrides:
+            if self.prior is not None:
+                raise ValueError(f"sampler {self.name!r}: its prior is given twice")
+            rest = dict(self.overrides)
+            object.__setattr__(self, "prior", rest.pop("prior"))
+            object.__setattr__(self, "overrides", rest)
 
 
 def _specs(items: str | Sequence[Any], kind: type, what: str) -> list:
@@ -240,22 +253,20 @@ def parse_seeds(seeds: int | str | Sequence[int]) -> list[int]:
 
 
 def sampler_params(name: str, overrides: Mapping[str, Any], volume: bool = False) -> dict:
-    """The full parameters of sampler ``name`` (a volume sampler when ``volume``): its
-    constructor's defaults with ``overrides``.
+    """The full options of sampler ``name`` (a volume sampler when ``volume``) as recorded in
+    every cell: its ``Params`` (:mod:`invdiff.samplers.params`) with ``overrides``, checked
+    before any work. A second prior (TPDM's) is recorded by the name or path it is given by.
 
-    :raises ValueError: an override the sampler does not take.
+    :raises ValueError: an option the sampler does not take, or one out of its range.
     """
+    from ..samplers.params import Instance
     from .baseline import bench_sampler_class
 
-    cls = bench_sampler_class(name, volume)
-    sig = inspect.signature(cls.__init__)
-    params = {k: p.default for k, p in sig.parameters.items()
-              if k not in ("self", "prior", "verbose") and p.kind is p.POSITIONAL_OR_KEYWORD}
-    unknown = sorted(set(overrides) - set(params))
-    if unknown:
-        raise ValueError(f"sampler {name!r}: unknown parameter(s) {unknown}; valid: {sorted(params)}")
-    params.update(overrides)
-    return jsonable(params)
+    params = bench_sampler_class(name, volume).Params
+    by_name = {k for k, v in overrides.items() if isinstance(params.constraints.get(k), Instance) and isinstance(v, str)}
+    params.check({k: v for k, v in overrides.items() if k not in by_name})
+    defaults = {f.name: f.default for f in dataclasses.fields(params) if f.default is not dataclasses.MISSING}
+    return jsonable({**defaults, **overrides})
 
 
 @dataclass(frozen=True)
@@ -272,10 +283,14 @@ class Cell:
     image_index: int
     image_hash: str
     seed: int
+    #: posterior samples per cell: the cell scores their mean (1: one sample, the default)
+    samples: int = 1
+    #: the hash of the sampler's own prior (:attr:`SamplerSpec.prior`); ``None``: the grid's
+    sampler_prior_hash: str | None = None
 
     @property
     def key(self) -> dict:
-        return {
+        key = {
             "prior_hash": self.prior_hash,
             "task": self.task_record,
             "sampler": self.sampler.name,
@@ -284,6 +299,12 @@ class Cell:
             "image_hash": self.image_hash,
             "seed": self.seed,
         }
+        # only when not the defaults, so that the ids of earlier grids stay valid
+        if self.samples != 1:
+            key["samples"] = self.samples
+        if self.sampler_prior_hash is not None:
+            key["sampler_prior_hash"] = self.sampler_prior_hash
+        return key
 
     @property
     def cell_id(self) -> str:
@@ -314,7 +335,7 @@ def load_toml(path: str | os.PathLike) -> dict:
         if "priors" in cfg:
             raise ValueError(f"{path}: give 'prior' or 'priors', not both")
         cfg["priors"] = cfg.pop("prior")
-    known = {"tasks", "samplers", "priors", "images", "n_images", "seeds", "steps", "out", "device",
+    known = {"tasks", "samplers", "priors", "images", "n_images", "seeds", "samples", "steps", "out", "device",
              "rerun_failed", "save_recon", "figure_images", "lpips", "lpips_net", "verbose"}
     unknown = sorted(set(cfg) - known)
     if unknown:

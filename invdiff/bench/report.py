@@ -25,7 +25,8 @@ from ..operators import task_info
 from . import store
 from .grid import canonical_json
 
-__all__ = ["summarize", "summary_markdown", "summary_csv", "write_grid", "write_report", "report", "CSV_COLUMNS"]
+__all__ = ["summarize", "summary_markdown", "summary_csv", "task_table", "write_grid", "write_comparison",
+           "write_report", "report", "CSV_COLUMNS"]
 
 CSV_COLUMNS = [
     "prior", "prior_hash", "task", "sampler", "n", "n_failed",
@@ -201,6 +202,99 @@ def summary_markdown(stats: Sequence[dict], rows: Sequence[dict]) -> str:
             lines.append(f"- ... and {len(failed) - 20} more (see the results file)")
         lines.append("")
     return "\n".join(lines)
+
+
+def task_table(stats: Sequence[dict], samplers: Sequence[str] | None = None,
+               labels: dict[str, str] | None = None, missing: str = "n/a") -> str:
+    """A markdown pivot of :func:`summarize`'s statistics: one row per (task, prior), one
+    column per sampler, each cell ``mean PSNR / mean SSIM`` (``missing`` where a sampler has
+    no successful cell).
+
+    :param samplers: the columns, in order (default: every sampler, first-seen order).
+    :param labels: column headers instead of sampler labels (``{"baseline": "baseline (A_dagger)"}``).
+    """
+    stats = list(stats)
+    columns = list(samplers) if samplers is not None else list(dict.fromkeys(s["sampler"] for s in stats))
+    labels = labels or {}
+    cell = {(s["task"], s["prior"], s["sampler"]): s for s in stats}
+    lines = ["| task | prior | " + " | ".join(labels.get(c, c) for c in columns) + " |",
+             "|" + "---|" * (len(columns) + 2)]
+    for task, prior in dict.fromkeys((s["task"], s["prior"]) for s in stats):
+        parts = []
+        for c in columns:
+            s = cell.get((task, prior, c))
+            if s is None or s["psnr_mean"] is None:
+                parts.append(missing)
+            else:
+                ssim = "n/a" if s["ssim_mean"] is None else f"{s['ssim_mean']:.3f}"
+                parts.append(f"{s['psnr_mean']:.2f} / {ssim}")
+        lines.append(f"| {task} | {prior} | " + " | ".join(parts) + " |")
+    return "\n".join(lines)
+
+
+def write_comparison(rows: Sequence[dict], folder: str | os.PathLike, path: str | os.PathLike,
+                     maps: str | None = None, samplers: Sequence[str] | None = None) -> Path | None:
+    """Draw a side-by-side figure from the reconstructions kept in ``folder/recon``: one row
+    per (prior, task), for its first image at the smallest seed; columns: the ground truth,
+    each sampler's reconstruction with the cell's PSNR, then ``|x_hat - x|`` of the sampler
+    ``maps`` and, when its cell kept one (``samples > 1``), the per-pixel std of its samples.
+    ``None`` if no reconstruction was kept.
+
+    :param maps: the sampler whose error and std maps are shown (default: the first column).
+    :param samplers: the columns, in order (default: every sampler, first-seen order).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder, path = Path(folder), Path(path)
+    rows = [r for r in _labelled(rows) if r.get("recon") and (folder / r["recon"]).is_file()]
+    if not rows:
+        return None
+    columns = list(samplers) if samplers is not None else list(dict.fromkeys(r["_sampler"] for r in rows))
+    maps = maps if maps is not None else columns[0]
+    panels = []
+    for prior, task in dict.fromkeys((r["_prior"], r["_task"]) for r in rows):
+        mine = [r for r in rows if (r["_prior"], r["_task"]) == (prior, task)]
+        seed = min(r["seed"] for r in mine)
+        first = min(r["image_index"] for r in mine if r["seed"] == seed)
+        cell = {r["_sampler"]: r for r in mine if r["seed"] == seed and r["image_index"] == first}
+        panels.append((task, {name: (cell[name], _load_recon(folder, cell[name]["recon"]))
+                              for name in columns if name in cell}))
+    titles = ["ground truth", *columns, f"|{maps} - truth|", f"{maps} std"]
+    fig, axes = plt.subplots(len(panels), len(titles), figsize=(1.9 * len(titles), 2.0 * len(panels)),
+                             squeeze=False)
+    for i, (task, recons) in enumerate(panels):
+        some = next(iter(recons.values()))
+        truth = some[1]["x"]
+        peak = float(_show(truth).max()) if task_info(some[0]["task_name"]).metric_range == "data" else 1.0
+        err = std = None
+        if maps in recons:
+            data = recons[maps][1]
+            err = (data["x_hat"].clamp(0, 1) - data["x"]).abs()
+            std = data.get("std")
+        vmax_map = max([float(_show(m).max()) for m in (err, std) if m is not None] + [1e-6])
+        images = [(truth, None), *[(recons[n][1]["x_hat"] if n in recons else None, recons.get(n, (None,))[0])
+                                   for n in columns], (err, None), (std, None)]
+        for c, (img, r) in enumerate(images):
+            ax = axes[i, c]
+            is_map = c > len(columns)
+            if img is not None:
+                ax.imshow(_show(img), cmap="magma" if is_map else "gray", vmin=0, vmax=vmax_map if is_map else peak)
+            if r is not None:
+                ax.text(1, 1, f"{r['psnr']:.1f} dB", color="yellow", fontsize=7, va="top")
+            ax.set_xticks([]), ax.set_yticks([])
+            if i == 0:
+                ax.set_title(titles[c], fontsize=8)
+        axes[i, 0].set_ylabel(task, fontsize=8)
+    fig.tight_layout()
+    try:
+        with atomic_file(path, overwrite=True) as tmp:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return path
 
 
 def _load_recon(folder: Path, rel: str | None):

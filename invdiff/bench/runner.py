@@ -25,6 +25,7 @@ differs). Without torchrun the same call runs every cell in this process.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import functools
@@ -43,7 +44,7 @@ import torch
 from deepinv.models import Reconstructor
 from torch import Tensor
 
-from ..files import atomic_file
+from ..files import atomic_file, check_not_input
 from . import store
 from .baseline import bench_sampler_class
 from .grid import (
@@ -277,6 +278,7 @@ class _Setup:
     overrides: dict[str, dict]  # sampler label -> the keyword arguments it is built with
     cells: list[Cell]
     depth: int | None = None  # a volume grid: D slices per volume
+    sampler_priors: dict[str, BenchPrior] = field(default_factory=dict)  # sampler label -> its own prior
 
 
 def grid_shape(prior, size) -> tuple[int, int, int]:
@@ -292,9 +294,11 @@ def grid_shape(prior, size) -> tuple[int, int, int]:
     return prior.check_shape(shape, where="bench")
 
 
-def _setup(tasks, samplers, priors, images, n_images, seeds, steps, size=None, depth=None) -> _Setup:
+def _setup(tasks, samplers, priors, images, n_images, seeds, steps, size=None, depth=None, samples=1) -> _Setup:
     from .. import operators
 
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples must be a positive integer, got {samples!r}")
     if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 1):
         raise ValueError(f"depth must be a positive integer, got {depth!r}")
     volume = depth is not None
@@ -312,6 +316,8 @@ def _setup(tasks, samplers, priors, images, n_images, seeds, steps, size=None, d
         overrides[spec.label] = {**({"steps": steps} if steps is not None and takes_steps else {}),
                                  **spec.overrides}
         params[spec.label] = sampler_params(spec.name, overrides[spec.label], volume)
+    # a sampler's own prior (SamplerSpec.prior), by name, path or object
+    own = {spec.label: _one_prior(spec.prior) for spec in sampler_list if spec.prior is not None}
     prior_list = resolve_priors(priors)
     image_sets, physics, cells = {}, {}, []
     for bp in prior_list:
@@ -332,22 +338,59 @@ def _setup(tasks, samplers, priors, images, n_images, seeds, steps, size=None, d
             for image in image_sets[bp.name]:
                 for seed in seed_list:
                     for spec in sampler_list:
+                        mine = own.get(spec.label)
                         cells.append(Cell(bp.name, bp.hash, task, record, spec, params[spec.label],
-                                          image.id, image.index, image.hash, seed))
+                                          image.id, image.index, image.hash, seed, samples,
+                                          mine.hash if mine is not None else None))
     ids = [c.cell_id for c in cells]
     if len(set(ids)) != len(ids):
         raise ValueError("the grid has identical cells (the same prior given twice under different names?)")
-    return _Setup(prior_list, task_list, sampler_list, image_sets, physics, params, overrides, cells, depth)
+    return _Setup(prior_list, task_list, sampler_list, image_sets, physics, params, overrides, cells, depth, own)
 
 
-def _save_recon(out: Path, cell: Cell, x_hat: Tensor, x: Tensor) -> str:
+def _input_paths(images: Any, priors: Any) -> list:
+    """The paths among the image source and the priors (what the output folder must keep clear of)."""
+    if isinstance(priors, str):
+        items = split_list(priors)
+    elif isinstance(priors, Mapping):
+        items = list(priors.values())
+    else:
+        items = list(priors) if isinstance(priors, (list, tuple)) else [priors]
+    return [p for p in [images, *items] if isinstance(p, (str, os.PathLike))]
+
+
+@contextlib.contextmanager
+def _locked(out: Path, dist: _Dist):
+    """Hold ``out``'s lock (:func:`invdiff.bench.store.lock`) for this run: rank 0 takes it and
+    tells the other ranks whether it could, so a refused distributed run stops on every rank."""
+    if dist.world == 1:
+        with store.lock(out):
+            yield
+        return
+    import torch.distributed as tdist
+
+    with contextlib.ExitStack() as held:
+        message = [None]
+        if dist.rank == 0:
+            try:
+                held.enter_context(store.lock(out))
+            except store.BenchLocked as err:
+                message = [str(err)]
+        tdist.broadcast_object_list(message, src=0)
+        if message[0] is not None:
+            raise store.BenchLocked(message[0])
+        yield
+
+
+def _save_recon(out: Path, cell: Cell, x_hat: Tensor, x: Tensor, std: Tensor | None = None) -> str:
     from safetensors.torch import save_file
 
     folder = out / "recon"
     folder.mkdir(exist_ok=True)
     path = folder / f"{cell.cell_id}.safetensors"
+    tensors = {"x_hat": x_hat, "x": x, **({"std": std} if std is not None else {})}
     with atomic_file(path, overwrite=True) as tmp:
-        save_file({"x_hat": x_hat.detach().cpu().float().contiguous(), "x": x.detach().cpu().float().contiguous()},
+        save_file({k: v.detach().cpu().float().contiguous() for k, v in tensors.items()},
                   str(tmp), metadata={"cell_id": cell.cell_id})
     return f"recon/{path.name}"
 
@@ -387,7 +430,8 @@ class _Runner:
     def sampler(self, cell: Cell):
         key = (cell.prior, cell.sampler.label)
         if key not in self._samplers:
-            prior = self.priors[cell.prior].prior.to(self.device)
+            own = self.setup.sampler_priors.get(cell.sampler.label)  # the sampler's own prior, else the grid's
+            prior = (own if own is not None else self.priors[cell.prior]).prior.to(self.device)
             overrides = dict(self.setup.overrides[cell.sampler.label])
             if isinstance(overrides.get("perpendicular_prior"), str):  # TPDM's second prior, by name or path
                 overrides["perpendicular_prior"] = _one_prior(overrides["perpendicular_prior"]).prior.to(self.device)
@@ -407,6 +451,7 @@ class _Runner:
     def run_cell(self, cell: Cell) -> dict:
         start = time.perf_counter()
         image = self.images[cell.prior, cell.image_id]
+        own = self.setup.sampler_priors.get(cell.sampler.label)
         row = {
             "cell_id": cell.cell_id,
             "status": "ok",
@@ -420,6 +465,9 @@ class _Runner:
             "sampler": cell.sampler.label,
             "sampler_name": cell.sampler.name,
             "sampler_params": cell.sampler_params,
+            "sampler_prior": own.name if own is not None else None,
+            "sampler_prior_hash": cell.sampler_prior_hash,
+            "samples": cell.samples,
             "image": cell.image_id,
             "image_index": cell.image_index,
             "image_source": image.source,
@@ -437,12 +485,18 @@ class _Runner:
             x = image.x[None]
             y = self.measure(cell, x)
             sampler = SeededSampler(self.sampler(cell), cell.sampler_seed)
-            x_hat = sampler(y.to(self.device), self.physics_on_device(cell))
+            std = None
+            if cell.samples == 1:
+                x_hat = sampler(y.to(self.device), self.physics_on_device(cell))
+            else:  # the mean of K samples, one batched run from the same seeded generator
+                post = sampler.sampler.sample(y.to(self.device), self.physics_on_device(cell), n=cell.samples,
+                                              generator=torch.Generator(self.device).manual_seed(cell.sampler_seed))
+                x_hat, std = post.mean, post.std
             metrics = image_metrics(x_hat, x, cell.task.family, self.lpips, self.lpips_net)
             if self.save_recon == "all" or (
                 self.save_recon == "figure" and cell.image_index < self.figure_images and cell.seed == self.first_seed
             ):
-                recon = _save_recon(self.out, cell, x_hat, x)
+                recon = _save_recon(self.out, cell, x_hat, x, std)
         except Exception as err:  # a failed cell is recorded and the grid goes on
             row["status"], row["error"] = "failed", _error_text(err)
             row["traceback"] = traceback.format_exc(limit=-3)
@@ -476,6 +530,7 @@ def run(
     seeds: int | str | Sequence[int] = 1,
     steps: int | None = None,
     out: str | os.PathLike = "invdiff-bench",
+    samples: int = 1,
     size: int | str | tuple[int, int] | None = None,
     depth: int | None = None,
     device: str = "cpu",
@@ -488,6 +543,7 @@ def run(
     progress: bool = True,
     report: bool = True,
     on_cell: Callable[[dict], None] | None = None,
+    inputs: Sequence[str | os.PathLike] = (),
 ) -> BenchResult:
     """Run (or resume) a benchmark grid and write its results, summary and figure to ``out``.
 
@@ -512,7 +568,12 @@ def run(
         ``diffusion-mbir``), 3D PSNR / SSIM and the z-gradient error (``z_error``).
     :param seeds: a count ``S`` (seeds ``0 .. S-1``) or a list of seeds.
     :param steps: overrides every sampler's ``steps`` (a sampler spec's own ``steps`` wins).
-    :param out: output folder (created); running again into it resumes.
+    :param samples: posterior samples per cell, ``K``: a cell scores the mean of ``K`` samples
+        (``sampler.sample(y, physics, n=K)``, one batched run from the cell's seeded generator)
+        and keeps their per-pixel std with the reconstruction; ``K`` is part of the cell's id.
+    :param out: output folder (created); running again into it resumes. One run at a time:
+        a second run on the same folder is refused (``RuntimeError``, naming the first's pid);
+        the folder is never an input (the image folder, a prior file) nor inside or around one.
     :param device: ``"cpu"``, ``"cuda"`` (``cuda:<LOCAL_RANK>`` under torchrun) or ``"cuda:1"``.
     :param rerun_failed: run again the cells recorded as failed.
     :param save_recon: keep reconstructions for the figure (``"figure"``: the first
@@ -524,6 +585,8 @@ def run(
     :param report: write ``summary.md``, ``summary.csv`` and ``grid.png`` at the end.
     :param on_cell: called with each row right after it is written (a hook for notebooks
         and tests; an exception it raises stops the run, as a kill would).
+    :param inputs: other files ``out`` must not be, contain or sit inside (the command's
+        ``--config``); the image folder and prior files are checked anyway.
     :returns: a :class:`BenchResult` with the rows of this grid.
     :raises ValueError: an unknown task, sampler, parameter or image source, before any cell runs.
     """
@@ -534,15 +597,18 @@ def run(
     if figure_images < 0:
         raise ValueError(f"figure_images must be >= 0, got {figure_images}")
     out = Path(out)
+    check_not_input(out, [*_input_paths(images, priors), *inputs], "out")  # results never go into an input
     dist = _init_distributed(str(device))
+    held = contextlib.ExitStack()
     try:
         if dist.world > 1 and str(device) == "cuda":
             device = f"cuda:{dist.local_rank}"
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError(f"device {device!r} requested but CUDA is not available")
         torch.device(device)  # a malformed device fails here, before any work
-        setup = _setup(tasks, samplers, priors, images, n_images, seeds, steps, size, depth)
+        setup = _setup(tasks, samplers, priors, images, n_images, seeds, steps, size, depth, samples)
         out.mkdir(parents=True, exist_ok=True)
+        held.enter_context(_locked(out, dist))  # one run per folder, from reading the finished cells to the summary
         previous = store.load_results(out) if (out / store.RESULTS).exists() or store.rank_files(out) else []
         finished = {r["cell_id"] for r in previous if r.get("status") == "ok" or not rerun_failed}
         pending = [c for c in setup.cells if c.cell_id not in finished]
@@ -586,4 +652,5 @@ def run(
         return BenchResult(out, rows, len(setup.cells), ran, len(setup.cells) - len(pending),
                            sum(r["status"] != "ok" for r in rows), paths)
     finally:
+        held.close()
         dist.close()

@@ -32,7 +32,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="reconstruct held-out CT and MRI images with the shipped priors, offline")
-    p.add_argument("--out", default="invdiff-demo", help="output folder (default: ./invdiff-demo)")
+    p.add_argument("--out", default="invdiff-demo",
+                   help="output folder (default: ./invdiff-demo); the benchmark cells go to OUT/bench, and running "
+                        "again with the same settings reuses the finished ones")
     p.add_argument("--size", type=int, default=None, help="image side (default 64; --analytic: 32)")
     p.add_argument("--steps", type=int, default=None,
                    help="every sampler's steps (default 25, for a demo in minutes on a CPU; --analytic: each sampler's own)")
