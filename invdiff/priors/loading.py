@@ -24,6 +24,7 @@ import json
 import os
 import pickle
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -282,7 +283,9 @@ def _torch_reason(err: BaseException) -> str:
 def _read_torch(path: Path) -> Any:
     """``torch.load(weights_only=True)``: never unpickles code; every failure is one line."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's multi-line notes on the pickle protocol: the error says it
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         reason = _torch_reason(err)
         if re.search(r"Unsupported global|Unsupported class|GLOBAL |unrecognized function", str(err), re.I):
@@ -291,13 +294,20 @@ def _read_torch(path: Path) -> Any:
                 f"{' (' + reason + ')' if reason else ''}; invdiff never unpickles (it reads .pt/.pth/.ckpt files "
                 f"only with torch.load(weights_only=True)); {_CONVERT}"
             ) from None
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if head[:1] == b"\x80":  # pickle's PROTO opcode: a plain pickle, not torch's zip format
+            raise ValueError(
+                f"{path}: refused to load: not a weights-only checkpoint, it is a plain Python pickle "
+                f"(protocol {head[1] if len(head) > 1 else '?'}); invdiff never unpickles; {_CONVERT}"
+            ) from None
         raise ValueError(
             f"{path}: corrupt or truncated checkpoint, or not a weights-only one: torch.load(weights_only=True) "
             f"cannot read it{' (' + reason + ')' if reason else ''}; invdiff never unpickles; {_CONVERT}"
         ) from None
     except Exception as err:
-        raise ValueError(f"{path}: corrupt or truncated checkpoint ({type(err).__name__}: "
-                         f"{_one_line(_torch_reason(err) or err)})") from None
+        raise ValueError(f"{path}: corrupt or truncated checkpoint, or not a weights-only one ({type(err).__name__}: "
+                         f"{_one_line(_torch_reason(err) or err)}); invdiff never unpickles; {_CONVERT}") from None
 
 
 def _is_state_dict(obj: Any) -> bool:

@@ -245,11 +245,17 @@ class Payload:
         return (Path.touch, (Path(self.marker),))
 
 
-@pytest.mark.parametrize("suffix", [".ckpt", ".pt"])
-def test_malicious_pickle_is_never_executed(tmp_path, capsys, suffix):
+@pytest.mark.parametrize("suffix, how", [(".ckpt", "torch"), (".pt", "torch"), (".ckpt", "pickle")])
+def test_malicious_pickle_is_never_executed(tmp_path, capsys, suffix, how):
     marker = tmp_path / "executed"
     path = tmp_path / f"model{suffix}"
-    torch.save({"state_dict": {"w": torch.zeros(2)}, "payload": Payload(marker)}, path)
+    payload = {"state_dict": {"w": torch.zeros(2)}, "payload": Payload(marker)}
+    if how == "torch":
+        torch.save(payload, path)
+    else:  # a plain pickle (protocol 4, as Lightning's .ckpt): torch warns about the protocol
+        import pickle
+
+        path.write_bytes(pickle.dumps(payload, protocol=4))
     with pytest.raises(ValueError) as err:
         priors.load(path)
     message = str(err.value)
