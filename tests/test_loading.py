@@ -102,7 +102,7 @@ def test_config_argument_preset_dict_and_adapter_options(tmp_path, net, images):
     assert_same_prior(prior, ADMPrior(net, schedule="cosine"), images)
     prior = load(path, config=ADMConfig(**SMALL), rescale_timesteps=True, image_shape=(1, 64, 32))
     assert prior.image_shape == (1, 64, 32) and prior.rescale_timesteps
-    with pytest.raises(TypeError, match="unknown ADMPrior options"):
+    with pytest.raises(ValueError, match="unknown ADMPrior options"):
         load(path, schedul="cosine")
 
 

@@ -14,8 +14,9 @@ from .edm import EDMPrior, small_unet_config
 from .latent import (ConvAutoencoder, IdentityAutoencoder, LatentDiffusionPrior, LatentGaussianPosterior,
                      LinearAutoencoder)
 from .patch import PatchDiffusionPrior, PositionalEDMDenoiser, WholeImageDenoiser, patch_unet_config
-from .loading import (PriorFamily, available, extract_state_dict, families, family_of, get_family, load, model_card,
-                      register_family, save)
+from .conventions import DataRange
+from .loading import (PriorFamily, available, extract_state_dict, families, family_of, get_family, inspect, load,
+                      model_card, parse_dtype, register_family, save)
 
 __all__ = [
     "DiffusionPrior",
@@ -50,4 +51,7 @@ __all__ = [
     "register_family",
     "PriorFamily",
     "extract_state_dict",
+    "inspect",
+    "parse_dtype",
+    "DataRange",
 ]

@@ -60,19 +60,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import DiffusionPrior
+from .conventions import DataRange, vp_input, vp_prediction_to_x0
 
 __all__ = [
     "ADMConfig",
     "ADMPrior",
     "GuidedDiffusionUNet",
+    "PRESET_OPTIONS",
     "get_named_beta_schedule",
     "timestep_embedding",
 ]
 
-# official default channel multipliers (guided_diffusion/script_util.py: create_model)
+# official default channel multipliers (guided_diffusion/script_util.py: create_model); 320 is
+# DDS's addition (HJ-harry/DDS guided_diffusion/script_util.py maps 320 to the 256 defaults)
 _DEFAULT_CHANNEL_MULT = {
     512: (0.5, 1, 1, 2, 2, 4, 4),
     256: (1, 1, 2, 2, 4, 4),
+    320: (1, 1, 2, 2, 4, 4),
     128: (1, 1, 2, 3, 4),
     64: (1, 2, 3, 4),
 }
@@ -87,9 +91,19 @@ _DIFFUSION_FLAGS = {
     "predict_xstart",
     "rescale_timesteps",
     "rescale_learned_sigmas",
+    # DDS's `diffusion:` section (configs/vp/*.yml): a linear schedule by its end points
+    "beta_schedule",
+    "beta_start",
+    "beta_end",
+    "num_diffusion_timesteps",
 }
-# official flags that change nothing in the weights or the outputs
-_IGNORED_FLAGS = {"use_fp16", "use_checkpoint", "conv_resample", "dims"}
+# official flags that change nothing in the weights or the outputs; `type`, `var_type` and
+# `resamp_with_conv` are the extra keys of DDS's `model:` section, which its
+# create_model(**kwargs) accepts and ignores
+_IGNORED_FLAGS = {"use_fp16", "use_checkpoint", "conv_resample", "dims", "type", "var_type", "resamp_with_conv",
+                  "model_path"}
+# sections of a nested config file (DDS's YAML) that hold no network or diffusion settings
+_IGNORED_SECTIONS = {"data", "sampling", "training", "optim"}
 _FLAG_ALIASES = {"num_channels": "model_channels"}
 
 _PRESETS: dict[str, dict[str, Any]] = {
@@ -127,6 +141,61 @@ _PRESETS: dict[str, dict[str, Any]] = {
         learn_sigma=True,
         dropout=0.0,
     ),
+    # DDS (Chung, Lee & Ye, ICLR 2024), configs/vp/AAPM256.yml `model:` (1-channel CT slices in [0, 1])
+    "dds_aapm256": dict(
+        type="openai",
+        in_channels=1,
+        out_channels=2,
+        num_channels=256,
+        num_heads=4,
+        num_res_blocks=1,
+        attention_resolutions="16",
+        dropout=0.0,
+        resamp_with_conv=True,
+        learn_sigma=True,
+        use_scale_shift_norm=True,
+        use_fp16=False,
+        resblock_updown=True,
+        num_heads_upsample=-1,
+        var_type="fixedsmall",
+        num_head_channels=64,
+        image_size=256,
+        class_cond=False,
+        use_new_attention_order=False,
+    ),
+    # DDS, configs/vp/fastmri_knee_320_complex.yml `model:` (complex knee slices, max-normalised);
+    # 320 // 16 = 20 is no downsampling factor, so only the middle block has attention (as officially)
+    "dds_fastmri320": dict(
+        type="openai",
+        in_channels=2,
+        out_channels=4,
+        num_channels=256,
+        num_heads=4,
+        num_res_blocks=1,
+        attention_resolutions="16",
+        dropout=0.0,
+        resamp_with_conv=True,
+        learn_sigma=True,
+        use_scale_shift_norm=True,
+        use_fp16=False,
+        resblock_updown=True,
+        num_heads_upsample=-1,
+        var_type="fixedsmall",
+        num_head_channels=64,
+        image_size=320,
+        class_cond=False,
+        use_new_attention_order=False,
+    ),
+}
+
+#: adapter options of each preset beyond the defaults: the data range its checkpoint was trained on
+PRESET_OPTIONS: dict[str, dict[str, Any]] = {
+    "ffhq_10m": {"data_range": "[-1, 1]"},
+    "imagenet256_uncond": {"data_range": "[-1, 1]"},
+    # DDS's solver_2d.py applies the CT operator to the network's Tweedie estimate of raw [0, 1] slices,
+    # and the MRI operator to complex images divided by their largest magnitude
+    "dds_aapm256": {"data_range": "[0, 1]"},
+    "dds_fastmri320": {"data_range": "complex-max"},
 }
 
 
@@ -182,7 +251,9 @@ class ADMConfig:
     num_classes: int | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.attention_resolutions, str):
+        if isinstance(self.attention_resolutions, (int, float)):  # YAML reads `attention_resolutions: 16` as an int
+            self.attention_resolutions = str(int(self.attention_resolutions))
+        elif not isinstance(self.attention_resolutions, str):
             self.attention_resolutions = ",".join(str(int(r)) for r in self.attention_resolutions)
         if not isinstance(self.channel_mult, str):
             self.channel_mult = _mult_str(self.channel_mult)
@@ -221,11 +292,14 @@ class ADMConfig:
     # --- constructors -------------------------------------------------------------
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "ADMConfig":
-        """A published configuration: ``"ffhq_10m"`` (DPS's FFHQ model) or
-        ``"imagenet256_uncond"`` (``256x256_diffusion_uncond.pt``)."""
+        """A published configuration, from its official flags verbatim: ``"ffhq_10m"`` (DPS's
+        FFHQ model), ``"imagenet256_uncond"`` (``256x256_diffusion_uncond.pt``),
+        ``"dds_aapm256"`` and ``"dds_fastmri320"`` (DDS's CT and complex knee MRI models; their
+        data ranges, ``[0, 1]`` and ``complex-max``, are in :data:`PRESET_OPTIONS`)."""
         if name not in _PRESETS:
             raise ValueError(f"unknown ADM preset {name!r}; known: {', '.join(sorted(_PRESETS))}")
-        return cls(**{**_PRESETS[name], **overrides})
+        config, _ = cls.from_flags({**_PRESETS[name], **overrides})
+        return config
 
     @classmethod
     def presets(cls) -> list[str]:
@@ -240,12 +314,25 @@ class ADMConfig:
         Returns ``(config, diffusion_flags)`` where ``diffusion_flags`` holds
         ``diffusion_steps``, ``noise_schedule``, ``rescale_timesteps``, … as given.
         ``use_fp16``/``use_checkpoint`` are ignored; ``class_cond=True`` needs
-        ``num_classes`` (1000 if absent, as the official code).
+        ``num_classes`` (1000 if absent, as the official code). A nested config file is
+        read too: DDS's YAML (``{"data": ..., "model": ..., "diffusion": ...}``) gives its
+        ``model`` and ``diffusion`` sections (``beta_schedule``, ``beta_start``, ``beta_end``,
+        ``num_diffusion_timesteps``), its ``data``/``sampling`` sections are ignored.
         """
         names = {f.name for f in fields(cls)}
         net: dict[str, Any] = {}
         diffusion: dict[str, Any] = {}
         class_cond = False
+        if isinstance(flags.get("model"), Mapping):  # a nested config file: flatten its sections
+            flat: dict[str, Any] = {}
+            for section, values in flags.items():
+                if section in _IGNORED_SECTIONS:
+                    continue
+                if section not in ("model", "diffusion") or not isinstance(values, Mapping):
+                    raise ValueError(f"unknown ADM config section {section!r} (known: model, diffusion, "
+                                     f"{', '.join(sorted(_IGNORED_SECTIONS))})")
+                flat.update(values)
+            flags = flat
         for key, value in flags.items():
             key = _FLAG_ALIASES.get(key, key)
             if key in names:
@@ -254,7 +341,7 @@ class ADMConfig:
                 diffusion[key] = value
             elif key == "class_cond":
                 class_cond = bool(value)
-            elif key in _IGNORED_FLAGS or key == "model_path":
+            elif key in _IGNORED_FLAGS:
                 continue
             else:
                 raise ValueError(f"unknown ADM flag {key!r}")
@@ -270,6 +357,19 @@ class ADMConfig:
         if diffusion:
             raise ValueError(f"diffusion flags {sorted(diffusion)} are not network settings")
         return config
+
+    @staticmethod
+    def _infer_image_size(mult: tuple[float, ...], levels: int, in_channels: int) -> int:
+        """The training size the weights suggest (they do not fix it): the size whose
+        default ``channel_mult`` they have — 320 rather than 256 for a 2-channel (complex
+        MRI) network, the one published model of that kind being DDS's fastMRI knee model —
+        else an 8x8 bottleneck, ``8 * 2 ** (levels - 1)``, as in every official default."""
+        sizes = [s for s, m in _DEFAULT_CHANNEL_MULT.items() if m == mult]
+        if not sizes:
+            return 8 * 2 ** (levels - 1)
+        if in_channels == 2 and 320 in sizes:
+            return 320
+        return sizes[0]
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of the fields (JSON-serialisable)."""
@@ -308,10 +408,11 @@ class ADMConfig:
         ``use_new_attention_order`` (False), ``dropout`` (0) and ``image_size``. The image
         size is only needed to write the attention levels as resolutions and for the
         prior's ``image_shape``: when not given it is the size whose official default
-        ``channel_mult`` matches, else ``8 * 2 ** (levels - 1)`` (an 8×8 bottleneck, as in
-        every official default; e.g. 32 for 3 levels). Give ``image_size`` (or
-        ``image_shape`` to :func:`invdiff.priors.loading.load`) for anything else, e.g.
-        320 for fastMRI. Any field in ``given`` overrides inference.
+        ``channel_mult`` matches (256 for ``1,1,2,2,4,4``, except 320 for a 2-channel
+        network: DDS's complex fastMRI model), else ``8 * 2 ** (levels - 1)`` (an 8×8
+        bottleneck, as in every official default; e.g. 32 for 3 levels). Give
+        ``image_size`` (or ``image_shape`` to :func:`invdiff.priors.loading.load`) for
+        anything else. Any field in ``given`` overrides inference.
         """
         sd = state_dict
         required = (
@@ -388,8 +489,7 @@ class ADMConfig:
         mult_t = tuple(mult)
         image_size = given.get("image_size")
         if image_size is None:
-            # every official default ends at an 8x8 bottleneck: 8 * 2**(levels - 1)
-            image_size = next((s for s, m in _DEFAULT_CHANNEL_MULT.items() if m == mult_t), 8 * 2 ** (levels - 1))
+            image_size = cls._infer_image_size(mult_t, levels, in_channels)
         inferred = dict(
             image_size=int(image_size),
             in_channels=in_channels,
@@ -748,6 +848,10 @@ class ADMPrior(DiffusionPrior):
     :param dtype: run the network in this dtype (e.g. ``torch.bfloat16``); inputs and
         outputs stay in the caller's dtype. ``None`` keeps the model's dtype.
     :param sigma_data: standard deviation of the training images on ``[0, 1]``.
+    :param data_range: range of the training images (:class:`~invdiff.priors.conventions.DataRange`):
+        ``"[-1, 1]"`` (guided-diffusion, DPS), ``"[0, 1]"`` (DDS's AAPM CT slices) or
+        ``"complex-max"`` (DDS's fastMRI model); the formulas above are for ``[-1, 1]``, in
+        general ``x' = shift + scale x`` and ``sigma' = scale sigma``.
 
     Example::
 
@@ -775,8 +879,10 @@ class ADMPrior(DiffusionPrior):
         clip: bool = False,
         dtype: torch.dtype | None = None,
         sigma_data: float = 0.5,
+        data_range: str | DataRange | Sequence[float] = "[-1, 1]",
     ) -> None:
         config = getattr(model, "config", None)
+        self_range = DataRange.parse(data_range)
         if image_shape is None:
             if not isinstance(config, ADMConfig):
                 raise ValueError("image_shape is required for models without an ADMConfig")
@@ -792,8 +898,10 @@ class ADMPrior(DiffusionPrior):
         if betas.ndim != 1 or len(betas) < 2 or not ((betas > 0) & (betas < 1)).all():
             raise ValueError("betas must be a 1-D sequence of at least 2 values in (0, 1)")
         alphas_cumprod = np.cumprod(1.0 - betas)
-        sigmas_vp = np.sqrt((1.0 - alphas_cumprod) / alphas_cumprod)  # σ'_t on the [-1, 1] scale
-        super().__init__(image_shape, sigmas_vp[0] / 2, sigmas_vp[-1] / 2, sigma_data)
+        sigmas_vp = np.sqrt((1.0 - alphas_cumprod) / alphas_cumprod)  # σ'_t on the model's scale
+        scale = self_range.scale
+        super().__init__(image_shape, sigmas_vp[0] / scale, sigmas_vp[-1] / scale, sigma_data)
+        self.data_range = self_range
         self.model = model if dtype is None else model.to(dtype)
         self.num_timesteps = len(betas)
         self.rescale_timesteps = bool(rescale_timesteps)
@@ -802,6 +910,13 @@ class ADMPrior(DiffusionPrior):
         self._log_sigmas = torch.from_numpy(np.log(sigmas_vp))
 
     # --- schedule -----------------------------------------------------------------
+    @property
+    def parameterisation(self) -> str:  # type: ignore[override]
+        sched = self.schedule if self.schedule is not None else "custom"
+        rescale = ", timesteps rescaled to 1000" if self.rescale_timesteps else ""
+        return (f"VP epsilon-prediction, {sched} betas, T={self.num_timesteps}{rescale}; continuous t by "
+                f"log-sigma interpolation; learned variance dropped")
+
     @property
     def dtype(self) -> torch.dtype:
         """Dtype the network runs in."""
@@ -813,7 +928,7 @@ class ADMPrior(DiffusionPrior):
         (``[0, 1]`` scale): log-σ' interpolation, clamped outside the schedule."""
         table_dtype = torch.float32 if sigma.device.type == "mps" else torch.float64
         log_table = self._log_sigmas.to(sigma.device, table_dtype)
-        log_sigma = torch.log(2 * sigma.to(table_dtype)).reshape(-1)
+        log_sigma = torch.log(self.data_range.scale * sigma.to(table_dtype)).reshape(-1)
         hi = torch.searchsorted(log_table, log_sigma).clamp(1, len(log_table) - 1)
         lo = hi - 1
         w = ((log_sigma - log_table[lo]) / (log_table[hi] - log_table[lo])).clamp(0, 1)
@@ -825,21 +940,21 @@ class ADMPrior(DiffusionPrior):
         t = t.to(torch.float64).clamp(0, len(log_table) - 1)
         lo = t.floor().long().clamp(max=len(log_table) - 2)
         w = t - lo
-        return (torch.exp((1 - w) * log_table[lo] + w * log_table[lo + 1]) / 2).to(torch.float32)
+        return (torch.exp((1 - w) * log_table[lo] + w * log_table[lo + 1]) / self.data_range.scale).to(torch.float32)
 
     # --- the contract -------------------------------------------------------------
     def _denoise(self, x: Tensor, sigma: Tensor) -> Tensor:
-        x_m = 2 * x - 1  # x' on [-1, 1]
-        sigma_m = 2 * sigma  # σ'
+        x_m = self.data_range.to_model(x)  # x' on the model's scale ([-1, 1] by default)
+        sigma_m = self.data_range.sigma_to_model(sigma)  # σ'
         t = self.sigma_to_t(sigma).to(x.device)
         if self.rescale_timesteps:
             t = t * (1000.0 / self.num_timesteps)
-        x_t = x_m / torch.sqrt(1 + sigma_m**2)  # = sqrt(ᾱ_t) x'
+        x_t = vp_input(x_m, sigma_m)  # = sqrt(ᾱ_t) x'
         eps = self.model(x_t.to(self.dtype), t)[:, : x.shape[1]].to(x.dtype)
-        x0_m = x_m - sigma_m * eps  # Tweedie, ε-parametrisation
-        d = (x0_m + 1) / 2
+        d = self.data_range.from_model(vp_prediction_to_x0(eps, x_m, sigma_m, "epsilon"))  # Tweedie
         return d.clamp(0, 1) if self.clip else d
 
     def extra_repr(self) -> str:
         sched = self.schedule if self.schedule is not None else "custom"
-        return f"{super().extra_repr()}, schedule={sched}, T={self.num_timesteps}, dtype={self.dtype}"
+        return (f"{super().extra_repr()}, schedule={sched}, T={self.num_timesteps}, data_range={self.data_range}, "
+                f"dtype={self.dtype}")

@@ -20,6 +20,8 @@ import torch
 from deepinv.models import Denoiser
 from torch import Tensor
 
+from .conventions import DataRange
+
 __all__ = ["DiffusionPrior", "as_sigma"]
 
 
@@ -78,6 +80,11 @@ class DiffusionPrior(Denoiser):
     fully_convolutional: bool = False
     #: :meth:`_denoise` takes a ``generator`` (randomised denoisers, e.g. random patch offsets).
     uses_generator: bool = False
+    #: Range of the network's training images (:class:`~invdiff.priors.conventions.DataRange`);
+    #: adapters of outside checkpoints set their own, recorded in the model card.
+    data_range: DataRange = DataRange(0.0, 1.0)
+    #: What the network computes, in one line, for the model card (adapters override it).
+    parameterisation: str = "VE denoiser D(x, sigma) on [0, 1] images"
 
     def __init__(
         self,
@@ -97,6 +104,9 @@ class DiffusionPrior(Denoiser):
         self.sigma_max = float(sigma_max)
         self.sigma_data = float(sigma_data)
         self.any_size = bool(any_size)
+        #: The model card :func:`invdiff.priors.load` attaches (family, source,
+        #: parameterisation, data range, config, file); empty for a prior built in code.
+        self.card: dict = {}
 
     # --- resolution -----------------------------------------------------------------
     @property

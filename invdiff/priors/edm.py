@@ -152,5 +152,7 @@ register_family(
         build=_edm_build,
         describe=_edm_describe,
         network=lambda prior: prior.model,
+        source="invdiff (invdiff/priors/edm.py EDMPrior: EDM preconditioning around a GuidedDiffusionUNet)",
+        formats="invdiff .safetensors (priors.save, invdiff train)",
     )
 )

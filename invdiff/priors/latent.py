@@ -471,5 +471,7 @@ register_family(
         build=_latent_build,
         describe=_latent_describe,
         network=_latent_network,
+        source="invdiff (invdiff/priors/latent.py: autoencoder + latent EDM denoiser)",
+        formats="invdiff .safetensors (invdiff train --latent)",
     )
 )

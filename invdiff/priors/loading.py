@@ -29,11 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ..files import atomic_file
-from .adm import ADMConfig, ADMPrior, GuidedDiffusionUNet
+from .adm import PRESET_OPTIONS, ADMConfig, ADMPrior, GuidedDiffusionUNet, get_named_beta_schedule
 from .base import DiffusionPrior
 
 __all__ = [
@@ -43,7 +44,9 @@ __all__ = [
     "families",
     "family_of",
     "get_family",
+    "inspect",
     "load",
+    "parse_dtype",
     "model_card",
     "register_family",
     "save",
@@ -84,6 +87,16 @@ class PriorFamily:
         checkpoint when ``family=`` is not given.
     :param ignored_keys: keys other tools add to this family's state dicts that carry no
         weights (dropped on loading).
+    :param source: where the architecture and key layout come from (repository and file),
+        for the model card and ``invdiff list priors --file``.
+    :param formats: the file formats the family reads, in words (for messages and cards).
+    :param unwrap: ``unwrap(obj, ema) -> state_dict | None``: the family's own reading of a
+        raw ``torch.load`` result (e.g. score-SDE's EMA, a list of tensors in parameter
+        order), tried before the generic :func:`extract_state_dict`; ``None`` when the
+        object is not of this family.
+    :param recognizes_folder: ``recognizes_folder(path) -> bool`` for a model folder.
+    :param read_folder: ``read_folder(path) -> (state_dict, config, options)`` of a model
+        folder the family recognises (e.g. a diffusers ``UNet2DModel`` folder).
     """
 
     name: str
@@ -94,6 +107,11 @@ class PriorFamily:
     infer_config: Callable[[Mapping[str, Tensor], dict], Any] | None = None
     recognizes: Callable[[Mapping[str, Tensor]], bool] | None = None
     ignored_keys: frozenset[str] = frozenset()
+    source: str = ""
+    formats: str = ""
+    unwrap: Callable[[Any, bool], dict[str, Tensor] | None] | None = None
+    recognizes_folder: Callable[[Path], bool] | None = None
+    read_folder: Callable[[Path], tuple[dict[str, Tensor], Any, dict]] | None = None
 
 
 _FAMILIES: dict[str, PriorFamily] = {}
@@ -124,7 +142,33 @@ def family_of(prior: DiffusionPrior, exclude: tuple[str, ...] = ()) -> PriorFami
 
 # --- guided-diffusion / ADM -----------------------------------------------------------
 
-_ADM_OPTIONS = {"image_shape", "schedule", "num_timesteps", "rescale_timesteps", "clip", "sigma_data"}
+_ADM_OPTIONS = {"image_shape", "schedule", "num_timesteps", "rescale_timesteps", "clip", "sigma_data", "data_range"}
+
+
+def _adm_schedule(diffusion: Mapping[str, Any]) -> dict[str, Any]:
+    """ADMPrior options from diffusion flags: guided-diffusion's ``noise_schedule`` /
+    ``diffusion_steps`` / ``rescale_timesteps``, or DDS's ``beta_schedule`` ("linear" only,
+    ``np.linspace(beta_start, beta_end, num_diffusion_timesteps)`` as its ``get_beta_schedule``)."""
+    if diffusion.get("predict_xstart"):
+        raise ValueError("x0-predicting ADM models (predict_xstart=True) are not supported; ADMPrior needs ε")
+    options: dict[str, Any] = {}
+    if "noise_schedule" in diffusion:
+        options["schedule"] = diffusion["noise_schedule"]
+    if "diffusion_steps" in diffusion:
+        options["num_timesteps"] = int(diffusion["diffusion_steps"])
+    if "rescale_timesteps" in diffusion:
+        options["rescale_timesteps"] = bool(diffusion["rescale_timesteps"])
+    if "beta_schedule" in diffusion:
+        if diffusion["beta_schedule"] != "linear":
+            raise ValueError(f"beta_schedule {diffusion['beta_schedule']!r} is not supported (DDS's configs use 'linear')")
+        steps = int(diffusion.get("num_diffusion_timesteps", 1000))
+        start, end = float(diffusion.get("beta_start", 1e-4)), float(diffusion.get("beta_end", 0.02))
+        betas = np.linspace(start, end, steps, dtype=np.float64)
+        if np.array_equal(betas, get_named_beta_schedule("linear", 1000)):
+            options.update(schedule="linear", num_timesteps=1000)
+        else:
+            options["schedule"] = betas.tolist()
+    return options
 
 
 def _adm_parse(config: Any) -> tuple[ADMConfig, dict]:
@@ -132,19 +176,10 @@ def _adm_parse(config: Any) -> tuple[ADMConfig, dict]:
     if isinstance(config, ADMConfig):
         return config, {}
     if isinstance(config, str):
-        return ADMConfig.preset(config), {}
+        return ADMConfig.preset(config), dict(PRESET_OPTIONS.get(config, {}))
     if isinstance(config, Mapping):
         net, diffusion = ADMConfig.from_flags(config)
-        if diffusion.get("predict_xstart"):
-            raise ValueError("x0-predicting ADM models (predict_xstart=True) are not supported; ADMPrior needs ε")
-        options: dict[str, Any] = {}
-        if "noise_schedule" in diffusion:
-            options["schedule"] = diffusion["noise_schedule"]
-        if "diffusion_steps" in diffusion:
-            options["num_timesteps"] = int(diffusion["diffusion_steps"])
-        if "rescale_timesteps" in diffusion:
-            options["rescale_timesteps"] = bool(diffusion["rescale_timesteps"])
-        return net, options
+        return net, _adm_schedule(diffusion)
     raise TypeError(f"ADM config must be an ADMConfig, a preset name or a dict, got {type(config).__name__}")
 
 
@@ -172,6 +207,7 @@ def _adm_describe(prior: DiffusionPrior) -> tuple[dict, dict]:
         rescale_timesteps=prior.rescale_timesteps,
         clip=prior.clip,
         sigma_data=prior.sigma_data,
+        data_range=str(prior.data_range),
     )
     return prior.model.config.to_dict(), options
 
@@ -202,6 +238,8 @@ register_family(
         recognizes=_adm_recognizes,
         # deepinv's DiffUNet registers its schedule as buffers next to the official weights
         ignored_keys=frozenset({"sqrt_alphas_cumprod", "sqrt_1m_alphas_cumprod"}),
+        source="openai/guided-diffusion guided_diffusion/unet.py UNetModel (also DPS, DDS, deepinv DiffUNet)",
+        formats=".pt/.pth/.ckpt (weights-only torch.save of the state dict), .safetensors",
     )
 )
 
@@ -386,6 +424,223 @@ def _metadata_json(metadata: Mapping[str, str], key: str, path: Path, default: A
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: metadata field {key!r} is not valid JSON ({err})") from err
 
+# ----------------------------------------------------------------------------------
+# reading a checkpoint: file or folder -> family, state dict, config, options
+# ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Checkpoint:
+    path: Path
+    family: PriorFamily
+    state: dict[str, Tensor]
+    config: Any
+    options: dict[str, Any]
+    metadata: dict[str, str]
+    config_inferred: bool = False
+
+
+def _folder_family(path: Path) -> PriorFamily | None:
+    return next((f for f in _FAMILIES.values() if f.recognizes_folder and f.read_folder and f.recognizes_folder(path)),
+                None)
+
+
+def _supported() -> str:
+    return "; ".join(f"{f.name} ({f.formats})" if f.formats else f.name for f in _FAMILIES.values())
+
+
+def _prepare(name_or_path: str | os.PathLike, family: str | None, config: Any, ema: bool,
+             kwargs: Mapping[str, Any]) -> _Checkpoint:
+    """Everything :func:`load` and :func:`inspect` need before building the network."""
+    path = _resolve(name_or_path)
+    metadata: dict[str, str] = {}
+    options = dict(kwargs)
+    fam: PriorFamily | None = get_family(family) if family else None
+    folder = path if path.is_dir() else None
+    if folder is None and path.name.startswith("diffusion_pytorch_model"):  # a model folder's weights file
+        folder = path.parent if _folder_family(path.parent) else None
+    if folder is not None:
+        folder_fam = fam if fam and fam.read_folder else _folder_family(folder)
+        if folder_fam is None:
+            raise ValueError(f"{folder}: not a model folder invdiff can read; it reads the files of: {_supported()}")
+        try:
+            state, folder_config, folder_options = folder_fam.read_folder(folder)
+        except FileNotFoundError as err:
+            raise ValueError(f"{folder}: {_one_line(err)}") from None
+        fam, path = folder_fam, folder
+        options = {**folder_options, **options}
+        config = folder_config if config is None else config
+    else:
+        if path.suffix.lower() == ".safetensors":
+            state, metadata = _read_safetensors(path)
+        else:
+            state = _read_torch(path)
+        if metadata.get("invdiff_format"):
+            if metadata["invdiff_format"] != FORMAT_VERSION:
+                raise ValueError(
+                    f"{path}: invdiff format version {metadata['invdiff_format']} is not supported "
+                    f"(this invdiff reads version {FORMAT_VERSION})"
+                )
+            if fam is None and metadata.get("family"):
+                fam = get_family(metadata["family"])
+            options = {**_metadata_json(metadata, "options", path, {}), **options}
+            if config is None:
+                config = _metadata_json(metadata, "config", path)
+        else:
+            unwrapped = None
+            for candidate in ([fam] if fam else list(_FAMILIES.values())):
+                if candidate.unwrap is not None:
+                    unwrapped = candidate.unwrap(state, ema)
+                    if unwrapped is not None:
+                        fam = candidate
+                        break
+            try:
+                state = unwrapped if unwrapped is not None else extract_state_dict(state, ema=ema)
+            except ValueError as err:
+                raise ValueError(f"{path}: {err}") from None
+    if fam is None:
+        fam = next((f for f in _FAMILIES.values() if f.recognizes and f.recognizes(state)), None)
+        if fam is None:
+            keys = ", ".join(list(state)[:3])
+            raise ValueError(
+                f"{path}: cannot tell which model family these weights belong to ({len(state)} tensors: {keys}, ...); "
+                f"invdiff reads: {_supported()}; pass family= and config="
+            )
+    state = {k: v for k, v in state.items() if k not in fam.ignored_keys}
+    inferred = False
+    if config is None:
+        if fam.infer_config is None:
+            raise ValueError(f"{path}: no config in the file and family {fam.name!r} cannot infer one; pass config=")
+        try:
+            config = fam.infer_config(state, options)
+        except (ValueError, KeyError) as err:
+            raise ValueError(f"{path}: cannot infer the {fam.name} configuration from the weights "
+                             f"({_one_line(err)})") from None
+        inferred = True
+    if options.get("image_shape") is not None:
+        options["image_shape"] = tuple(int(s) for s in options["image_shape"])
+    return _Checkpoint(path, fam, state, config, options, metadata, inferred)
+
+
+def _shown(config: Any) -> str:
+    shown = repr(config)
+    return shown if len(shown) <= 300 else shown[:300] + "...}"
+
+
+def _build(ckpt: _Checkpoint) -> tuple[DiffusionPrior, nn.Module]:
+    """The prior on the meta device (no memory, no random initialisation), its network
+    checked against the file's keys and shapes."""
+    try:
+        with torch.device("meta"):
+            prior = ckpt.family.build(ckpt.config, ckpt.options)
+    except (ValueError, TypeError) as err:
+        raise ValueError(
+            f"{ckpt.path}: cannot build the {ckpt.family.name} model ({_one_line(err)}); pass the checkpoint's "
+            f"config= (e.g. its official flags)"
+        ) from None
+    network = ckpt.family.network(prior)
+    _check_state_dict(network, ckpt.state, str(ckpt.path), f"the {ckpt.family.name} model of config {_shown(ckpt.config)}")
+    return prior, network
+
+
+def _needs_real_build(prior: nn.Module, network: nn.Module) -> bool:
+    """True when the meta-built prior holds tensors the file does not restore (non-persistent
+    buffers, or tensors of the adapter outside the network)."""
+    if any(t.is_meta for t in list(prior.parameters()) + list(prior.buffers())):
+        return True
+    return any(m._non_persistent_buffers_set for m in network.modules())
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A network dtype from ``torch.float16`` or a name (``"fp16"``, ``"bf16"``, ``"float32"``...);
+    ``None`` or ``"file"`` returns ``None`` (the checkpoint's own dtype)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).lower().removeprefix("torch.")
+    if key in ("file", "auto"):
+        return None
+    if key not in _DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(sorted(_DTYPES))} or 'file', got {dtype!r}")
+    return _DTYPES[key]
+
+
+def _file_dtype(state: Mapping[str, Tensor]) -> torch.dtype:
+    """The dtype of most floating-point values in ``state`` (float32 if none)."""
+    counts: dict[torch.dtype, int] = {}
+    for v in state.values():
+        if v.is_floating_point():
+            counts[v.dtype] = counts.get(v.dtype, 0) + v.numel()
+    return max(counts, key=counts.__getitem__) if counts else torch.float32
+
+
+def _run_dtype(dtype: torch.dtype | str | None, state: Mapping[str, Tensor], path: Path) -> torch.dtype:
+    chosen = parse_dtype(dtype)
+    return _file_dtype(state) if chosen is None else chosen
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "to_dict"):
+        value = value.to_dict()
+    try:
+        return json.loads(json.dumps(value, default=str))
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _card(ckpt: _Checkpoint, prior: DiffusionPrior | None, network: nn.Module) -> dict[str, Any]:
+    """What a checkpoint is: family, source, parameterisation, data range, config, sizes."""
+    fam = ckpt.family
+    card: dict[str, Any] = {}
+    if ckpt.metadata.get("invdiff_format"):
+        card.update(_metadata_json(ckpt.metadata, "card", ckpt.path, {}) or {})
+    card.update(family=fam.name, source=fam.source, formats=fam.formats)
+    if prior is not None:
+        card.update(
+            parameterisation=prior.parameterisation,
+            data_range=str(prior.data_range),
+            data_convention=prior.data_range.describe(),
+            image_shape=list(prior.image_shape),
+            any_size=prior.any_size,
+            sigma_min=prior.sigma_min,
+            sigma_max=prior.sigma_max,
+        )
+    card.update(
+        config=_jsonable(ckpt.config),
+        config_source="inferred from the weights' key names and shapes" if ckpt.config_inferred else "given",
+        parameters=sum(v.numel() for v in ckpt.state.values() if v.is_floating_point()),
+        file_dtype=str(_file_dtype(ckpt.state)).removeprefix("torch."),
+        file=str(ckpt.path),
+    )
+    params = [p for p in network.parameters() if p.is_floating_point()]
+    if params and not params[0].is_meta:
+        card["dtype"] = str(params[0].dtype).removeprefix("torch.")
+    return card
+
+
+def inspect(name_or_path: str | os.PathLike, *, family: str | None = None, config: Any = None, ema: bool = True,
+            **kwargs: Any) -> dict[str, Any]:
+    """What a checkpoint is, without loading its weights into a network: the model card that
+    :func:`load` would attach (family, source, parameterisation, data range, image shape,
+    noise range, config and whether it was inferred, parameter count, the file's dtype).
+    The network is built on the meta device (no memory) and checked against the file's keys
+    and shapes, so a file :func:`load` would refuse raises the same one-line error here.
+
+    ``invdiff list priors --file PATH`` prints it.
+
+    Example::
+
+        >>> card = inspect("ct-phantom-64")
+        >>> card["family"], card["data_range"], card["image_shape"]
+        ('edm', '[0, 1]', [1, 64, 64])
+    """
+    ckpt = _prepare(name_or_path, family, config, ema, kwargs)
+    prior, network = _build(ckpt)
+    return _card(ckpt, prior, network)
+
 
 # ----------------------------------------------------------------------------------
 # public API
@@ -398,35 +653,44 @@ def load(
     family: str | None = None,
     config: Any = None,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str | None = torch.float32,
     ema: bool = True,
     trainable: bool = False,
     **kwargs: Any,
 ) -> DiffusionPrior:
-    """Load a prior by shipped name or from a file; never downloads, never unpickles code.
+    """Load a prior by shipped name, from a file or from a model folder; never downloads,
+    never unpickles code.
 
-    :param name_or_path: a name from :func:`available`, or the path of a ``.safetensors``
-        file (invdiff's format, or a bare state dict) or a ``.pt``/``.pth``/``.ckpt``
-        checkpoint (read with ``torch.load(weights_only=True)``).
-    :param family: checkpoint family (``"adm"``, see :func:`families`); read from the
-        file's metadata or recognised from the key names when not given.
-    :param config: the network configuration: for ``"adm"`` a preset name
-        (``"ffhq_10m"``, ``"imagenet256_uncond"``), a dict of official flags (diffusion
-        flags such as ``noise_schedule`` included) or an ``ADMConfig``. By default the
-        file's own config, else inferred from the weights (ADM: number of attention heads
-        assumed 64 channels per head, see :meth:`ADMConfig.infer_from_state_dict`).
+    :param name_or_path: a name from :func:`available`, the path of a ``.safetensors``
+        file (invdiff's format, or a bare state dict) or a ``.pt``/``.pth``/``.ckpt``/``.bin``
+        checkpoint (read with ``torch.load(weights_only=True)``), or a model folder of a
+        family that reads folders (a diffusers ``UNet2DModel`` folder).
+    :param family: checkpoint family (see :func:`families` and the README's table); read
+        from the file's metadata or recognised from the key names when not given.
+    :param config: the network configuration, as the family's official flags: for
+        ``"adm"`` a preset name (``"ffhq_10m"``, ``"imagenet256_uncond"``,
+        ``"dds_aapm256"``, ``"dds_fastmri320"``), a dict of official flags (verbatim: a
+        DPS ``model_config.yaml`` or DDS's YAML sections) or an ``ADMConfig``. By default
+        the file's own config, else inferred from the weights (ADM: number of attention
+        heads assumed 64 channels per head, see :meth:`ADMConfig.infer_from_state_dict`).
     :param device: where the prior lives.
-    :param dtype: dtype the network runs in (inputs and outputs of ``denoise`` keep
-        theirs).
+    :param dtype: dtype the network runs in (``torch.float16``, ``"bf16"``...; ``None``
+        or ``"file"``: the checkpoint's own dtype). Inputs and outputs of ``denoise`` keep
+        theirs, and the adapter's noise arithmetic stays in the caller's float32, so a
+        sampler works in float32 around a half-precision network.
     :param ema: prefer the EMA weights of a training checkpoint that holds both.
     :param kwargs: adapter options, overriding the file's (ADM: ``image_shape``,
-        ``schedule``, ``num_timesteps``, ``rescale_timesteps``, ``clip``, ``sigma_data``).
+        ``schedule``, ``num_timesteps``, ``rescale_timesteps``, ``clip``, ``sigma_data``,
+        ``data_range``; every family takes ``data_range``: ``"[-1, 1]"``, ``"[0, 1]"`` or
+        ``"complex-max"``, see :class:`~invdiff.priors.conventions.DataRange`).
     :param trainable: return the weights with ``requires_grad`` True, for fine-tuning the
         prior (deepinv's ``Trainer``, unrolled networks; see ``Sampler.differentiable``).
         The default, False, freezes them: sampling then keeps no graph of the weights
         during guidance, and an optimiser built from a model that contains the prior does
         not silently change it.
-    :returns: the prior in eval mode, weights frozen unless ``trainable``.
+    :returns: the prior in eval mode, weights frozen unless ``trainable``; ``prior.card``
+        says what it is (family, source, parameterisation, data range, config, dtype;
+        :func:`inspect` gives the same without loading).
     :raises FileNotFoundError: unknown name or missing path (the message names the file
         expected and where to put it).
     :raises ValueError: corrupt or truncated file, a pickle with arbitrary objects, or
@@ -439,66 +703,21 @@ def load(
         >>> prior = load("ffhq_10m.pt", config="ffhq_10m")         # doctest: +SKIP
         >>> prior = load("aapm_ct.pt", image_shape=(1, 256, 256))  # doctest: +SKIP
     """
-    path = _resolve(name_or_path)
-    metadata: dict[str, str] = {}
-    if path.suffix.lower() == ".safetensors":
-        state, metadata = _read_safetensors(path)
-    else:
-        state = _read_torch(path)
-    if metadata.get("invdiff_format"):
-        if metadata["invdiff_format"] != FORMAT_VERSION:
-            raise ValueError(
-                f"{path}: invdiff format version {metadata['invdiff_format']} is not supported "
-                f"(this invdiff reads version {FORMAT_VERSION})"
-            )
-        family = family or metadata.get("family")
-        options = {**_metadata_json(metadata, "options", path, {}), **kwargs}
-        if config is None:
-            config = _metadata_json(metadata, "config", path)
-    else:
-        try:
-            state = extract_state_dict(state, ema=ema)
-        except ValueError as err:
-            raise ValueError(f"{path}: {err}") from err
-        options = dict(kwargs)
-    if family is None:
-        family = next((f.name for f in _FAMILIES.values() if f.recognizes and f.recognizes(state)), None)
-        if family is None:
-            raise ValueError(
-                f"{path}: cannot tell which model family these weights belong to; pass family= "
-                f"(one of {', '.join(families())})"
-            )
-    fam = get_family(family)
-    state = {k: v for k, v in state.items() if k not in fam.ignored_keys}
-    if config is None:
-        if fam.infer_config is None:
-            raise ValueError(f"{path}: no config in the file and family {family!r} cannot infer one; pass config=")
-        try:
-            config = fam.infer_config(state, options)
-        except (ValueError, KeyError) as err:
-            raise ValueError(f"{path}: cannot infer the {family} configuration from the weights ({err})") from err
-    if "image_shape" in options and options["image_shape"] is not None:
-        options["image_shape"] = tuple(int(s) for s in options["image_shape"])
-    try:
-        with torch.device("meta"):  # skip random initialisation; weights come from the file
-            prior = fam.build(config, options)
-    except ValueError as err:
-        raise ValueError(
-            f"{path}: cannot build the {family} model ({err}); pass the checkpoint's config= "
-            f"(e.g. its num_heads / num_head_channels)"
-        ) from err
-    network = fam.network(prior)
-    shown = repr(config)
-    shown = shown if len(shown) <= 300 else shown[:300] + "...}"
-    _check_state_dict(network, state, str(path), f"the {family} model of config {shown}")
+    ckpt = _prepare(name_or_path, family, config, ema, kwargs)
+    prior, network = _build(ckpt)
     network.to_empty(device="cpu")
+    if _needs_real_build(prior, network):  # constants the file does not hold: build them for real
+        prior = ckpt.family.build(ckpt.config, ckpt.options)
+        network = ckpt.family.network(prior)
     try:
-        network.load_state_dict(state, strict=True)
+        network.load_state_dict(ckpt.state, strict=True)
     except RuntimeError as err:  # torch's multi-line report (e.g. a dtype it cannot copy)
-        raise ValueError(f"{path}: the weights do not load into the {family} model: {_one_line(err)}") from None
+        raise ValueError(f"{ckpt.path}: the weights do not load into the {ckpt.family.name} model: {_one_line(err)}") from None
+    run_dtype = _run_dtype(dtype, ckpt.state, ckpt.path)
     prior.to(device)
-    if dtype != torch.float32:
-        network.to(dtype)
+    if run_dtype != torch.float32:
+        network.to(run_dtype)
+    prior.card = _card(ckpt, prior, network)
     # frozen for inference: samplers differentiate w.r.t. the image only, so no graph is kept for
     # the weights (call prior.requires_grad_(True) to fine-tune)
     return prior.eval().requires_grad_(bool(trainable))

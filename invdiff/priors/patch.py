@@ -296,7 +296,9 @@ def _register() -> None:
     from .loading import PriorFamily, register_family
 
     register_family(PriorFamily(name="edm-patch", prior_type=PatchDiffusionPrior, build=_patch_build,
-                                describe=_patch_describe, network=lambda prior: prior.denoiser.model))
+                                describe=_patch_describe, network=lambda prior: prior.denoiser.model,
+                                source="invdiff (invdiff/priors/patch.py: PaDIS patch prior)",
+                                formats="invdiff .safetensors (invdiff train --patch)"))
 
 
 _register()
