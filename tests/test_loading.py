@@ -167,7 +167,7 @@ def test_missing_name_and_path(tmp_path):
     message = str(err.value)
     assert "\n" not in message
     assert str(loading.WEIGHTS_DIR / "no-such-prior.safetensors") in message and "put" in message
-    with pytest.raises(FileNotFoundError, match="no checkpoint file at .*missing.pt: put"):
+    with pytest.raises(FileNotFoundError, match="no checkpoint at .*missing.pt: put"):
         load(tmp_path / "missing.pt")
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         load(str(tmp_path / "missing.safetensors"))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .options import add_params, parse_key_values
+
 __all__ = ["register"]
 
 
@@ -19,9 +21,55 @@ def _summary(doc: str | None) -> str:
     return para.rstrip(".")
 
 
+def _config_arg(text: str | None):
+    """``--config``: a preset name, a JSON object, or the path of a JSON/YAML file of official flags."""
+    import json
+    from pathlib import Path
+
+    if text is None:
+        return None
+    if text.lstrip().startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--config is not valid JSON ({err})") from None
+    path = Path(text)
+    if path.suffix.lower() in (".json", ".yaml", ".yml"):
+        if not path.is_file():
+            raise FileNotFoundError(f"--config {text}: no such file")
+        if path.suffix.lower() == ".json":
+            return json.loads(path.read_text())
+        try:
+            import yaml
+        except ImportError:
+            raise ImportError(f"--config {text}: reading YAML needs PyYAML (pip install pyyaml), or pass JSON") from None
+        return yaml.safe_load(path.read_text())
+    return text  # a preset name
+
+
+def _show_card(card: dict) -> None:
+    """A checkpoint's card, one ``key: value`` line each, most telling first."""
+    import json
+
+    first = ["file", "family", "source", "formats", "parameterisation", "data_range", "data_convention", "image_shape",
+             "any_size", "sigma_min", "sigma_max", "parameters", "file_dtype", "config_source", "config"]
+    for key in first + sorted(k for k in card if k not in first):
+        if key in card:
+            value = card[key]
+            text = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+            print(f"  {key}: {text}")
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     from .. import operators, priors, samplers
 
+    if args.file is not None:
+        options = parse_key_values(args.param or [], "--param")
+        card = priors.inspect(args.file, family=args.family, config=_config_arg(args.config), **options)
+        print(f"prior checkpoint (invdiff.priors.load({args.file!r}{', family=' + repr(args.family) if args.family else ''}"
+              f"{', config=...' if args.config else ''})):")
+        _show_card(card)
+        return 0
     what = args.what
     if what in ("operators", "all"):
         print("operators (invdiff.operators.make):")
@@ -48,6 +96,12 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("list", help="list operators, samplers and priors")
+    p = sub.add_parser("list", help="list operators, samplers and priors; or say what a checkpoint is (--file)")
     p.add_argument("what", nargs="?", default="all", choices=["all", "operators", "samplers", "priors"])
+    p.add_argument("--file", metavar="PATH", help="a checkpoint file or model folder (or shipped prior name): print "
+                   "its family, source, parameterisation, data range, config and size without loading its weights")
+    p.add_argument("--family", help="with --file: the checkpoint family, when it cannot be recognised from the keys")
+    p.add_argument("--config", help="with --file: the official config (a preset name, a JSON object, or a "
+                   ".json/.yaml file of official flags)")
+    add_params(p, "with --file: an adapter option such as image_shape=[2,320,320] or data_range=[0,1]")
     p.set_defaults(func=_cmd_list)

@@ -379,7 +379,10 @@ class ADMConfig:
         """Same network, spelled one way: explicit ``channel_mult``, attention resolutions
         in decreasing order, ``num_heads_upsample`` resolved. Two configs build the same
         network (same keys, shapes and outputs) iff their canonical forms are equal."""
-        res = sorted({int(r) for r in self.attention_resolutions.split(",") if r.strip()}, reverse=True)
+        # only resolutions at a real downsampling factor 2**level attend (e.g. DDS's "16" at 320 does not)
+        levels = {2**level for level in range(len(self.channel_mult_tuple))}
+        res = sorted({int(r) for r in self.attention_resolutions.split(",") if r.strip()
+                      if self.image_size // int(r) in levels}, reverse=True)
         heads = self.num_heads if self.num_head_channels == -1 else -1
         heads_up = self.num_heads if self.num_heads_upsample == -1 else self.num_heads_upsample
         if self.num_head_channels != -1:
@@ -901,7 +904,7 @@ class ADMPrior(DiffusionPrior):
         sigmas_vp = np.sqrt((1.0 - alphas_cumprod) / alphas_cumprod)  # σ'_t on the model's scale
         scale = self_range.scale
         super().__init__(image_shape, sigmas_vp[0] / scale, sigmas_vp[-1] / scale, sigma_data)
-        self.data_range = self_range
+        self.set_data_range(self_range)
         self.model = model if dtype is None else model.to(dtype)
         self.num_timesteps = len(betas)
         self.rescale_timesteps = bool(rescale_timesteps)

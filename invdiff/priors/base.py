@@ -108,6 +108,16 @@ class DiffusionPrior(Denoiser):
         #: parameterisation, data range, config, file); empty for a prior built in code.
         self.card: dict = {}
 
+    def set_data_range(self, data_range: "DataRange | str | Sequence[float]") -> None:
+        """Record the range of the network's training images (adapters call this; see
+        :class:`~invdiff.priors.conventions.DataRange`); ``"complex-max"`` needs (real,
+        imaginary) channel pairs."""
+        parsed = DataRange.parse(data_range)
+        if parsed.complex_max and self.channels % 2:
+            raise ValueError(f"data_range complex-max needs (real, imaginary) channel pairs; the prior has "
+                             f"{self.channels} channel(s)")
+        self.data_range = parsed
+
     # --- resolution -----------------------------------------------------------------
     @property
     def channels(self) -> int:

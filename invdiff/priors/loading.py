@@ -267,10 +267,10 @@ def _resolve(name_or_path: str | os.PathLike) -> Path:
         or path.exists()
     )
     if is_path:
-        if not path.is_file():
+        if not (path.is_file() or path.is_dir()):
             raise FileNotFoundError(
-                f"no checkpoint file at {path.resolve()}: put the .safetensors/.pt/.pth/.ckpt file there "
-                f"(invdiff never downloads weights)"
+                f"no checkpoint at {path.resolve()}: put the .safetensors/.pt/.pth/.ckpt/.bin file (or the model "
+                f"folder) there (invdiff never downloads weights)"
             )
         return path
     shipped = WEIGHTS_DIR / f"{text}.safetensors"
