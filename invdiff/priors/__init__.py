@@ -17,6 +17,8 @@ from .patch import PatchDiffusionPrior, PositionalEDMDenoiser, WholeImageDenoise
 from .conventions import DataRange
 from .loading import (PriorFamily, available, extract_state_dict, families, family_of, get_family, inspect, load,
                       model_card, parse_dtype, register_family, save)
+from . import diffusers_family  # noqa: E402,F401  (registers the "diffusers" family; diffusers imported lazily)
+from .score_sde import NCSNpp, ScoreSDEConfig, ScoreSDEPrior
 
 __all__ = [
     "DiffusionPrior",
@@ -54,4 +56,7 @@ __all__ = [
     "inspect",
     "parse_dtype",
     "DataRange",
+    "NCSNpp",
+    "ScoreSDEConfig",
+    "ScoreSDEPrior",
 ]

@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import DiffusionPrior
-from .conventions import DataRange, vp_input, vp_prediction_to_x0
+from .conventions import DataRange, vp_input, vp_prediction_to_x0, vp_timestep
 
 __all__ = [
     "ADMConfig",
@@ -930,12 +930,8 @@ class ADMPrior(DiffusionPrior):
         """Continuous timestep ``t ∈ [0, T-1]`` of the invdiff noise level ``sigma``
         (``[0, 1]`` scale): log-σ' interpolation, clamped outside the schedule."""
         table_dtype = torch.float32 if sigma.device.type == "mps" else torch.float64
-        log_table = self._log_sigmas.to(sigma.device, table_dtype)
-        log_sigma = torch.log(self.data_range.scale * sigma.to(table_dtype)).reshape(-1)
-        hi = torch.searchsorted(log_table, log_sigma).clamp(1, len(log_table) - 1)
-        lo = hi - 1
-        w = ((log_sigma - log_table[lo]) / (log_table[hi] - log_table[lo])).clamp(0, 1)
-        return lo + w  # float64 (float32 on MPS); the U-Net embeds it in float32
+        # float64 (float32 on MPS); the U-Net embeds it in float32
+        return vp_timestep(self._log_sigmas, self.data_range.scale * sigma.to(table_dtype))
 
     def t_to_sigma(self, t: Tensor) -> Tensor:
         """Inverse of :meth:`sigma_to_t` on ``[0, T-1]`` (invdiff ``[0, 1]`` scale)."""

@@ -16,8 +16,10 @@ every adapter:
   ``scale = 2, shift = -1``. ``"[0, 1]"`` (score-SDE / DiffusionMBIR CT with
   ``data.centered=False``, DDS's AAPM slices): the identity. ``"complex-max"``: complex
   images as (real, imaginary) channel pairs divided by their largest magnitude
-  (score-MRI, DDS's fastMRI model); invdiff's complex images follow the same convention, so
-  the map is the identity — no shift may be applied to a complex value.
+  (score-MRI, DDS's fastMRI model). No shift may be applied to a complex value, so the
+  channels pass unchanged: the images a sampler reconstructs with such a prior must be
+  scaled the same way (the measurement divided by the zero-filled image's largest
+  magnitude, as those papers do), which the model card says.
 
 * **the noise parameterisation** of variance-preserving (VP) models: the network sees
   :math:`x_t = \sqrt{\bar\alpha}\, x'_0 + \sqrt{1-\bar\alpha}\,\varepsilon`, which is the
@@ -38,7 +40,7 @@ from typing import Sequence, Union
 import torch
 from torch import Tensor
 
-__all__ = ["DataRange", "PREDICTION_TYPES", "vp_input", "vp_prediction_to_x0"]
+__all__ = ["DataRange", "PREDICTION_TYPES", "vp_input", "vp_prediction_to_x0", "vp_timestep"]
 
 #: what a VP network predicts, in diffusers' names (``epsilon``, ``sample``, ``v_prediction``)
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
@@ -143,8 +145,8 @@ class DataRange:
     def describe(self) -> str:
         """A sentence for model cards."""
         if self.complex_max:
-            return ("complex images as (real, imaginary) channel pairs, divided by their largest magnitude "
-                    "(invdiff's complex convention: the identity map)")
+            return ("complex images as (real, imaginary) channel pairs divided by their largest magnitude; passed "
+                    "unchanged, so scale the data the same way (|x| <= 1)")
         if self.is_identity:
             return "images in [0, 1] (invdiff's own range: the identity map)"
         return f"images in {self} (invdiff's x in [0, 1] is {self.shift:g} + {self.scale:g} x; sigma scales by {self.scale:g})"
@@ -186,3 +188,24 @@ def vp_prediction_to_x0(out: Tensor, x_model: Tensor, sigma_model: Tensor, predi
     if prediction_type == "v_prediction":
         return x_model / (1 + sigma_model**2) - sigma_model * out / torch.sqrt(1 + sigma_model**2)
     raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
+
+
+def vp_timestep(log_sigmas: Tensor, sigma_model: Tensor) -> Tensor:
+    r"""The continuous timestep ``t`` in ``[0, T-1]`` of a discrete VP schedule at the model-scale
+    noise level ``sigma'``: ``log_sigmas[k]`` is :math:`\log\sigma'_k`,
+    :math:`\sigma'^2_k = (1-\bar\alpha_k)/\bar\alpha_k`, strictly increasing, and between two
+    steps ``t`` is linear in :math:`\log\sigma'` (the k-diffusion ``sigma_to_t`` rule); outside
+    the schedule it is clamped to ``0`` or ``T - 1``. Computed in float64 (float32 on MPS).
+
+    >>> import torch
+    >>> log_sigmas = torch.log(torch.tensor([0.1, 1.0, 10.0], dtype=torch.float64))
+    >>> vp_timestep(log_sigmas, torch.tensor([0.1, 10 ** -0.5, 1.0, 100.0], dtype=torch.float64)).tolist()
+    [0.0, 0.5, 1.0, 2.0]
+    """
+    table_dtype = torch.float32 if sigma_model.device.type == "mps" else torch.float64
+    log_table = log_sigmas.to(sigma_model.device, table_dtype)
+    log_sigma = torch.log(sigma_model.to(table_dtype)).reshape(-1)
+    hi = torch.searchsorted(log_table, log_sigma).clamp(1, len(log_table) - 1)
+    lo = hi - 1
+    w = ((log_sigma - log_table[lo]) / (log_table[hi] - log_table[lo])).clamp(0, 1)
+    return lo + w

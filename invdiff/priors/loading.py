@@ -309,7 +309,10 @@ def _torch_reason(err: BaseException) -> str:
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
     for ln in lines:
         if ln.startswith("Unsupported") or "Unsupported global" in ln or "unsupported GLOBAL" in ln:
-            return ln.split("WeightsUnpickler error:")[-1].strip()
+            reason = ln.split("WeightsUnpickler error:")[-1].strip()
+            # keep what was refused, not torch's advice on how to allow it
+            return reason.split(" was not an allowed global")[0] + (" (not an allowed global)" if
+                                                                     " was not an allowed global" in reason else "")
     for k, ln in enumerate(lines):  # "WeightsUnpickler error: <reason>" (the reason may be on the next line)
         if "WeightsUnpickler error" in ln:
             rest = ln.split("WeightsUnpickler error:")[-1].strip()
@@ -534,10 +537,9 @@ def _build(ckpt: _Checkpoint) -> tuple[DiffusionPrior, nn.Module]:
         with torch.device("meta"):
             prior = ckpt.family.build(ckpt.config, ckpt.options)
     except (ValueError, TypeError) as err:
-        raise ValueError(
-            f"{ckpt.path}: cannot build the {ckpt.family.name} model ({_one_line(err)}); pass the checkpoint's "
-            f"config= (e.g. its official flags)"
-        ) from None
+        reason = _one_line(err)
+        hint = "" if "pass " in reason else "; pass the checkpoint's config= (e.g. its official flags)"
+        raise ValueError(f"{ckpt.path}: cannot build the {ckpt.family.name} model ({reason}){hint}") from None
     network = ckpt.family.network(prior)
     _check_state_dict(network, ckpt.state, str(ckpt.path), f"the {ckpt.family.name} model of config {_shown(ckpt.config)}")
     return prior, network
