@@ -19,6 +19,8 @@ from .loading import (PriorFamily, available, extract_state_dict, families, fami
                       model_card, parse_dtype, register_family, save)
 from . import diffusers_family  # noqa: E402,F401  (registers the "diffusers" family; diffusers imported lazily)
 from .score_sde import NCSNpp, ScoreSDEConfig, ScoreSDEPrior
+from .edm_official import EDMOfficialPrior
+from .deepinv_family import DeepinvPrior
 
 __all__ = [
     "DiffusionPrior",
@@ -59,4 +61,6 @@ __all__ = [
     "NCSNpp",
     "ScoreSDEConfig",
     "ScoreSDEPrior",
+    "EDMOfficialPrior",
+    "DeepinvPrior",
 ]

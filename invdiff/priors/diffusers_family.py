@@ -260,7 +260,7 @@ class DiffusersPrior(DiffusionPrior):
             setattr(self, name, value)
         self.unet = unet
         self.clip = bool(clip)
-        self.data_range = dr  # the instance attribute the model card reads
+        self.set_data_range(dr)  # recorded in the model card
         self.out_channels = out_ch
 
     # --- schedule -----------------------------------------------------------------

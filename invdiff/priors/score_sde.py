@@ -1092,7 +1092,7 @@ class ScoreSDEPrior(DiffusionPrior):
                                      f"D = x - sigma out, sigma {lo:.3g}..{hi:.3g} on the model scale")
         super().__init__(image_shape, float(data_range.sigma_from_model(lo)), float(data_range.sigma_from_model(hi)),
                          sigma_data)
-        self.data_range = data_range
+        self.set_data_range(data_range)
         self.model = model if dtype is None else model.to(dtype)
         self.config = c
         self._b0, self._b1 = b0, b1
