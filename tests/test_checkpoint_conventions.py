@@ -283,3 +283,64 @@ def test_cli_list_priors_file(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "invdiff", "list", "--file", str(path), "--config", "ffhq_10m"],
                          capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "do not match the adm model" in bad.stderr
+
+
+class _Payload:
+    """Pickles to a call of ``open(marker, "w")``: a file that appears if anything unpickles it."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("family", [None, "adm", "score-sde", "nvlabs-edm", "deepinv", "diffusers", "edm"])
+def test_no_family_unpickles(tmp_path, family):
+    """A checkpoint whose pickle would run code is refused in one line by every family's path
+    (torch.load(weights_only=True) before any family code), and the payload stays inert."""
+    marker = tmp_path / "marker"
+    path = tmp_path / "model.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "payload": _Payload(marker)}, path)
+    with pytest.raises(ValueError, match=r"refused to load: not a weights-only checkpoint") as err:
+        load(path, family=family)
+    assert "\n" not in str(err.value) and not marker.exists()
+    with pytest.raises(ValueError, match="refused to load"):
+        inspect(path, family=family)
+    assert not marker.exists()
+
+
+def test_convert_keeps_config_options_and_outputs(tmp_path):
+    """`invdiff convert`: an outside file with its flags and data range becomes an invdiff file
+    that loads with nothing more said and denoises identically; the input is never replaced."""
+    flags = yaml.safe_load(DPS_FFHQ_YAML)
+    flags.update(image_size=16, num_channels=32, channel_mult="1,2", attention_resolutions=8, in_channels=1)
+    config, _ = ADMConfig.from_flags(flags)
+    torch.manual_seed(0)
+    source = tmp_path / "model.pt"
+    torch.save({"ema": GuidedDiffusionUNet(config).state_dict()}, source)
+    (tmp_path / "flags.yaml").write_text(yaml.safe_dump(flags))
+    out = tmp_path / "model.safetensors"
+    cmd = [sys.executable, "-m", "invdiff", "convert", str(source), "--out", str(out), "--config",
+           str(tmp_path / "flags.yaml"), "--param", 'data_range="[0, 1]"']
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "family adm" in run.stdout and "data range [0, 1]" in run.stdout
+    converted, original = load(out), load(source, config=flags, data_range="[0, 1]")
+    assert converted.card["converted_from"] == str(source) and converted.card["data_range"] == "[0, 1]"
+    x = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(converted.denoise(x, 0.2), original.denoise(x, 0.2), rtol=0, atol=0)
+    before = source.read_bytes()
+    again = subprocess.run(cmd, capture_output=True, text=True)
+    assert again.returncode == 1 and "already exists" in again.stderr and again.stderr.count("\n") == 1
+    onto_input = subprocess.run(cmd[:6] + [str(source)] + cmd[7:], capture_output=True, text=True)
+    assert onto_input.returncode == 1 and "refusing to write over an input" in onto_input.stderr
+    foreign = tmp_path / "foreign.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(1)}, str(foreign))
+    refused = subprocess.run(cmd[:6] + [str(foreign)] + cmd[7:] + ["--overwrite"], capture_output=True, text=True)
+    assert refused.returncode == 1 and "was not written by invdiff" in refused.stderr
+    assert source.read_bytes() == before and load(out).card["family"] == "adm"
+    assert subprocess.run(cmd + ["--overwrite"], capture_output=True, text=True).returncode == 0

@@ -184,7 +184,7 @@ def test_errors_are_one_line_and_leave_nothing(prior_path, series_run, tmp_path,
                                           "--prior", prior_path, "--out", out)
     assert "already exists" in run("reconstruct", "--measurement", str(meas), "--prior", prior_path, "--out",
                                    str(tmp_path), *FAST)
-    assert "no checkpoint file" in run("reconstruct", "--measurement", str(meas), "--prior",
+    assert "no checkpoint at" in run("reconstruct", "--measurement", str(meas), "--prior",
                                        str(tmp_path / "nope.safetensors"), "--out", out)
 
 

@@ -1,4 +1,4 @@
-"""The ``invdiff`` command line: ``demo``, ``list``, ``train``, ``bench``, ``simulate``, ``reconstruct``.
+"""The ``invdiff`` command line: ``demo``, ``list``, ``convert``, ``train``, ``bench``, ``simulate``, ``reconstruct``.
 
 One module per command (:mod:`.demo`, :mod:`.listing`, :mod:`.train`, :mod:`.bench`,
 :mod:`.workflows`), each with ``register(subparsers)``; the options every command shares
@@ -18,7 +18,7 @@ __all__ = ["main", "build_parser", "COMMAND_MODULES"]
 
 #: The command modules, in the order ``invdiff --help`` lists them. To add a command, write a
 #: module with ``register(subparsers)`` that adds its parser with ``set_defaults(func=...)``.
-COMMAND_MODULES: tuple[str, ...] = ("demo", "listing", "train", "bench", "workflows")
+COMMAND_MODULES: tuple[str, ...] = ("demo", "listing", "convert", "train", "bench", "workflows")
 
 
 class UsageError(Exception):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .options import add_params, parse_key_values
+from .options import add_params, config_arg, parse_key_values
 
 __all__ = ["register"]
 
@@ -19,32 +19,6 @@ def _summary(doc: str | None) -> str:
         if stop in para:
             para = para.split(stop)[0]
     return para.rstrip(".")
-
-
-def _config_arg(text: str | None):
-    """``--config``: a preset name, a JSON object, or the path of a JSON/YAML file of official flags."""
-    import json
-    from pathlib import Path
-
-    if text is None:
-        return None
-    if text.lstrip().startswith("{"):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"--config is not valid JSON ({err})") from None
-    path = Path(text)
-    if path.suffix.lower() in (".json", ".yaml", ".yml"):
-        if not path.is_file():
-            raise FileNotFoundError(f"--config {text}: no such file")
-        if path.suffix.lower() == ".json":
-            return json.loads(path.read_text())
-        try:
-            import yaml
-        except ImportError:
-            raise ImportError(f"--config {text}: reading YAML needs PyYAML (pip install pyyaml), or pass JSON") from None
-        return yaml.safe_load(path.read_text())
-    return text  # a preset name
 
 
 def _show_card(card: dict) -> None:
@@ -65,7 +39,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
     if args.file is not None:
         options = parse_key_values(args.param or [], "--param")
-        card = priors.inspect(args.file, family=args.family, config=_config_arg(args.config), **options)
+        card = priors.inspect(args.file, family=args.family, config=config_arg(args.config), **options)
         print(f"prior checkpoint (invdiff.priors.load({args.file!r}{', family=' + repr(args.family) if args.family else ''}"
               f"{', config=...' if args.config else ''})):")
         _show_card(card)
@@ -92,6 +66,11 @@ def _cmd_list(args: argparse.Namespace) -> int:
         for name in shipped:
             card = priors.model_card(name)
             print(f"  {name}: {card.get('description', '') if isinstance(card, dict) else card}")
+        print("checkpoint families (invdiff.priors.load(PATH, family=..., config=...); "
+              "invdiff list --file PATH says what a file is):")
+        for name in priors.families():
+            fam = priors.get_family(name)
+            print(f"  {name}: {fam.formats or 'invdiff .safetensors'}; {fam.source}".rstrip("; "))
     return 0
 
 

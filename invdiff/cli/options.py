@@ -10,7 +10,7 @@ import shlex
 from ..specs import parse_key_values, parse_spec
 
 __all__ = ["add_device", "add_seed", "seed", "add_progress", "add_params", "device", "command_line", "progress",
-           "parse_key_values", "parse_spec"]
+           "parse_key_values", "parse_spec", "config_arg"]
 
 
 def add_device(p: argparse.ArgumentParser, from_config: bool = False) -> None:
@@ -63,3 +63,29 @@ def device(name: str):
 def command_line(args: argparse.Namespace) -> str:
     """The command as typed (``invdiff ...``), for provenance and model cards."""
     return "invdiff " + " ".join(shlex.quote(a) for a in getattr(args, "argv", []))
+
+
+def config_arg(text: str | None):
+    """``--config``: a preset name, a JSON object, or the path of a JSON/YAML file of official flags."""
+    import json
+    from pathlib import Path
+
+    if text is None:
+        return None
+    if text.lstrip().startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--config is not valid JSON ({err})") from None
+    path = Path(text)
+    if path.suffix.lower() in (".json", ".yaml", ".yml"):
+        if not path.is_file():
+            raise FileNotFoundError(f"--config {text}: no such file")
+        if path.suffix.lower() == ".json":
+            return json.loads(path.read_text())
+        try:
+            import yaml
+        except ImportError:
+            raise ImportError(f"--config {text}: reading YAML needs PyYAML (pip install pyyaml), or pass JSON") from None
+        return yaml.safe_load(path.read_text())
+    return text  # a preset name

@@ -15,7 +15,7 @@ from .latent import (ConvAutoencoder, IdentityAutoencoder, LatentDiffusionPrior,
                      LinearAutoencoder)
 from .patch import PatchDiffusionPrior, PositionalEDMDenoiser, WholeImageDenoiser, patch_unet_config
 from .conventions import DataRange
-from .loading import (PriorFamily, available, extract_state_dict, families, family_of, get_family, inspect, load,
+from .loading import (PriorFamily, available, convert, extract_state_dict, families, family_of, get_family, inspect, load,
                       model_card, parse_dtype, register_family, save)
 from . import diffusers_family  # noqa: E402,F401  (registers the "diffusers" family; diffusers imported lazily)
 from .score_sde import NCSNpp, ScoreSDEConfig, ScoreSDEPrior
@@ -56,6 +56,7 @@ __all__ = [
     "PriorFamily",
     "extract_state_dict",
     "inspect",
+    "convert",
     "parse_dtype",
     "DataRange",
     "NCSNpp",

@@ -163,30 +163,11 @@ _PRESETS: dict[str, dict[str, Any]] = {
         class_cond=False,
         use_new_attention_order=False,
     ),
-    # DDS, configs/vp/fastmri_knee_320_complex.yml `model:` (complex knee slices, max-normalised);
-    # 320 // 16 = 20 is no downsampling factor, so only the middle block has attention (as officially)
-    "dds_fastmri320": dict(
-        type="openai",
-        in_channels=2,
-        out_channels=4,
-        num_channels=256,
-        num_heads=4,
-        num_res_blocks=1,
-        attention_resolutions="16",
-        dropout=0.0,
-        resamp_with_conv=True,
-        learn_sigma=True,
-        use_scale_shift_norm=True,
-        use_fp16=False,
-        resblock_updown=True,
-        num_heads_upsample=-1,
-        var_type="fixedsmall",
-        num_head_channels=64,
-        image_size=320,
-        class_cond=False,
-        use_new_attention_order=False,
-    ),
+    # DDS, configs/vp/fastmri_knee_320_complex.yml `model:`: AAPM256's with these four values changed
+    # (complex knee slices, max-normalised); 320 // 16 = 20 is no downsampling factor, so only the
+    # middle block has attention (as officially)
 }
+_PRESETS["dds_fastmri320"] = dict(_PRESETS["dds_aapm256"], in_channels=2, out_channels=4, image_size=320)
 
 #: adapter options of each preset beyond the defaults: the data range its checkpoint was trained on
 PRESET_OPTIONS: dict[str, dict[str, Any]] = {

@@ -70,7 +70,7 @@ from torch import Tensor, nn
 
 from .base import DiffusionPrior
 from .conventions import PREDICTION_TYPES, DataRange, vp_input, vp_prediction_to_x0, vp_timestep
-from .loading import PriorFamily, _read_safetensors, _read_torch, register_family
+from .loading import PriorFamily, _read_safetensors, _read_torch, jsonable, register_family
 
 __all__ = ["DiffusersPrior", "read_folder", "recognizes_folder"]
 
@@ -99,22 +99,10 @@ def _diffusers() -> Any:
     return diffusers
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
 def _unet_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """A UNet2DModel config as a JSON-ready dict (diffusers' bookkeeping keys dropped)."""
     drop = ("_use_default_values", "_name_or_path")
-    return {k: v for k, v in _jsonable(dict(config)).items() if k not in drop}
+    return {k: v for k, v in jsonable(dict(config)).items() if k not in drop}
 
 
 # ----------------------------------------------------------------------------------
@@ -193,7 +181,7 @@ class DiffusersPrior(DiffusionPrior):
         if ucfg.get("time_embedding_type", "positional") == "learned":
             raise ValueError("UNet2DModel with time_embedding_type='learned' takes integer timesteps only; "
                              "invdiff needs a continuous noise level (positional or fourier embeddings)")
-        sched_cfg = _jsonable(dict(scheduler.config if hasattr(scheduler, "config") else scheduler))
+        sched_cfg = jsonable(dict(scheduler.config if hasattr(scheduler, "config") else scheduler))
         cls_name = str(sched_cfg.get("_class_name") or "DDPMScheduler")
         kind = "ve" if cls_name in _VE_SCHEDULERS else "vp"
         if kind == "ve" and ucfg.get("time_embedding_type") != "fourier":
@@ -220,7 +208,7 @@ class DiffusersPrior(DiffusionPrior):
             if cls is None:
                 raise ValueError(f"this diffusers has no scheduler {cls_name!r}")
             sched = cls.from_config(sched_cfg)
-            sched_cfg = {**_jsonable(dict(sched.config)), "_class_name": cls_name}
+            sched_cfg = {**jsonable(dict(sched.config)), "_class_name": cls_name}
             sched_cfg.pop("_use_default_values", None)
         attrs: dict[str, Any] = {"kind": kind, "scheduler_config": sched_cfg}
         if kind == "vp":

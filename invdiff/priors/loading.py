@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..files import atomic_file
+from ..files import atomic_file, check_output
 from .adm import PRESET_OPTIONS, ADMConfig, ADMPrior, GuidedDiffusionUNet, get_named_beta_schedule
 from .base import DiffusionPrior
 
@@ -41,10 +41,12 @@ __all__ = [
     "PriorFamily",
     "WEIGHTS_DIR",
     "available",
+    "convert",
     "families",
     "family_of",
     "get_family",
     "inspect",
+    "jsonable",
     "load",
     "parse_dtype",
     "model_card",
@@ -584,11 +586,17 @@ def _run_dtype(dtype: torch.dtype | str | None, state: Mapping[str, Tensor], pat
     return _file_dtype(state) if chosen is None else chosen
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """``value`` as plain JSON data: configs with ``to_dict()``, numpy arrays and scalars as
+    lists and numbers, anything else JSON cannot hold as its ``str``."""
     if hasattr(value, "to_dict"):
         value = value.to_dict()
+
+    def default(obj: Any) -> Any:
+        return obj.tolist() if isinstance(obj, (np.ndarray, np.generic)) else str(obj)
+
     try:
-        return json.loads(json.dumps(value, default=str))
+        return json.loads(json.dumps(value, default=default))
     except (TypeError, ValueError):
         return str(value)
 
@@ -611,7 +619,7 @@ def _card(ckpt: _Checkpoint, prior: DiffusionPrior | None, network: nn.Module) -
             sigma_max=prior.sigma_max,
         )
     card.update(
-        config=_jsonable(ckpt.config),
+        config=jsonable(ckpt.config),
         config_source="inferred from the weights' key names and shapes" if ckpt.config_inferred else "given",
         parameters=sum(v.numel() for v in ckpt.state.values() if v.is_floating_point()),
         file_dtype=str(_file_dtype(ckpt.state)).removeprefix("torch."),
@@ -764,6 +772,55 @@ def save(prior: DiffusionPrior, path: str | os.PathLike, card: Mapping[str, Any]
     with atomic_file(path, overwrite=True) as tmp:  # a weights file is world-readable like any other
         save_file(tensors, str(tmp), metadata=metadata)
     return path
+
+
+def _own_prior_file(path: Path) -> str | None:
+    """``None`` if ``path`` is an invdiff prior file (which :func:`convert` may replace), else why not."""
+    if path.suffix.lower() != ".safetensors" or not path.is_file():
+        return "not an invdiff .safetensors prior"
+    try:
+        _, metadata = _read_safetensors(path, tensors=False)
+    except ValueError:
+        return "not a readable safetensors file"
+    return None if metadata.get("invdiff_format") else "a safetensors file without invdiff metadata"
+
+
+def convert(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    family: str | None = None,
+    config: Any = None,
+    ema: bool = True,
+    dtype: torch.dtype | str | None = None,
+    overwrite: bool = False,
+    card: Mapping[str, Any] | None = None,
+    **kwargs: Any,
+) -> Path:
+    """Load an outside checkpoint once, with its config and adapter options, and write it as
+    an invdiff ``.safetensors`` file (:func:`save`) that every command then loads by path with
+    nothing more to say (``invdiff reconstruct --prior OUT``, ``invdiff bench --prior OUT``).
+
+    The file keeps the family, the config, the options (``data_range`` included) and the
+    model card, plus ``converted_from``; the weights keep the source's dtype unless ``dtype``
+    says otherwise. ``out`` never replaces the source, nor a file that is not an invdiff
+    prior; it is written atomically. ``invdiff convert`` is the command line.
+
+    Example::
+
+        >>> import tempfile, pathlib
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> path = convert("ct-phantom-64", folder / "copy.safetensors")
+        >>> load(path).card["converted_from"].endswith("ct-phantom-64.safetensors")
+        True
+    """
+    ckpt_path = _resolve(source)
+    out = check_output(out, inputs=[ckpt_path], overwrite=overwrite, own=_own_prior_file, flag="out")
+    if out.suffix != ".safetensors":
+        raise ValueError(f"out {out.name}: convert writes .safetensors files")
+    prior = load(ckpt_path, family=family, config=config, ema=ema, dtype=dtype, **kwargs)
+    keep = {k: v for k, v in prior.card.items() if k not in ("file", "dtype", "config_source")}
+    return save(prior, out, card={**keep, "converted_from": str(ckpt_path), **dict(card or {})})
 
 
 def model_card(name_or_path: str | os.PathLike) -> dict[str, Any]:
