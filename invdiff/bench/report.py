@@ -85,7 +85,7 @@ def summarize(rows: Sequence[dict]) -> list[dict]:
     for (prior, task, sampler), group in groups.items():
         ok = [r for r in group if r.get("status") == "ok"]
         s = {"prior": prior, "prior_hash": group[0]["prior_hash"], "task": task, "sampler": sampler,
-             "n": len(ok), "n_failed": len(group) - len(ok)}
+             "n": len(ok), "n_failed": sum(r.get("status") not in ("ok", "incompatible") for r in group)}
         for key in ("psnr", "ssim", "lpips", "z_error"):  # z_error: volume grids
             values = [r.get(key) for r in ok]
             s[f"{key}_mean"], s[f"{key}_std"] = _stat(values) if all(v is not None for v in values) else (None, None)
@@ -191,7 +191,13 @@ def summary_markdown(stats: Sequence[dict], rows: Sequence[dict]) -> str:
     notes = sorted({r["notes"] for r in rows if r.get("notes")})
     if notes:
         lines += ["Notes: " + "; ".join(notes), ""]
-    failed = [r for r in rows if r.get("status") != "ok"]
+    incompatible = {(r["sampler"], r["task"]): r["error"] for r in rows if r.get("status") == "incompatible"}
+    if incompatible:
+        lines.append("Not applicable (the sampler cannot use the operator):")
+        lines.append("")
+        lines += [f"- {sampler} / {task}: {error}" for (sampler, task), error in incompatible.items()]
+        lines.append("")
+    failed = [r for r in rows if r.get("status") not in ("ok", "incompatible")]
     if failed:
         lines.append(f"Failed cells ({len(failed)}):")
         lines.append("")

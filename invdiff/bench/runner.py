@@ -6,8 +6,10 @@ Each cell: the image ``x`` is measured on the CPU, ``y = physics(x, seed=s_measu
 posterior sample, batch 1, through :class:`SeededSampler`), and :func:`image_metrics`
 scores ``x_hat`` against ``x``. The row (parameters, seeds, metrics, NFE, wall time, peak
 GPU memory, versions) is appended to the results file at once (:mod:`invdiff.bench.store`).
-A cell that raises (divergence, out of memory, an operator the sampler cannot use) is
-recorded with ``status="failed"`` and its error, and the run goes on.
+A cell that raises (divergence, out of memory) is recorded with ``status="failed"`` and its
+error, and the run goes on; a sampler that cannot use the task's operator (its
+``IncompatibleError``, e.g. DDRM without an SVD) gives ``status="incompatible"`` with the
+reason, shown as ``n/a`` in the tables and never rerun.
 
 **Resuming.** Cells whose ``cell_id`` already has a row are skipped (failed ones too,
 unless ``rerun_failed``), so a killed run restarted with the same arguments finishes the
@@ -45,6 +47,7 @@ from deepinv.models import Reconstructor
 from torch import Tensor
 
 from ..files import atomic_file, check_not_input
+from ..samplers.base import IncompatibleError
 from . import store
 from .baseline import bench_sampler_class
 from .grid import (
@@ -61,6 +64,9 @@ from .grid import (
 )
 from .images import BenchImage, load_images, load_volumes
 from .metrics import image_metrics
+
+#: statuses of a finished cell (a resumed run does not redo them)
+DONE = ("ok", "incompatible")
 
 __all__ = ["run", "SeededSampler", "BenchResult", "BenchPrior", "resolve_priors", "prior_hash", "versions"]
 
@@ -497,6 +503,8 @@ class _Runner:
                 self.save_recon == "figure" and cell.image_index < self.figure_images and cell.seed == self.first_seed
             ):
                 recon = _save_recon(self.out, cell, x_hat, x, std)
+        except IncompatibleError as err:  # the method cannot use this operator: a fact, not a failure
+            row["status"], row["error"] = "incompatible", _error_text(err)
         except Exception as err:  # a failed cell is recorded and the grid goes on
             row["status"], row["error"] = "failed", _error_text(err)
             row["traceback"] = traceback.format_exc(limit=-3)
@@ -610,7 +618,7 @@ def run(
         out.mkdir(parents=True, exist_ok=True)
         held.enter_context(_locked(out, dist))  # one run per folder, from reading the finished cells to the summary
         previous = store.load_results(out) if (out / store.RESULTS).exists() or store.rank_files(out) else []
-        finished = {r["cell_id"] for r in previous if r.get("status") == "ok" or not rerun_failed}
+        finished = {r["cell_id"] for r in previous if r.get("status") in DONE or not rerun_failed}
         pending = [c for c in setup.cells if c.cell_id not in finished]
         mine = pending[dist.rank :: dist.world]
         target = store.rank_file(out, dist.rank) if dist.world > 1 else out / store.RESULTS
@@ -633,7 +641,7 @@ def run(
                                       sum(store.count_lines(f) - base[f] for f in files))
                 bar.update(done - bar.n)
                 bar.set_postfix_str(f"{cell.task.label} {cell.sampler.label} "
-                                    + (f"{row['psnr']:.2f} dB" if row["status"] == "ok" else "failed"))
+                                    + (f"{row['psnr']:.2f} dB" if row["status"] == "ok" else row["status"]))
             if on_cell is not None:
                 on_cell(row)
         dist.barrier()  # every rank's cells are written
@@ -650,7 +658,7 @@ def run(
 
             paths = write_report(rows, out, figure_images=figure_images)
         return BenchResult(out, rows, len(setup.cells), ran, len(setup.cells) - len(pending),
-                           sum(r["status"] != "ok" for r in rows), paths)
+                           sum(r["status"] not in DONE for r in rows), paths)
     finally:
         held.close()
         dist.close()
