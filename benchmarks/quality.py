@@ -35,7 +35,7 @@ from invdiff import data, operators, priors, samplers
 LATENT = {"ct-phantom-64": "ct-phantom-latent-64"}
 #: ``--cpu-budget`` overrides: ensembles / particle systems that fit a CPU run (the defaults,
 #: 1024 EnKG particles and 16 SMC particles per image, are GPU-sized)
-CPU_BUDGET = {"enkg": dict(ensemble_size=128), "smc": dict(particles=4)}
+CPU_BUDGET = {"enkg": dict(ensemble_size=128), "smc": dict(particles=4), "pnpdm": dict(diffusion_steps=20)}
 
 TASKS = {
     "ct-sparse-30": ("ct-phantom-64", "ct-phantom"),

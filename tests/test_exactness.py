@@ -34,6 +34,14 @@ MEASURED = {
     "reddiff": ((0.240, 0.259, 0.133, 0.175), None),
     "resample": ((0.166, 0.058, 0.080, 0.034), (0.65, 1.3)),  # 0.85-1.08
     "smc": ((0.138, 0.059, 0.072, 0.031), (0.85, 1.25)),  # 0.96-1.10
+    # DDRM at 20 steps: over-dispersed on inpainting, under on blur (the method: 100 steps give 0.09 / 0.82;
+    # deepinv's DDRM gives the same means, tests/test_ddrm.py)
+    "ddrm": ((0.393, 0.076, 0.180, 0.035), (0.5, 1.6)),  # 0.64-1.35
+    "ddnm": ((0.206, 0.118, 0.068, 0.069), (0.3, 1.05)),  # 0.44-0.86
+    "pigdm": ((0.127, 0.090, 0.049, 0.061), (0.4, 0.9)),  # 0.55-0.66: under-dispersed
+    # rho_min = 0.15 (the paper's 0.3 on [-1, 1]) = 3 x the noise: the chain's x-marginal is the posterior
+    # under noise s^2 I + rho_min^2 A A^T, hence over-dispersed (rho_min = 0.02: 0.03-0.08, std ratio 1.02-1.09)
+    "pnpdm": ((0.255, 0.152, 0.176, 0.125), (1.5, 2.4)),  # 1.85-2.05
 }
 
 

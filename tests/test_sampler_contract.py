@@ -18,7 +18,7 @@ import torch
 
 from invdiff import operators, samplers
 from invdiff.priors import DiffusionPrior, GaussianPrior, LatentDiffusionPrior, LinearAutoencoder
-from invdiff.samplers import SamplerDivergedError
+from invdiff.samplers import IncompatibleError, SamplerDivergedError
 
 SHAPE = (1, 16, 16)
 LATENT_SHAPE = (1, 8, 8)  # decoded to SHAPE by 2x bilinear upsampling
@@ -89,6 +89,11 @@ def test_contract(name, task, base_prior, latent_base, truth):
     if not isinstance(physics, dinv.physics.LinearPhysics) and not _nonlinear_ok(sampler):
         with pytest.raises(TypeError, match=rf"{name}: needs a linear operator"):
             sampler(y, physics)
+        return
+    if getattr(sampler, "needs_svd", False) and task.startswith("ct-"):  # DDRM, DDNM: no SVD of the Radon transform
+        with pytest.raises(IncompatibleError, match=rf"{name}: needs an operator with a known SVD"):
+            sampler(y, physics)
+        assert prior.calls == 0
         return
     a = sampler(y, physics, generator=torch.Generator().manual_seed(3))
     info = sampler.last_run

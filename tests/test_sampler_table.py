@@ -18,6 +18,10 @@ TABLE = {
     "diffpir": (dict(steps=20), 20, 0, 20, None, True, "all"),
     "reddiff": (dict(steps=20), 20, 0, 20, None, False, "any"),
     "daps": (dict(steps=6, ode_steps=3, langevin_steps=5), 18, 0, 6, 0.01, False, None),
+    "ddrm": (dict(steps=20), 20, 0, 20, "sigma_min", True, "all"),
+    "ddnm": (dict(steps=20), 20, 0, 20, "sigma_min", True, "all"),
+    "pigdm": (dict(steps=20), 20, 20, 20, "sigma_min", True, "all"),
+    "pnpdm": (dict(steps=5, diffusion_steps=20), 39, 0, 5, 0.15, False, "all"),
 }
 
 

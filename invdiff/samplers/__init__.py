@@ -8,18 +8,23 @@ from __future__ import annotations
 
 from .base import IncompatibleError, OptionError, PosteriorSamples, RunInfo, Sampler, SamplerDivergedError
 from .daps import DAPS
+from .ddnm import DDNM
+from .ddrm import DDRM
 from .dds import DDS
 from .diffpir import DiffPIR
 from .dps import DPS
 from .enkg import EnKG
 from .mcg import MCG
+from .pigdm import PiGDM
+from .pnpdm import PnPDM
 from .reddiff import REDDiff
 from .resample import ReSample
 from .smc import SMC, WeightedParticles
 from .steps import make_sigmas
 
 _REGISTRY: dict[str, type[Sampler]] = {"dps": DPS, "dds": DDS, "diffpir": DiffPIR, "reddiff": REDDiff, "daps": DAPS,
-                                     "smc": SMC, "resample": ReSample, "mcg": MCG, "enkg": EnKG}
+                                     "smc": SMC, "resample": ReSample, "mcg": MCG, "enkg": EnKG, "pigdm": PiGDM,
+                                     "pnpdm": PnPDM, "ddrm": DDRM, "ddnm": DDNM}
 
 
 def register(cls: type[Sampler], *, replace: bool = False) -> type[Sampler]:
@@ -77,8 +82,12 @@ __all__ = [
     "SamplerDivergedError",
     "DPS",
     "MCG",
+    "PiGDM",
+    "PnPDM",
     "EnKG",
     "DDS",
+    "DDRM",
+    "DDNM",
     "DiffPIR",
     "REDDiff",
     "DAPS",
