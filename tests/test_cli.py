@@ -23,6 +23,9 @@ def test_demo_writes_figure_and_every_sampler_beats_the_baseline(tmp_path):
     psnr = {(r["task"], r["sampler"]): r["psnr_ssim"][0] for r in rows}
     for task in ("ct-sparse-30", "inpaint-random-70"):
         for name in samplers.available():
+            if (task, name) not in psnr:  # refused: only the SVD samplers, only on CT
+                assert getattr(samplers.get(name), "needs_svd", False) and task.startswith("ct-"), (task, name)
+                continue
             # every sampler (mean of 2 samples, 40 steps) beats the classical baseline by 5 dB and
             # is within 8 dB of the exact posterior mean (measured: +11.7 dB or more over the
             # baselines; worst gap to the exact mean 7.1 dB, RED-Diff on CT, a point estimate)

@@ -38,6 +38,7 @@ MEASURED = {
     # deepinv's DDRM gives the same means, tests/test_ddrm.py)
     "ddrm": ((0.393, 0.076, 0.180, 0.035), (0.5, 1.6)),  # 0.64-1.35
     "ddnm": ((0.206, 0.118, 0.068, 0.069), (0.3, 1.05)),  # 0.44-0.86
+    "fps": ((0.062, 0.036, 0.026, 0.027), (0.55, 1.0)),  # 0.66-0.73: under-dispersed
     "pigdm": ((0.127, 0.090, 0.049, 0.061), (0.4, 0.9)),  # 0.55-0.66: under-dispersed
     # rho_min = 0.15 (the paper's 0.3 on [-1, 1]) = 3 x the noise: the chain's x-marginal is the posterior
     # under noise s^2 I + rho_min^2 A A^T, hence over-dispersed (rho_min = 0.02: 0.03-0.08, std ratio 1.02-1.09)

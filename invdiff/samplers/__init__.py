@@ -14,6 +14,7 @@ from .dds import DDS
 from .diffpir import DiffPIR
 from .dps import DPS
 from .enkg import EnKG
+from .fps import FPS
 from .mcg import MCG
 from .pigdm import PiGDM
 from .pnpdm import PnPDM
@@ -24,7 +25,8 @@ from .steps import make_sigmas
 
 _REGISTRY: dict[str, type[Sampler]] = {"dps": DPS, "dds": DDS, "diffpir": DiffPIR, "reddiff": REDDiff, "daps": DAPS,
                                      "smc": SMC, "resample": ReSample, "mcg": MCG, "enkg": EnKG, "pigdm": PiGDM,
-                                     "pnpdm": PnPDM, "ddrm": DDRM, "ddnm": DDNM}
+                                     "pnpdm": PnPDM, "ddrm": DDRM, "ddnm": DDNM,
+                                     "fps": FPS}
 
 
 def register(cls: type[Sampler], *, replace: bool = False) -> type[Sampler]:
@@ -85,6 +87,7 @@ __all__ = [
     "PiGDM",
     "PnPDM",
     "EnKG",
+    "FPS",
     "DDS",
     "DDRM",
     "DDNM",

@@ -110,6 +110,17 @@ class PnPDM(Sampler):
     output is the last :math:`x` (the official code also keeps the iterates after a burn-in
     as further samples; here one run gives one sample, ``sample(n)`` runs ``n`` chains).
 
+    **The floor of the coupling is in units of** :math:`1/\|A\|` (departure). At a fixed
+    :math:`\rho` the chain's :math:`x`-marginal is the posterior under the measurement noise
+    :math:`s^2 I + \rho^2 A A^\top`: the coupling acts as extra noise :math:`\rho A\epsilon`.
+    The paper's :math:`\rho_{\min}` is set for operators of norm about 1 (inpainting, blur,
+    orthonormal MRI), where that extra noise is :math:`\rho_{\min}`; for CT in pixel units
+    (:math:`\|A\|^2 \sim 10^3`) the same :math:`\rho_{\min}` would drown the measurements and the
+    chain would end below filtered back-projection. So a run anneals to
+    :math:`\rho_{\min}/\|A\|` (:meth:`coupling`; :math:`\|A\|^2` by power iteration or
+    ``operator_norm``, 1 for a nonlinear operator; recorded in ``last_run.extra["rho_min"]``),
+    which is the paper's value at norm 1.
+
     Conversions and departures from the paper, exactly: the official settings on ``[-1, 1]``
     images (``commands.sh``, linear tasks) are 100 iterations, :math:`\rho_0 = 10`,
     :math:`\alpha = 0.9`, :math:`\rho_{\min} = 0.3` (0.1 for phase retrieval and coded
@@ -136,7 +147,8 @@ class PnPDM(Sampler):
     :param steps: number of Gibbs iterations (paper: 100).
     :param rho: :math:`\rho_0` on ``[0, 1]`` images (paper: 10 on ``[-1, 1]``).
     :param rho_decay: :math:`\alpha`, per iteration of a 100-iteration run (paper: 0.9).
-    :param rho_min: :math:`\rho_{\min}` (paper: 0.3 on ``[-1, 1]``, linear tasks).
+    :param rho_min: :math:`\rho_{\min}` at :math:`\|A\| = 1` (paper: 0.3 on ``[-1, 1]``, linear tasks);
+        a run's floor is ``rho_min / ||A||``.
     :param diffusion_steps: levels of the EDM grid of the prior step (paper: 100).
     :param prior_solver: ``"sde"`` (paper, linear tasks) or ``"ode"``.
     :param likelihood_step: ``"auto"``, ``"exact"`` (linear operators) or ``"langevin"``.
@@ -146,7 +158,8 @@ class PnPDM(Sampler):
     :param step_scale: :math:`c` of the Langevin step size.
     :param noise_sigma: measurement noise std :math:`s`; read from ``physics.noise_model`` when ``None``.
     :param min_noise: floor of :math:`s` (noiseless measurements).
-    :param operator_norm: :math:`\|A\|^2` for the Langevin step size; estimated when ``None``.
+    :param operator_norm: :math:`\|A\|^2` for the coupling floor and the Langevin step size; estimated
+        when ``None``.
     :param clip: range the output is clamped to, ``None`` for none.
     :param verbose: tqdm progress bar.
 
@@ -202,8 +215,11 @@ class PnPDM(Sampler):
         super().__init__(prior, verbose=verbose)
         if rho_min > rho:
             raise ValueError(f"pnpdm: rho_min={rho_min} must not exceed rho={rho}")
-        #: the coupling rho_k of each iteration (annealing, Sec. 3.3), on the paper's 100-iteration clock
-        self.rhos = [max(rho * rho_decay ** (k * PAPER_ITERATIONS / steps), rho_min) for k in range(steps)]
+        self.rho, self.rho_decay, self.rho_min = float(rho), float(rho_decay), float(rho_min)
+        self.iterations = int(steps)
+        #: the coupling rho_k of each iteration for an operator of norm 1 (annealing, Sec. 3.3), on the
+        #: paper's 100-iteration clock; a run uses :meth:`coupling` of its operator's norm
+        self.rhos = self.coupling(1.0)
         #: the EDM grid of the prior step (ending at 0)
         self.grid = karras_sigmas(diffusion_steps, prior.sigma_min, prior.sigma_max)
         self.prior_solver, self.likelihood_step = prior_solver, likelihood_step
@@ -211,7 +227,7 @@ class PnPDM(Sampler):
         self.langevin_steps, self.step_scale = int(langevin_steps), float(step_scale)
         self.noise_sigma, self.min_noise, self.operator_norm = noise_sigma, float(min_noise), operator_norm
         self.clip = clip
-        self._norm_a: float | None = None  # ||A||^2 of the current run (Langevin step size)
+        self._norm_a: float | None = None  # ||A||^2 of the current run (coupling floor, Langevin step size)
 
     def check_physics(self, physics) -> None:
         """The exact likelihood step needs a linear operator; the Langevin one does not."""
@@ -220,6 +236,13 @@ class PnPDM(Sampler):
             raise IncompatibleError(
                 f"{self.name}: needs a linear operator (a deepinv LinearPhysics with A_adjoint) for "
                 f"likelihood_step='exact', got {type(physics).__name__}; use likelihood_step='langevin' or 'auto'")
+
+    def coupling(self, norm_a: float) -> list[float]:
+        """The run's :math:`\rho_k = \max(\rho_0 \alpha^{100k/N}, \rho_{\min}/\|A\|)` for
+        ``norm_a`` = :math:`\|A\|^2`: the floor in units of :math:`1/\|A\|` (see the class doc)."""
+        floor = min(self.rho_min / max(float(norm_a), 1e-12) ** 0.5, self.rho)
+        return [max(self.rho * self.rho_decay ** (k * PAPER_ITERATIONS / self.iterations), floor)
+                for k in range(self.iterations)]
 
     def prior_levels(self, rho: float) -> list[float]:
         """The noise levels of the prior step from ``rho``: ``rho``, the grid's levels below it, 0."""
@@ -231,9 +254,6 @@ class PnPDM(Sampler):
             self.likelihood_step == "auto" and isinstance(physics, LinearPhysics))
         if exact:
             return exact_likelihood_step(physics, x, y, s, rho, generator, self.cg_iterations, self.cg_tol)
-        if self._norm_a is None:
-            self._norm_a = self.operator_norm or operator_norm_squared(
-                physics, self.image_shape, device=y.device, dtype=y.real.dtype)
         step = self.step_scale / (self._norm_a / per_image(s, x.ndim) ** 2 + 1 / rho**2)
         return langevin_likelihood_step(physics, x, y, s, rho, generator, self.langevin_steps, step)
 
@@ -255,10 +275,13 @@ class PnPDM(Sampler):
     def _run(self, y: Tensor, physics, x_init: Tensor | None, generator, callback: Callable | None) -> Tensor:
         shape = (y.shape[0], *self.image_shape)
         s = gaussian_noise_std(physics, y, self.noise_sigma, self.min_noise)
-        self._norm_a = None
+        self._norm_a = self.operator_norm or operator_norm_squared(physics, self.image_shape, device=y.device,
+                                                                   dtype=y.real.dtype)
+        rhos = self.coupling(self._norm_a)
+        self._info.extra["rho_min"] = rhos[-1]
         x = x_init.to(y.real.dtype) if x_init is not None else y.new_full(shape, 0.5, dtype=y.real.dtype)
-        for k in self.progress(range(len(self.rhos))):
-            rho = self.rhos[k]
+        for k in self.progress(range(len(rhos))):
+            rho = rhos[k]
             # Alg. 1 line 3: likelihood step, z_k ~ p(z | x_k, y) (eq. 5)
             z = self._likelihood(x, y, physics, s, rho, generator)
             # Alg. 1 line 4: prior step, x_{k+1} ~ p(x | z_k) by reverse diffusion from rho (eqs. 6-7)
