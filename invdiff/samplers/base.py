@@ -200,6 +200,10 @@ class Sampler(Reconstructor):
     #: False for methods that need ``A_adjoint`` (CG / proximal data steps); they refuse a
     #: nonlinear operator with a clear error instead of failing inside the loop.
     supports_nonlinear = True
+    #: True for methods built on the operator's singular value decomposition (DDRM, DDNM):
+    #: :meth:`check_physics` refuses an operator without a known one
+    #: (:func:`~invdiff.samplers.steps.svd.require_svd`, with the sampler's ``singular_floor``).
+    needs_svd = False
     #: Run the loop with autograd on (when the caller's grad mode is on), so that a loss on
     #: the output can train the prior's network (deepinv's ``Trainer.train``, unrolled
     #: networks). Off by default: sampling keeps no graph, which is what makes it fast and
@@ -463,7 +467,8 @@ class Sampler(Reconstructor):
 
     def check_physics(self, physics) -> None:
         """Refuse an operator this sampler cannot use (a nonlinear one for a method that needs
-        ``A_adjoint``), before any work: :class:`IncompatibleError`, one line."""
+        ``A_adjoint``, one without a known SVD for a method that ``needs_svd``), before any work:
+        :class:`IncompatibleError`, one line."""
         from deepinv.physics import LinearPhysics
 
         if not self.supports_nonlinear and not isinstance(physics, LinearPhysics):
@@ -474,6 +479,10 @@ class Sampler(Reconstructor):
                 f"{self.name}: needs a linear operator (a deepinv LinearPhysics with A_adjoint), "
                 f"got {type(physics).__name__}; these samplers take nonlinear operators: {others}"
             )
+        if self.needs_svd:  # DDRM, DDNM: the operator's singular basis, read off it and checked
+            from .steps.svd import require_svd
+
+            require_svd(physics, self.image_shape, getattr(self, "singular_floor", 0.0), where=self.name)
 
     def _check_measurement(self, y: Tensor, physics) -> Tensor:
         self.check_physics(physics)

@@ -18,7 +18,7 @@ from ..priors.base import DiffusionPrior
 from .base import Sampler
 from .params import Real
 from .steps import gaussian_noise_std, make_sigmas, per_image, randn_like
-from .steps.svd import renoise, require_svd, spectral_view
+from .steps.svd import renoise, spectral_view
 
 __all__ = ["DDNM"]
 
@@ -107,8 +107,7 @@ class DDNM(Sampler):
 
     name = "ddnm"
     supports_nonlinear = False
-    #: the operator must have a known singular basis (:func:`~invdiff.samplers.steps.svd.spectral_view`)
-    needs_svd = True
+    needs_svd = True  # the operator's singular basis (steps.svd.spectral_view), checked by check_physics
     parameter_constraints = {"singular_floor": Real(0)}
 
     def __init__(
@@ -129,11 +128,6 @@ class DDNM(Sampler):
         self.singular_floor = float(singular_floor)
         self.noise_sigma = noise_sigma
         self.clip = clip
-
-    def check_physics(self, physics) -> None:
-        """A linear operator with a known singular basis, else a one-line ``IncompatibleError``."""
-        super().check_physics(physics)
-        require_svd(physics, self.image_shape, self.singular_floor, where=self.name)
 
     def _weights(self, view, rho: Tensor | None, sigma_next: float):
         """Eq. 19 in SVD form: :math:`(\\Lambda, D_1, D_2)`, numbers for noiseless data."""

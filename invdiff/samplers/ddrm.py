@@ -18,7 +18,7 @@ from ..priors.base import DiffusionPrior
 from .base import Sampler
 from .params import Real
 from .steps import gaussian_noise_std, make_sigmas, per_image
-from .steps.svd import renoise, require_svd, spectral_view
+from .steps.svd import renoise, spectral_view
 
 __all__ = ["DDRM"]
 
@@ -98,8 +98,7 @@ class DDRM(Sampler):
 
     name = "ddrm"
     supports_nonlinear = False
-    #: the operator must have a known singular basis (:func:`~invdiff.samplers.steps.svd.spectral_view`)
-    needs_svd = True
+    needs_svd = True  # the operator's singular basis (steps.svd.spectral_view), checked by check_physics
     parameter_constraints = {"eta_b": Real(0, 1), "singular_floor": Real(0)}
 
     def __init__(
@@ -122,11 +121,6 @@ class DDRM(Sampler):
         self.singular_floor = float(singular_floor)
         self.noise_sigma = noise_sigma
         self.clip = clip
-
-    def check_physics(self, physics) -> None:
-        """A linear operator with a known singular basis, else a one-line ``IncompatibleError``."""
-        super().check_physics(physics)
-        require_svd(physics, self.image_shape, self.singular_floor, where=self.name)
 
     def _start(self, view, y_bar: Tensor, nsr: Tensor, sigma: float, x_init: Tensor | None, z: Tensor) -> Tensor:
         """Eq. 7: :math:`\\bar x_0` from :math:`q(x_T \\mid y)`."""
