@@ -17,6 +17,7 @@ from .params import Integer, Real
 from .steps import (
     gaussian_noise_std,
     karras_sigmas,
+    langevin_data_step,
     operator_norm_squared,
     per_image,
     randn_like,
@@ -199,17 +200,8 @@ class DAPS(Sampler):
             r2 = sigma**2
             ratio = 1 + (self.lr_min_ratio - 1) * i / levels  # the official linear decay (off by default)
             eta = self.step_scale * ratio / (norm_a / s2 + 1 / r2)
-            x = self._langevin(x0, x0, y, physics, s2, r2, eta, generator)
+            x = langevin_data_step(physics, x0, y, s2, r2, eta, self.langevin_steps, generator)  # eq. 9
             # Alg. 1 line 7: decoupled re-noising to the next level
             x_t = x + sigma_next * randn_like(x, generator) if sigma_next > 0 else x
             self.step_done(i, sigma, x_t, x0, callback)
         return x_t.clamp(*self.clip) if self.clip is not None else x_t
-
-    def _langevin(self, x: Tensor, x0: Tensor, y: Tensor, physics, s2: float, r2: float, eta: float,
-                  generator) -> Tensor:
-        """``langevin_steps`` of ``x <- x - eta grad E + sqrt(2 eta) z`` (eq. 9); only ``A`` and ``A_vjp``."""
-        noise_scale = (2 * eta) ** 0.5
-        for _ in range(self.langevin_steps):
-            grad = physics.A_vjp(x, physics.A(x) - y).real.to(x.dtype) / s2 + (x - x0) / r2
-            x = x - eta * grad + noise_scale * randn_like(x, generator)
-        return x

@@ -20,6 +20,7 @@ from .params import Choice, Integer, Real
 from .steps import (
     gaussian_noise_std,
     karras_sigmas,
+    langevin_data_step,
     operator_norm_squared,
     per_image,
     proximal_least_squares,
@@ -64,12 +65,7 @@ def langevin_likelihood_step(physics, x: Tensor, y: Tensor, noise_std: float | T
               + \sqrt{2\eta}\, \epsilon,
 
     with ``physics.A_vjp`` for :math:`J_A^\top` (no network call)."""
-    s2 = per_image(noise_std, x.ndim) ** 2
-    z, noise_scale = x, (2 * step) ** 0.5
-    for _ in range(steps):
-        grad = physics.A_vjp(z, physics.A(z) - y).real.to(z.dtype) / s2 + (z - x) / rho**2
-        z = z - step * grad + noise_scale * randn_like(z, generator)
-    return z
+    return langevin_data_step(physics, x, y, per_image(noise_std, x.ndim) ** 2, rho**2, step, steps, generator)
 
 
 class PnPDM(Sampler):

@@ -33,11 +33,11 @@ from .linalg import (
 from .particles import effective_sample_size, systematic_resample
 from .randomness import randn_like
 from .schedules import ddpm_sigmas, ddpm_timestep, karras_sigmas, make_sigmas
-from .updates import ancestral_std, ddim_step
+from .updates import ancestral_std, ddim_step, langevin_data_step
 
 __all__ = [
     "karras_sigmas", "ddpm_sigmas", "ddpm_timestep", "make_sigmas",
-    "ancestral_std", "ddim_step",
+    "ancestral_std", "ddim_step", "langevin_data_step",
     "measurement_noise", "per_image", "gaussian_noise_std", "LIKELIHOODS", "likelihood_variance",
     "denoiser_error_variance", "proximal_weight",
     "batch_norm", "guidance_gradient", "GaussianGuidance",

@@ -2,7 +2,9 @@
 
 * :func:`ancestral_std` — the std of the DDPM posterior step, the one formula behind DDIM's
   ``eta``, DDS's re-noising, SMC's proposal and ReSample's resampling variance;
-* :func:`ddim_step` — the DDIM / ancestral update (Song et al. 2021, eq. 12).
+* :func:`ddim_step` — the DDIM / ancestral update (Song et al. 2021, eq. 12);
+* :func:`langevin_data_step` — unadjusted Langevin on a Gaussian-anchored data term (DAPS's
+  measurement step, PnP-DM's likelihood step for a nonlinear operator).
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ import math
 
 from torch import Tensor
 
-__all__ = ["ancestral_std", "ddim_step"]
+from .randomness import randn_like
+
+__all__ = ["ancestral_std", "ddim_step", "langevin_data_step"]
 
 
 def ancestral_std(sigma: float, sigma_next: float) -> float:
@@ -48,3 +52,20 @@ def ddim_step(x: Tensor, x0: Tensor, sigma: float, sigma_next: float, eta: float
             raise ValueError("ddim_step needs noise when eta > 0")
         out = out + c * noise
     return out
+
+
+def langevin_data_step(physics, anchor: Tensor, y: Tensor, s2: float | Tensor, r2: float | Tensor,
+                       eta: float | Tensor, steps: int, generator) -> Tensor:
+    r"""``steps`` unadjusted Langevin steps from ``anchor`` on
+    :math:`E(x) = \|A(x) - y\|^2 / (2 s^2) + \|x - \text{anchor}\|^2 / (2 r^2)`:
+
+    .. math:: x \leftarrow x - \eta\Big(\frac{J_A(x)^\top (A(x) - y)}{s^2} + \frac{x - \text{anchor}}{r^2}\Big)
+              + \sqrt{2\eta}\, \epsilon,
+
+    with ``physics.A_vjp`` for :math:`J_A^\top` (no network call); ``s2`` may be per image
+    (``(B, 1, ..., 1)``)."""
+    x, noise_scale = anchor, (2 * eta) ** 0.5
+    for _ in range(steps):
+        grad = physics.A_vjp(x, physics.A(x) - y).real.to(x.dtype) / s2 + (x - anchor) / r2
+        x = x - eta * grad + noise_scale * randn_like(x, generator)
+    return x
