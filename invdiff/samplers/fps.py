@@ -18,8 +18,15 @@ from torch import Tensor
 from ..priors.base import DiffusionPrior
 from .base import Sampler
 from .params import Integer, Real
-from .steps import conjugate_gradient, effective_sample_size, gaussian_noise_std, make_sigmas, randn_like, \
-    systematic_resample
+from .steps import (
+    conjugate_gradient,
+    draw_particle,
+    effective_sample_size,
+    gaussian_noise_std,
+    make_sigmas,
+    randn_like,
+    systematic_resample,
+)
 
 __all__ = ["FPS", "GaussianConditional"]
 
@@ -206,7 +213,7 @@ class FPS(Sampler):
                 resampled += done
             self.step_done(i, sigma, x, x0, callback)
         self._info.extra = dict(particles=k, resampled=resampled, solver="svd" if kalman.svd else "cg")
-        pick = _categorical(log_w, generator)  # one particle per measurement, drawn with the final weights
+        pick = draw_particle(log_w, generator)  # one particle per measurement, drawn with the final weights
         return x.reshape(k, b, *self.image_shape)[pick, torch.arange(b, device=pick.device)]
 
     # --- the steps ----------------------------------------------------------------------
@@ -342,11 +349,3 @@ def _particle_noise(like: Tensor, k: int, generator) -> Tensor:
     b = like.shape[0] // k
     noise = randn_like(like.new_empty((b, k, *like.shape[1:])), generator)
     return noise.transpose(0, 1).reshape(like.shape)
-
-
-def _categorical(log_w: Tensor, generator) -> Tensor:
-    """One index in ``[0, K)`` per column of ``log_w`` ``(K, B)``, drawn with the normalised weights."""
-    w = torch.softmax(log_w.to(torch.float64), 0).T  # (B, K)
-    if isinstance(generator, (list, tuple)):
-        return torch.cat([torch.multinomial(w[j], 1, generator=g) for j, g in enumerate(generator)])
-    return torch.multinomial(w, 1, generator=generator)[:, 0]

@@ -22,6 +22,7 @@ from .steps import (
     GaussianGuidance,
     ancestral_std,
     denoiser_error_variance,
+    draw_particle,
     effective_sample_size,
     guidance_gradient,
     likelihood_variance,
@@ -300,7 +301,7 @@ class SMC(Sampler):
         self._info.extra = dict(particles=k, ess=ess_trace, resampled=resampled,
                                 final_ess=self.last_particles.ess.tolist())
         # one posterior draw per measurement from the final weights
-        pick = self._categorical(log_w, generator)
+        pick = draw_particle(log_w, generator)
         return particles[pick, torch.arange(b, device=pick.device)]
 
     # --- pieces -----------------------------------------------------------------------
@@ -321,13 +322,6 @@ class SMC(Sampler):
                                 for g in generator], 1)
         return torch.randn(shape, generator=generator, device=device, dtype=dtype)
 
-    @staticmethod
-    def _categorical(log_w: Tensor, generator) -> Tensor:
-        """One index in ``[0, K)`` per column of ``log_w`` ``(K, B)``, drawn with the normalised weights."""
-        w = torch.softmax(log_w.to(torch.float64), 0).T  # (B, K)
-        if isinstance(generator, (list, tuple)):
-            return torch.cat([torch.multinomial(w[j], 1, generator=g) for j, g in enumerate(generator)])
-        return torch.multinomial(w, 1, generator=generator)[:, 0]
 
 
 def _sqnorm(v: Tensor, squared: bool = True) -> Tensor:

@@ -30,7 +30,7 @@ from .linalg import (
                          project_measurements,
                          proximal_least_squares,
 )
-from .particles import effective_sample_size, systematic_resample
+from .particles import draw_particle, effective_sample_size, systematic_resample
 from .randomness import randn_like
 from .schedules import ddpm_sigmas, ddpm_timestep, karras_sigmas, make_sigmas
 from .updates import ancestral_std, ddim_step, langevin_data_step
@@ -43,6 +43,6 @@ __all__ = [
     "batch_norm", "guidance_gradient", "GaussianGuidance",
     "conjugate_gradient", "cgls", "proximal_least_squares", "project_measurements", "operator_norm_squared",
     "initial_estimate",
-    "effective_sample_size", "systematic_resample",
+    "effective_sample_size", "systematic_resample", "draw_particle",
     "randn_like",
 ]

@@ -1,4 +1,5 @@
-"""Weighted particle systems (SMC): effective sample size and systematic resampling.
+"""Weighted particle systems (SMC, FPS-SMC): effective sample size, systematic resampling and
+the final draw of one particle per measurement.
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["effective_sample_size", "systematic_resample"]
+__all__ = ["effective_sample_size", "systematic_resample", "draw_particle"]
 
 
 def effective_sample_size(log_weights: Tensor, dim: int = 0) -> Tensor:
@@ -44,3 +45,12 @@ def systematic_resample(
     points = (u[:, None] + torch.arange(k, device=log_weights.device, dtype=torch.float64)[None]) / k  # (B, K)
     idx = torch.searchsorted(cdf, points, right=True).clamp_max(k - 1)
     return idx.T.contiguous()
+
+
+def draw_particle(log_weights: Tensor, generator) -> Tensor:
+    """One index in ``[0, K)`` per column of ``log_weights`` ``(K, B)``, drawn with the
+    normalised weights (float64); a list of ``B`` generators draws each column from its own."""
+    w = torch.softmax(log_weights.to(torch.float64), 0).T  # (B, K)
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([torch.multinomial(w[j], 1, generator=g) for j, g in enumerate(generator)])
+    return torch.multinomial(w, 1, generator=generator)[:, 0]
