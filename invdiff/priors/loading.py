@@ -96,9 +96,10 @@ class PriorFamily:
         raw ``torch.load`` result (e.g. score-SDE's EMA, a list of tensors in parameter
         order), tried before the generic :func:`extract_state_dict`; ``None`` when the
         object is not of this family.
-    :param recognizes_folder: ``recognizes_folder(path) -> bool`` for a model folder.
+    :param recognizes_folder: ``recognizes_folder(path) -> bool`` for a model folder, or for a
+        file of one that the family reads with its folder (a diffusers weights file).
     :param read_folder: ``read_folder(path) -> (state_dict, config, options)`` of a model
-        folder the family recognises (e.g. a diffusers ``UNet2DModel`` folder).
+        folder (or such a file) the family recognises (e.g. a diffusers ``UNet2DModel`` folder).
     """
 
     name: str
@@ -461,9 +462,8 @@ def _prepare(name_or_path: str | os.PathLike, family: str | None, config: Any, e
     metadata: dict[str, str] = {}
     options = dict(kwargs)
     fam: PriorFamily | None = get_family(family) if family else None
-    folder = path if path.is_dir() else None
-    if folder is None and path.name.startswith("diffusion_pytorch_model"):  # a model folder's weights file
-        folder = path.parent if _folder_family(path.parent) else None
+    # a model folder, or a file its family claims (a diffusers folder's weights file)
+    folder = path if path.is_dir() or _folder_family(path) else None
     if folder is not None:
         folder_fam = fam if fam and fam.read_folder else _folder_family(folder)
         if folder_fam is None:
@@ -579,11 +579,6 @@ def _file_dtype(state: Mapping[str, Tensor]) -> torch.dtype:
         if v.is_floating_point():
             counts[v.dtype] = counts.get(v.dtype, 0) + v.numel()
     return max(counts, key=counts.__getitem__) if counts else torch.float32
-
-
-def _run_dtype(dtype: torch.dtype | str | None, state: Mapping[str, Tensor], path: Path) -> torch.dtype:
-    chosen = parse_dtype(dtype)
-    return _file_dtype(state) if chosen is None else chosen
 
 
 def jsonable(value: Any) -> Any:
@@ -723,7 +718,7 @@ def load(
         network.load_state_dict(ckpt.state, strict=True)
     except RuntimeError as err:  # torch's multi-line report (e.g. a dtype it cannot copy)
         raise ValueError(f"{ckpt.path}: the weights do not load into the {ckpt.family.name} model: {_one_line(err)}") from None
-    run_dtype = _run_dtype(dtype, ckpt.state, ckpt.path)
+    run_dtype = parse_dtype(dtype) or _file_dtype(ckpt.state)
     prior.to(device)
     if run_dtype != torch.float32:
         network.to(run_dtype)
