@@ -112,3 +112,33 @@ def test_cli_names_the_extra_in_one_line(without_extras, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 1 and len(err.splitlines()) == 1
     assert "invdiff[train]" in err and "Traceback" not in err
+
+
+def test_blur_kernels_are_seeded_normalised_and_cover_three_families():
+    from invdiff.data import kernels as K
+
+    k = K.kernels(9, 16, seed=0, stream=0)
+    assert k.shape == (9, 1, 16, 16)
+    assert torch.equal(k, K.kernels(9, 16, seed=0, stream=0))
+    assert not torch.equal(k, K.kernels(9, 16, seed=0, stream=1))
+    assert (k >= 0).all() and torch.allclose(k.sum((-2, -1)), torch.ones(9, 1), atol=1e-6)
+    # the families are interleaved: a Gaussian kernel is smooth and symmetric under a half turn
+    g = k[2::3, 0]
+    assert torch.allclose(g, g.flip(-1).flip(-2), atol=1e-5)
+    motion = k[0::3, 0]  # camera-shake trajectories are not point-symmetric
+    assert (motion - motion.flip(-1).flip(-2)).abs().amax() > 1e-2
+    # image <-> kernel round trip
+    img = K.to_image(k)
+    assert torch.allclose(img.amax((-2, -1)), torch.ones(9, 1))
+    assert torch.allclose(K.to_kernel(img), k, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown kernel families"):
+        K.kernels(3, families=("box",))
+
+
+def test_blur_kernel_pools_are_disjoint_streams():
+    from invdiff.data import heldout, training
+
+    train, held = training("blur-kernels", 6, size=16), heldout("blur-kernels", 6, size=16)
+    assert train.shape == held.shape == (6, 1, 16, 16)
+    assert float(train.amax()) == pytest.approx(1.0) and float(train.amin()) >= 0
+    assert (train[:, None] - held[None]).abs().flatten(2).amax(-1).min() > 1e-3

@@ -5,20 +5,22 @@
 * :func:`invdiff.data.mni.slices` — slices of the MNI152 T1 template shipped by nilearn
   (optional extra ``invdiff[train]``), and :func:`invdiff.data.mni.randomised`, domain-
   randomised slices of it (random planes, tissue contrasts, deformations, bias, noise);
+* :func:`invdiff.data.kernels.kernels` — seeded motion, diffraction and Gaussian blur
+  kernels (deepinv's generators), the pool of the kernel prior ``blur-kernel-16``;
 * :func:`training` and :func:`heldout` — the exact training pools and held-out evaluation
-  images of the shipped priors ``ct-phantom-64`` and ``mri-brain-64``.
+  images of the shipped priors ``ct-phantom-64``, ``mri-brain-64`` and ``blur-kernel-16``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import mni, phantoms
+from . import kernels, mni, phantoms
 
-__all__ = ["phantoms", "mni", "heldout", "training", "DATASETS", "HELDOUT_SEED", "TRAIN_SEED"]
+__all__ = ["phantoms", "mni", "kernels", "heldout", "training", "DATASETS", "HELDOUT_SEED", "TRAIN_SEED"]
 
 #: Names accepted by :func:`heldout` and :func:`training`.
-DATASETS = ("ct-phantom", "mri-brain", "mri-brain-synth", "mri-brain-coronal-synth")
+DATASETS = ("ct-phantom", "mri-brain", "mri-brain-synth", "mri-brain-coronal-synth", "blur-kernels")
 #: Seed of the phantom streams; training uses stream 0, evaluation stream 1.
 TRAIN_SEED = 0
 HELDOUT_SEED = 0
@@ -43,6 +45,8 @@ def heldout(name: str, n: int | None = None, size: int = 64) -> torch.Tensor:
             raise ValueError(f"{name} has {len(x)} held-out coronal slices; asked for {n}")
         return x if n is None else x[: int(n)]
     n = 16 if n is None else int(n)
+    if name == "blur-kernels":  # kernels as images k / max(k), stream 1
+        return kernels.to_image(kernels.kernels(n, size, HELDOUT_SEED, stream=_HELDOUT_STREAM))
     if name == "ct-phantom":
         return phantoms.ct(n, size, HELDOUT_SEED, stream=_HELDOUT_STREAM)
     if name in ("mri-brain", "mri-brain-synth"):
@@ -62,9 +66,12 @@ def training(name: str, n: int | None = None, size: int = 64) -> torch.Tensor:
     :func:`invdiff.data.mni.randomised`, seed 0, stream 0). ``mri-brain-synth`` is held out
     on the same 16 template slices as ``mri-brain``; ``mri-brain-coronal-synth`` is the same
     with coronal planes only (the perpendicular prior of a volume), held out on the coronal
-    ones."""
+    ones. ``blur-kernels`` are ``n`` kernels (default 4096) of :func:`invdiff.data.kernels.kernels`
+    as images ``k / max(k)``."""
     if name == "ct-phantom":
         return phantoms.ct(4096 if n is None else int(n), size, TRAIN_SEED, stream=0)
+    if name == "blur-kernels":  # kernels as images k / max(k) in [0, 1]
+        return kernels.to_image(kernels.kernels(4096 if n is None else int(n), size, TRAIN_SEED, stream=0))
     if name == "mri-brain":
         x = mni.slices("train", size)
         return x if n is None else x[: int(n)]
