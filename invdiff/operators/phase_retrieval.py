@@ -98,8 +98,8 @@ class FourierPhaseRetrieval(Physics):
 
     def A_dagger(self, y: Tensor, **kwargs) -> Tensor:
         r"""HIO + error reduction from seeded random phases (see the class docstring)."""
-        g = torch.Generator().manual_seed(self.seed)
-        phase = torch.rand(y.shape, generator=g, dtype=torch.float64).to(y.device, y.dtype) * (2 * torch.pi)
+        g = torch.Generator().manual_seed(self.seed)  # the same start phases for every image: each as if alone
+        phase = torch.rand(y.shape[1:], generator=g, dtype=torch.float64).to(y.device, y.dtype) * (2 * torch.pi)
         support = self.pad(torch.ones((1, 1) + tuple(self.img_size[1:]), device=y.device, dtype=y.dtype)) > 0
         x = self._ifft(y * torch.exp(1j * phase)).real
         for it in range(self.n_hio + self.n_er):

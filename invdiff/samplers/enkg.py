@@ -244,7 +244,7 @@ class EnKG(Sampler):
             v = _flat(v, batch, 1)
         pert = None
         if self.perturb:
-            pert = randn_like(hf.reshape(batch * members, -1), generator).reshape(hf.shape)
+            pert = randn_like(hf.reshape(batch * members, -1), generator, interleave=True).reshape(hf.shape)
             pert = pert * (v.sqrt() if torch.is_tensor(v) else v**0.5)
         return ensemble_kalman_coefficients(xf, hf, yf, v, pert)
 
@@ -263,10 +263,11 @@ class EnKG(Sampler):
         shares = torch.tensor([(denoiser_error_variance(sigmas[i], self.prior.sigma_data) / sigmas[i] ** 2)
                                ** self.tempering_power for i in guided], dtype=torch.float64)
         betas = dict(zip(guided, (shares / shares.sum()).tolist())) if guided else {}
-        # generator lists are per measurement: expand them to one per particle row
-        gen = [g for g in generator for _ in range(members)] if isinstance(generator, (list, tuple)) else generator
+        # a generator list is per measurement: generator j draws its ensemble's rows j * members + m as one block
+        gen = generator
         x_init = None if x_init is None else x_init.repeat_interleave(members, 0)
-        x = self.initial_noise((batch * members, *shape), sigmas[0], x_init, gen, y)
+        x = sigmas[0] * randn_like(y.new_zeros((batch * members, *shape), dtype=y.real.dtype), gen, interleave=True)
+        x = x if x_init is None else x + x_init.to(x.dtype)
         for i in self.progress(range(n)):
             sigma, sigma_next = sigmas[i], sigmas[i + 1]
             x0 = self._denoise_ensemble(x, sigma)
@@ -278,7 +279,7 @@ class EnKG(Sampler):
                     tf = t.reshape(batch, members, -1)
                     anomalies = (tf - tf.mean(1, keepdim=True)) / (members - 1) ** 0.5
                     tf += coef @ anomalies
-            noise = randn_like(x, gen) if (self.eta > 0 and sigma_next > 0) else None
+            noise = randn_like(x, gen, interleave=True) if (self.eta > 0 and sigma_next > 0) else None
             x = ddim_step(x, x0, sigma, sigma_next, self.eta, noise)
             # every particle is checked; the callback sees the ensemble means
             self.step_done(i, sigma, x, x0, callback, view=lambda t: t.reshape(batch, members, *shape).mean(1))

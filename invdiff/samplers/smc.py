@@ -28,6 +28,7 @@ from .steps import (
     likelihood_variance,
     make_sigmas,
     operator_norm_squared,
+    split_generators,
     systematic_resample,
 )
 
@@ -315,11 +316,11 @@ class SMC(Sampler):
     @staticmethod
     def _randn(shape: tuple, dtype, device, generator) -> Tensor:
         """Standard normal ``(K, B, ...)``; a list of generators gives one per measurement ``b``."""
-        if isinstance(generator, (list, tuple)):
-            if len(generator) != shape[1]:
-                raise ValueError(f"got {len(generator)} generators for a batch of {shape[1]}")
-            return torch.stack([torch.randn((shape[0], *shape[2:]), generator=g, device=device, dtype=dtype)
-                                for g in generator], 1)
+        if isinstance(generator, (list, tuple)):  # B = n * G measurement rows: generator j draws rows s * G + j
+            n = split_generators(generator, shape[1])
+            blocks = [torch.randn((shape[0], n, *shape[2:]), generator=g, device=device, dtype=dtype)
+                      for g in generator]
+            return torch.stack(blocks, 2).reshape(shape)
         return torch.randn(shape, generator=generator, device=device, dtype=dtype)
 
 

@@ -15,17 +15,27 @@ __all__ = ["conjugate_gradient", "cgls", "proximal_least_squares", "project_meas
            "initial_estimate"]
 
 
+def row_sums(t: Tensor) -> Tensor:
+    """The sum of each batch element of ``t``, shape ``(B,)``, each summed alone as a
+    contiguous vector: torch's summation order depends on the memory layout (a strided row of
+    a transposed operator output, a ``(B, N)`` reduction) and CG on an ill-conditioned
+    operator (sparse-view CT) amplifies that last-bit difference, so that an element's CG
+    would otherwise depend on the rest of its batch."""
+    return torch.stack([row.contiguous().sum() for row in t.reshape(t.shape[0], -1)])
+
+
 def conjugate_gradient(
     apply: Callable[[Tensor], Tensor], b: Tensor, x0: Tensor | None = None, iterations: int = 10, tol: float = 1e-5
 ) -> Tensor:
     """Solve ``apply(x) = b`` for a symmetric positive-definite ``apply``, batch-wise.
 
     Inner products are per batch element and conjugate (``Re <a, b>`` over real views of
-    complex data), so complex MRI data is handled. Stops when every element's relative
-    residual is below ``tol``.
+    complex data), so complex MRI data is handled. An element stops (its iterate frozen) as
+    soon as its relative residual is below ``tol``, and the loop when every element has: each
+    element's result is the one it gets alone, whatever else is in the batch.
     """
     def dot(a, c):
-        return (a.conj() * c).real.reshape(a.shape[0], -1).sum(1).reshape(-1, *([1] * (a.ndim - 1)))
+        return row_sums((a.conj() * c).real).reshape(-1, *([1] * (a.ndim - 1)))
 
     if not torch.isfinite(b).all():  # let the caller's divergence check see it
         return torch.full_like(b, float("nan"))
@@ -34,16 +44,26 @@ def conjugate_gradient(
     p = r.clone()
     rs = dot(r, r)
     b2 = dot(b, b).clamp_min(torch.finfo(b.real.dtype).tiny)
+    tiny = torch.finfo(b.real.dtype).tiny
     for _ in range(iterations):
-        if (rs <= tol**2 * b2).all():
+        active = rs > tol**2 * b2
+        if not active.any():
             break
         ap = apply(p)
-        alpha = rs / dot(p, ap).clamp_min(torch.finfo(b.real.dtype).tiny)
-        x = x + alpha * p
-        r = r - alpha * ap
+        alpha = rs / dot(p, ap).clamp_min(tiny)
+        if active.all():
+            x = x + alpha * p
+            r = r - alpha * ap
+            rs_new = dot(r, r)
+            p = r + (rs_new / rs.clamp_min(tiny)) * p
+            rs = rs_new
+            continue
+        # converged elements keep their iterate (what they return alone), the others go on
+        x = torch.where(active, x + alpha * p, x)
+        r = torch.where(active, r - alpha * ap, r)
         rs_new = dot(r, r)
-        p = r + (rs_new / rs.clamp_min(torch.finfo(b.real.dtype).tiny)) * p
-        rs = rs_new
+        p = torch.where(active, r + (rs_new / rs.clamp_min(tiny)) * p, p)
+        rs = torch.where(active, rs_new, rs)
     return x
 
 
@@ -63,7 +83,7 @@ def cgls(
     products). Returns ``(x, ||y - A x||^2)`` (the latter per element, shape ``(B,)``).
     """
     def dot(a: Tensor, c: Tensor) -> Tensor:
-        return (a.conj() * c).real.reshape(a.shape[0], -1).sum(1)
+        return row_sums((a.conj() * c).real)
 
     def col(v: Tensor, like: Tensor) -> Tensor:
         return v.reshape(-1, *([1] * (like.ndim - 1)))
@@ -198,26 +218,41 @@ def initial_estimate(physics, y: Tensor, shape: Sequence[int], prior_mean: Calla
     3. ``"prior"``: the prior mean ``prior_mean()`` (a nonlinear operator whose ``A_dagger``
        fails or is out of range).
 
-    The estimate is clamped to ``data_range``.
+    The estimate is clamped to ``data_range``. The choice is made per batch element (an
+    element's start does not depend on the others); the second value names it, or lists the
+    choices in batch order when they differ.
     """
     from deepinv.physics import LinearPhysics
 
     lo, hi = data_range
 
-    def in_range(a: Tensor) -> bool:
+    def in_range(a: Tensor) -> Tensor:  # (B,) bools
         inside = a.clamp(lo, hi)
         excess = (a - inside).reshape(a.shape[0], -1).norm(dim=1)
-        return bool(torch.isfinite(a).all() and (excess <= 0.25 * inside.reshape(a.shape[0], -1).norm(dim=1)).all())
+        finite = torch.isfinite(a).reshape(a.shape[0], -1).all(1)
+        return finite & (excess <= 0.25 * inside.reshape(a.shape[0], -1).norm(dim=1))
+
+    def col(v: Tensor, like: Tensor) -> Tensor:
+        return v.reshape(-1, *([1] * (like.ndim - 1)))
 
     try:
         start = physics.A_dagger(y).real.reshape(shape)
     except Exception:  # a nonlinear deepinv physics without a pseudo-inverse of its own
         start = None
-    if start is not None and in_range(start):
+    batch = int(shape[0])
+    kinds = ["prior"] * batch
+    ok = in_range(start) if start is not None else torch.zeros(batch, dtype=torch.bool, device=y.device)
+    if bool(ok.all()):
         return start.clamp(lo, hi), "A_dagger"
     mean = prior_mean().reshape(shape)
+    out = mean
     if isinstance(physics, LinearPhysics):
-        start = proximal_least_squares(physics, mean.to(y.real.dtype), y, None, iterations)
-        if torch.isfinite(start).all():
-            return start.clamp(lo, hi), "cg"
-    return mean.clamp(lo, hi), "prior"
+        cg = proximal_least_squares(physics, mean.to(y.real.dtype), y, None, iterations)
+        finite = torch.isfinite(cg).reshape(batch, -1).all(1)
+        out = torch.where(col(finite, cg), cg, mean.to(cg.dtype))
+        kinds = ["cg" if bool(f) else "prior" for f in finite]
+    if start is not None:
+        out = torch.where(col(ok, out), start.to(out.dtype), out)
+        kinds = ["A_dagger" if bool(o) else k for o, k in zip(ok, kinds)]
+    kind = kinds[0] if len(set(kinds)) == 1 else ",".join(kinds)
+    return out.clamp(lo, hi), kind

@@ -9,6 +9,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .randomness import split_generators
+
 __all__ = ["effective_sample_size", "systematic_resample", "draw_particle"]
 
 
@@ -30,16 +32,19 @@ def systematic_resample(
     every point :math:`u_b + j/K` that falls into its slice of the cumulative normalised
     weights. Unbiased (each particle is copied :math:`K \\bar w_k` times in expectation) with
     the lowest variance of the standard schemes (Douc, Cappé & Moulines 2005). Returns the
-    ``(K, B)`` indices of the parents (sorted). A list of generators gives one per problem.
+    ``(K, B)`` indices of the parents (sorted). A list of ``G`` generators gives one per
+    image: with ``B = n * G`` problems (:meth:`~invdiff.samplers.Sampler.sample`'s layout,
+    problem ``s * G + j`` is sample ``s`` of image ``j``) generator ``j`` draws its ``n``
+    uniforms in one call, what it would draw alone.
     """
     k, b = log_weights.shape
     w = torch.softmax(log_weights.to(torch.float64), dim=0)
     cdf = torch.cumsum(w, 0).T.contiguous()  # (B, K)
     cdf[:, -1] = 1.0  # guard against round-off: the last slice ends at exactly 1
     if isinstance(generator, (list, tuple)):
-        if len(generator) != b:
-            raise ValueError(f"got {len(generator)} generators for {b} particle systems")
-        u = torch.cat([torch.rand(1, generator=g, device=log_weights.device, dtype=torch.float64) for g in generator])
+        n = split_generators(generator, b)
+        u = torch.stack([torch.rand(n, generator=g, device=log_weights.device, dtype=torch.float64)
+                         for g in generator], 1).reshape(b)
     else:
         u = torch.rand(b, generator=generator, device=log_weights.device, dtype=torch.float64)
     points = (u[:, None] + torch.arange(k, device=log_weights.device, dtype=torch.float64)[None]) / k  # (B, K)
@@ -49,8 +54,12 @@ def systematic_resample(
 
 def draw_particle(log_weights: Tensor, generator) -> Tensor:
     """One index in ``[0, K)`` per column of ``log_weights`` ``(K, B)``, drawn with the
-    normalised weights (float64); a list of ``B`` generators draws each column from its own."""
+    normalised weights (float64); a list of ``G`` generators draws the columns of each image
+    from its own (column ``s * G + j`` from generator ``j``, its ``n = B / G`` columns in one call)."""
     w = torch.softmax(log_weights.to(torch.float64), 0).T  # (B, K)
     if isinstance(generator, (list, tuple)):
-        return torch.cat([torch.multinomial(w[j], 1, generator=g) for j, g in enumerate(generator)])
+        g_count = len(generator)
+        split_generators(generator, w.shape[0])
+        picks = [torch.multinomial(w[j::g_count], 1, generator=g)[:, 0] for j, g in enumerate(generator)]
+        return torch.stack(picks, 1).reshape(-1)
     return torch.multinomial(w, 1, generator=generator)[:, 0]
