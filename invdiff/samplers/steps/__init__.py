@@ -31,7 +31,7 @@ from .linalg import (
                          proximal_least_squares,
 )
 from .particles import draw_particle, effective_sample_size, systematic_resample
-from .randomness import randn_like
+from .randomness import randn_like, split_generators
 from .schedules import ddpm_sigmas, ddpm_timestep, karras_sigmas, make_sigmas
 from .updates import ancestral_std, ddim_step, langevin_data_step
 
@@ -44,5 +44,5 @@ __all__ = [
     "conjugate_gradient", "cgls", "proximal_least_squares", "project_measurements", "operator_norm_squared",
     "initial_estimate",
     "effective_sample_size", "systematic_resample", "draw_particle",
-    "randn_like",
+    "randn_like", "split_generators",
 ]
