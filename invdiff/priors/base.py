@@ -158,6 +158,26 @@ class DiffusionPrior(Denoiser):
         self.any_size = True
         return self
 
+    # --- how the network runs ------------------------------------------------------
+    def accelerate(self, dtype=None, *, autocast: bool = False, channels_last: "bool | str" = "auto",
+                   compile: "bool | str" = False) -> "DiffusionPrior":
+        """Run the network in ``dtype`` (``"bf16"``, ``"fp16"``), ``channels_last`` and
+        compiled, with the noise arithmetic left in the caller's dtype; returns ``self``.
+        See :func:`invdiff.priors.runtime.accelerate`."""
+        from .runtime import accelerate
+
+        return accelerate(self, dtype, autocast=autocast, channels_last=channels_last, compile=compile)
+
+    @property
+    def runtime(self) -> dict:
+        """What the network runs as: ``dtype`` (``None``: no network), ``autocast``,
+        ``channels_last``, ``compile`` (the backend asked for), ``compiled`` (a compiled
+        call has run) and ``fallback_reason`` (why it runs eager instead); see
+        :mod:`invdiff.priors.runtime`."""
+        from .runtime import runtime_of
+
+        return runtime_of(self)
+
     # --- the contract -------------------------------------------------------------
     def _denoise(self, x: Tensor, sigma: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

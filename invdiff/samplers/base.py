@@ -50,6 +50,9 @@ class RunInfo:
     :ivar peak_memory: peak CUDA memory in bytes (None on CPU).
     :ivar batch: images per network call.
     :ivar seed: seed of the generator the run created, when none was passed (so it can be re-run).
+    :ivar runtime: how the prior's network ran (:attr:`DiffusionPrior.runtime
+        <invdiff.priors.DiffusionPrior.runtime>`: dtype, autocast, channels_last, compiled,
+        fallback_reason); the sampler's own arithmetic is in the measurement's dtype.
     """
 
     sampler: str
@@ -60,6 +63,7 @@ class RunInfo:
     peak_memory: int | None = None
     batch: int = 0
     seed: int | None = None
+    runtime: dict | None = None
     extra: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
@@ -204,6 +208,15 @@ class Sampler(Reconstructor):
     #: :meth:`check_physics` refuses an operator without a known one
     #: (:func:`~invdiff.samplers.steps.svd.require_svd`, with the sampler's ``singular_floor``).
     needs_svd = False
+    #: True for methods that estimate the operator too (BlindDPS): only they, and the
+    #: benchmark's baseline, take a blind operator (``physics.blind``, task ``deblur-blind``),
+    #: whose ``A`` needs the unknown kernel; every other sampler refuses it in one line.
+    handles_blind = False
+    #: ``None`` when the images of a batch are independent: image ``b`` with its own generator
+    #: (a list of generators, one per image) gives exactly what it gives alone, because every
+    #: shared step works per image (``tests/test_batching.py``); else the reason why not, and
+    #: :func:`invdiff.apps.workflows.reconstruct` then runs a series one slice at a time.
+    batch_coupling: str | None = None
     #: Run the loop with autograd on (when the caller's grad mode is on), so that a loss on
     #: the output can train the prior's network (deepinv's ``Trainer.train``, unrolled
     #: networks). Off by default: sampling keeps no graph, which is what makes it fast and
@@ -358,6 +371,7 @@ class Sampler(Reconstructor):
                 torch.cuda.synchronize(y.device)
                 self._info.peak_memory = torch.cuda.max_memory_allocated(y.device)
             self._info.wall_time = time.perf_counter() - start
+            self._info.runtime = self.prior.runtime  # after the run: a compile fallback happens at the first call
             self.last_run, self._info, self._generator = self._info, None, None
         return (x, metrics) if compute_metrics else x
 
@@ -471,6 +485,11 @@ class Sampler(Reconstructor):
         :class:`IncompatibleError`, one line."""
         from deepinv.physics import LinearPhysics
 
+        if getattr(physics, "blind", False) and not self.handles_blind:
+            raise IncompatibleError(
+                f"{self.name}: the operator's kernel is unknown (a blind task, {type(physics).__name__}); "
+                "use a blind sampler (blind-dps), or give this sampler the operator with its kernel"
+            )
         if not self.supports_nonlinear and not isinstance(physics, LinearPhysics):
             from . import available, get
 
@@ -493,7 +512,9 @@ class Sampler(Reconstructor):
             raise ValueError(f"{self.name}: the measurement y has {bad} NaN/Inf values of {y.numel()}")
         probe = torch.zeros(1, *self.image_shape, device=y.device, dtype=y.real.dtype)
         try:
-            expected = tuple(physics.A(probe).shape[1:])
+            # a blind operator's A needs a kernel: its generic guess gives the shape
+            known = {"filter": physics.guess()} if getattr(physics, "blind", False) else {}
+            expected = tuple(physics.A(probe, **known).shape[1:])
         except Exception as err:  # the operator cannot take images of that shape at all
             raise ValueError(
                 f"{self.name}: the operator does not accept images of shape {self.image_shape}: {err}"
