@@ -18,7 +18,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "invdiff"
 #: ARCHITECTURE.md's layers: what each top-level part of the package may import from invdiff
 ALLOWED = {
     "files": set(), "specs": set(),                                    # core
-    "operators": set(), "data": set(), "priors": {"files"},            # library
+    "operators": set(), "data": {"operators"}, "priors": {"files"},            # library
     "samplers": {"operators", "priors"},
     "io": {"files", "operators", "__init__"},
     "train": {"files", "data", "io", "priors", "__init__"},

@@ -115,7 +115,7 @@ def test_cli_names_the_extra_in_one_line(without_extras, tmp_path, capsys):
 
 
 def test_blur_kernels_are_seeded_normalised_and_cover_three_families():
-    from invdiff.data import kernels as K
+    from invdiff.operators import kernels as K
 
     k = K.kernels(9, 16, seed=0, stream=0)
     assert k.shape == (9, 1, 16, 16)

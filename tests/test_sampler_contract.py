@@ -71,22 +71,43 @@ def truth(base_prior):
     return base_prior.sample(2, torch.Generator().manual_seed(0)).float().clamp(0, 1)
 
 
+KERNEL_SHAPE = (1, 4, 4)  # deblur-blind's default kernel at 16x16 (H // 4)
+
+
+def _blind(name) -> bool:
+    return samplers.get(name).handles_blind
+
+
 def _make(name, prior):
+    if _blind(name):  # BlindDPS: a Gaussian kernel prior of the task's kernel size
+        kernel_prior = GaussianPrior(0.25, 0.05, image_shape=KERNEL_SHAPE)
+        return samplers.make(name, prior, steps=STEPS, kernel_prior=kernel_prior)
     return samplers.make(name, prior, steps=STEPS)
+
+
+def _task(name, task="inpaint-random-70"):
+    """The operator of the single-task contract tests: ``deblur-blind`` for a blind sampler."""
+    return "deblur-blind" if _blind(name) else task
 
 
 def _nonlinear_ok(sampler) -> bool:
     return sampler.supports_nonlinear
 
 
-@pytest.mark.parametrize("task", LINEAR_TASKS + ["phase-retrieval"])
+@pytest.mark.parametrize("task", LINEAR_TASKS + ["phase-retrieval", "deblur-blind"])
 @pytest.mark.parametrize("name", samplers.available())
 def test_contract(name, task, base_prior, latent_base, truth):
     built, prior = _counted(name, base_prior, latent_base)
     sampler = _make(name, built)
     physics = operators.make(task, img_size=SHAPE, seed=0)
     y = physics(truth, seed=1)
-    if not isinstance(physics, dinv.physics.LinearPhysics) and not _nonlinear_ok(sampler):
+    if _blind(name) != (task == "deblur-blind"):  # a blind task needs a blind method, and only it
+        match = "needs a blind operator" if _blind(name) else "the operator's kernel is unknown"
+        with pytest.raises(IncompatibleError, match=rf"{name}: {match}"):
+            sampler(y, physics)
+        assert prior.calls == 0
+        return
+    if not isinstance(physics, dinv.physics.LinearPhysics) and not _nonlinear_ok(sampler) and not _blind(name):
         with pytest.raises(TypeError, match=rf"{name}: needs a linear operator"):
             sampler(y, physics)
         return
@@ -112,7 +133,7 @@ def test_contract(name, task, base_prior, latent_base, truth):
 def test_divergence_guard(name, base_prior, latent_base, truth):
     built, _ = _counted(name, base_prior, latent_base, nan_below=1.0)
     sampler = _make(name, built)
-    physics = operators.make("inpaint-random-70", img_size=SHAPE, seed=0)
+    physics = operators.make(_task(name), img_size=SHAPE, seed=0)
     with pytest.raises(SamplerDivergedError, match=rf"{name}: diverged at step \d+ \(sigma="):
         sampler(physics(truth, seed=1), physics, generator=torch.Generator().manual_seed(0))
 
@@ -120,7 +141,7 @@ def test_divergence_guard(name, base_prior, latent_base, truth):
 @pytest.mark.parametrize("name", samplers.available())
 def test_inside_deepinv_test(name, base_prior, latent_base, truth):
     sampler = _make(name, _counted(name, base_prior, latent_base)[0])
-    physics = operators.make("inpaint-random-70", img_size=SHAPE, seed=0)
+    physics = operators.make(_task(name), img_size=SHAPE, seed=0)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(truth, torch.zeros(2)), batch_size=2)
     metrics = dinv.test(sampler, loader, physics, metrics=[dinv.metric.PSNR()], online_measurements=True,
                         device="cpu", verbose=False, plot_images=False)
@@ -131,7 +152,7 @@ def test_inside_deepinv_test(name, base_prior, latent_base, truth):
 def test_global_rng_untouched_and_sample_batches(name, base_prior, latent_base, truth):
     built, prior = _counted(name, base_prior, latent_base)
     sampler = _make(name, built)
-    physics = operators.make("inpaint-random-70", img_size=SHAPE, seed=0)
+    physics = operators.make(_task(name), img_size=SHAPE, seed=0)
     y = physics(truth[:1], seed=1)
     torch.manual_seed(0)
     state = torch.get_rng_state()
@@ -167,6 +188,8 @@ def test_operator_with_per_image_parameters_serves_every_sample_and_particle(nam
     run equals one on an operator whose masks were repeated by hand, every sample of image
     ``j`` fits image ``j``'s observed pixels far better than the pixels it cannot see, and
     the caller's operator is left unchanged."""
+    if _blind(name):
+        pytest.skip("a blind sampler takes no inpainting mask; per-image kernels: tests/test_blind_dps.py")
     built, _ = _counted(name, base_prior, latent_base)
     sampler = _make(name, built)
     masks = (torch.rand(2, *SHAPE, generator=torch.Generator().manual_seed(0)) > 0.5).float()
@@ -195,9 +218,10 @@ def test_hyperparameters_are_serialisable_and_rebuild_the_sampler(name, base_pri
     params = sampler.hyperparameters()
     assert params["steps"] == STEPS
     assert json.loads(json.dumps(params)) == params  # JSON as is
-    rebuilt = type(sampler).from_hyperparameters(built, json.loads(json.dumps(params)))
+    objects = {"kernel_prior": sampler.kernel_prior} if _blind(name) else {}  # a second prior is passed again
+    rebuilt = type(sampler).from_hyperparameters(built, json.loads(json.dumps(params)), **objects)
     assert rebuilt.hyperparameters() == params
-    physics = operators.make("inpaint-random-70", img_size=SHAPE, seed=0)
+    physics = operators.make(_task(name), img_size=SHAPE, seed=0)
     y = physics(truth, seed=1)
     a = sampler(y, physics, generator=torch.Generator().manual_seed(3))
     b = rebuilt(y, physics, generator=torch.Generator().manual_seed(3))

@@ -37,6 +37,7 @@ class Baseline(Sampler):
     """
 
     name = "baseline"
+    handles_blind = True  # a blind operator's A_dagger: the Wiener filter with a generic Gaussian guess
 
     def __init__(self, prior: DiffusionPrior, clip: tuple[float, float] | None = (0.0, 1.0),
                  verbose: bool = False) -> None:

@@ -5,7 +5,7 @@
 * :func:`invdiff.data.mni.slices` — slices of the MNI152 T1 template shipped by nilearn
   (optional extra ``invdiff[train]``), and :func:`invdiff.data.mni.randomised`, domain-
   randomised slices of it (random planes, tissue contrasts, deformations, bias, noise);
-* :func:`invdiff.data.kernels.kernels` — seeded motion, diffraction and Gaussian blur
+* :func:`invdiff.operators.kernels.kernels` — seeded motion, diffraction and Gaussian blur
   kernels (deepinv's generators), the pool of the kernel prior ``blur-kernel-16``;
 * :func:`training` and :func:`heldout` — the exact training pools and held-out evaluation
   images of the shipped priors ``ct-phantom-64``, ``mri-brain-64`` and ``blur-kernel-16``.
@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import torch
 
-from . import kernels, mni, phantoms
+from ..operators import kernels
+from . import mni, phantoms
 
-__all__ = ["phantoms", "mni", "kernels", "heldout", "training", "DATASETS", "HELDOUT_SEED", "TRAIN_SEED"]
+__all__ = ["phantoms", "mni", "heldout", "training", "DATASETS", "HELDOUT_SEED", "TRAIN_SEED"]
 
 #: Names accepted by :func:`heldout` and :func:`training`.
 DATASETS = ("ct-phantom", "mri-brain", "mri-brain-synth", "mri-brain-coronal-synth", "blur-kernels")
@@ -66,7 +67,7 @@ def training(name: str, n: int | None = None, size: int = 64) -> torch.Tensor:
     :func:`invdiff.data.mni.randomised`, seed 0, stream 0). ``mri-brain-synth`` is held out
     on the same 16 template slices as ``mri-brain``; ``mri-brain-coronal-synth`` is the same
     with coronal planes only (the perpendicular prior of a volume), held out on the coronal
-    ones. ``blur-kernels`` are ``n`` kernels (default 4096) of :func:`invdiff.data.kernels.kernels`
+    ones. ``blur-kernels`` are ``n`` kernels (default 4096) of :func:`invdiff.operators.kernels.kernels`
     as images ``k / max(k)``."""
     if name == "ct-phantom":
         return phantoms.ct(4096 if n is None else int(n), size, TRAIN_SEED, stream=0)

@@ -4,6 +4,8 @@ Thin subclasses of deepinv physics that add a closed-form, fast ``A_dagger``:
 
 * :class:`WienerBlurFFT` — :class:`deepinv.physics.BlurFFT` (circular convolution) whose
   ``A_dagger`` is a Wiener / Tikhonov filter instead of the truncated inverse filter.
+* :class:`BlindBlur` — blind deblurring, :math:`y = k * x + n` with the kernel a parameter
+  of ``A`` (bilinear, differentiable in both), unknown to the solver.
 * :class:`ClosedFormDownsampling` — :class:`deepinv.physics.Downsampling` with
   circular padding whose ``A_dagger`` is the exact minimum-norm pseudo-inverse in
   Fourier (deepinv's default is an iterative least-squares solve).
@@ -15,10 +17,10 @@ Inpainting uses :class:`deepinv.physics.Inpainting` directly: it is a
 from __future__ import annotations
 
 import torch
-from deepinv.physics import BlurFFT, Downsampling
+from deepinv.physics import BlurFFT, Downsampling, Physics
 from torch import Tensor
 
-__all__ = ["WienerBlurFFT", "ClosedFormDownsampling"]
+__all__ = ["WienerBlurFFT", "ClosedFormDownsampling", "BlindBlur", "circular_blur", "kernel_spectrum"]
 
 
 class WienerBlurFFT(BlurFFT):
@@ -119,3 +121,127 @@ class ClosedFormDownsampling(Downsampling):
     def A_dagger(self, y: Tensor, **kwargs) -> Tensor:
         z = torch.fft.ifft2(torch.fft.fft2(y) / (self._aliased_power().to(y.dtype) + self.eps)).real
         return self.A_adjoint(z)
+
+
+def kernel_spectrum(kernel: Tensor, img_size: tuple[int, int]) -> Tensor:
+    """The DFT of ``kernel`` ``(B or 1, 1 or C, h, w)`` zero-padded to ``img_size`` and centred
+    as :class:`deepinv.physics.BlurFFT` centres it (deepinv's ``filter_fft``), differentiable in
+    the kernel."""
+    from deepinv.physics.functional import filter_fft
+
+    return filter_fft(kernel, img_size=tuple(img_size), real_fft=False, dims=(-2, -1))
+
+
+def circular_blur(x: Tensor, kernel: Tensor) -> Tensor:
+    r"""Circular convolution :math:`k * x` by the FFT, differentiable in both ``x`` and
+    ``kernel`` (the bilinear model of blind deblurring); equal to
+    :class:`deepinv.physics.BlurFFT` ``(filter=kernel).A(x)``. A kernel of batch 1 blurs every
+    image; one of batch ``B`` blurs image ``b`` with kernel ``b``."""
+    spectrum = kernel_spectrum(kernel.to(x.dtype), x.shape[-2:])
+    return torch.fft.ifft2(torch.fft.fft2(x) * spectrum).real
+
+
+class BlindBlur(Physics):
+    r"""Blind deblurring: :math:`y = k * x + n` with the kernel :math:`k` unknown to the solver
+    (task ``deblur-blind``).
+
+    The operator is bilinear: :meth:`A` takes the kernel as a parameter, ``A(x, filter=k)``
+    (:func:`circular_blur`, differentiable in ``x`` and ``k``); without one it raises, so a
+    method that needs a known operator cannot use it by accident. Nature's kernel is part of
+    the measurement's randomness, like the noise: ``physics(x, seed=s)`` blurs with
+    :meth:`kernel` ``(s)``, one held-out kernel of :mod:`invdiff.operators.kernels` (stream 1,
+    family ``s mod 3``: motion, diffraction, Gaussian), so every benchmark cell has its own
+    kernel and the evaluation knows it (:meth:`kernel`) while the solver is given only ``y``.
+
+    ``A_dagger(y)`` (the classical baseline) is the Wiener filter of
+    :class:`WienerBlurFFT` with the kernel given, or, when none is, with an isotropic Gaussian
+    guess of std ``guess_std`` pixels (a non-blind method with a generic kernel, :meth:`guess`);
+    ``A_adjoint`` likewise (deepinv's ``test`` shows it as the "no learning" image).
+
+    :param img_size: ``(C, H, W)``.
+    :param kernel_size: side of the kernels (default ``H // 4``: 16 at 64x64, BlindDPS's 64 at 256).
+    :param wiener_reg: Tikhonov weight of ``A_dagger``.
+    :param guess_std: std of the Gaussian guess of ``A_dagger`` without a kernel.
+    :param filter: a known kernel (then ``A`` uses it by default: a non-blind view).
+    :param seed: the kernel seed of a measurement made without one (``physics(x)``).
+
+    |sep|
+
+    :Examples:
+
+        >>> import torch
+        >>> from invdiff.operators.natural import BlindBlur
+        >>> physics = BlindBlur((1, 32, 32), kernel_size=8)
+        >>> y = physics(torch.rand(1, 1, 32, 32), seed=3)  # blurred by physics.kernel(3)
+        >>> physics.kernel(3).shape, y.shape
+        (torch.Size([1, 1, 8, 8]), torch.Size([1, 1, 32, 32]))
+    """
+
+    blind = True
+
+    def __init__(self, img_size: tuple[int, int, int], kernel_size: int | None = None, wiener_reg: float = 1e-2,
+                 guess_std: float = 1.5, filter: Tensor | None = None, seed: int = 0, device="cpu",
+                 **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.img_size = tuple(int(s) for s in img_size)
+        self.kernel_size = int(kernel_size) if kernel_size else max(3, self.img_size[1] // 4)
+        if not 1 <= self.kernel_size <= min(self.img_size[1:]):
+            raise ValueError(f"deblur-blind: kernel_size {self.kernel_size} does not fit images {self.img_size}")
+        if wiener_reg < 0 or guess_std <= 0:
+            raise ValueError(f"deblur-blind: wiener_reg must be >= 0 and guess_std > 0, got {wiener_reg}, {guess_std}")
+        self.wiener_reg, self.guess_std = float(wiener_reg), float(guess_std)
+        self.filter = filter
+        self.seed = int(seed)
+        self._device = torch.device(device)
+
+    def kernel(self, seed: int) -> Tensor:
+        """Nature's kernel of the measurement seeded ``seed``: ``(1, 1, k, k)``, non-negative, sum 1."""
+        from .kernels import FAMILIES, kernels
+
+        family = FAMILIES[int(seed) % len(FAMILIES)]
+        return kernels(1, self.kernel_size, seed=int(seed), stream=1, families=(family,)).to(self._device)
+
+    def guess(self) -> Tensor:
+        """The Gaussian guess of ``A_dagger``: ``(1, 1, k, k)``."""
+        from deepinv.physics.functional import gaussian_blur
+
+        k = gaussian_blur(sigma=(self.guess_std, self.guess_std), angle=0.0)
+        pad = self.kernel_size - k.shape[-1]
+        if pad > 0:
+            k = torch.nn.functional.pad(k, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2))
+        elif pad < 0:
+            c = (k.shape[-1] - self.kernel_size) // 2
+            k = k[..., c : c + self.kernel_size, c : c + self.kernel_size]
+        return (k / k.sum()).reshape(1, 1, self.kernel_size, self.kernel_size).to(self._device)
+
+    def _filter(self, filter: Tensor | None, seed: int | None = None, measuring: bool = False) -> Tensor:
+        if filter is not None:
+            return filter
+        if self.filter is not None:
+            return self.filter
+        if seed is not None:
+            return self.kernel(seed)
+        if measuring:
+            return self.kernel(self.seed)
+        raise ValueError("deblur-blind: the kernel is unknown to the solver; pass filter=k "
+                         "(a blind method estimates it: blind-dps)")
+
+    def A(self, x: Tensor, filter: Tensor | None = None, **kwargs) -> Tensor:
+        return circular_blur(x, self._filter(filter))
+
+    def forward(self, x: Tensor, seed: int | None = None, filter: Tensor | None = None, **kwargs) -> Tensor:
+        """Measure: blur by ``filter``, the known kernel, or nature's :meth:`kernel` ``(seed)``
+        (``seed`` None: the operator's own ``seed``, drawn from the task's); then the noise."""
+        y = circular_blur(x, self._filter(filter, seed, measuring=True))
+        return self.noise_model(y, seed=seed) if seed is not None else self.noise_model(y)
+
+    def A_adjoint(self, y: Tensor, filter: Tensor | None = None, **kwargs) -> Tensor:
+        k = filter if filter is not None else self.filter if self.filter is not None else self.guess()
+        spectrum = kernel_spectrum(k.to(y.dtype), y.shape[-2:])
+        return torch.fft.ifft2(torch.fft.fft2(y) * spectrum.conj()).real
+
+    def A_dagger(self, y: Tensor, filter: Tensor | None = None, **kwargs) -> Tensor:
+        k = filter if filter is not None else self.filter if self.filter is not None else self.guess()
+        spectrum = kernel_spectrum(k.to(y.dtype), y.shape[-2:])
+        gain = spectrum.conj() / (spectrum.abs() ** 2 + self.wiener_reg)
+        return torch.fft.ifft2(torch.fft.fft2(y) * gain).real

@@ -48,7 +48,7 @@ from .mri import (
     cartesian_mask,
     normalize_coil_maps,
 )
-from .natural import ClosedFormDownsampling, WienerBlurFFT
+from .natural import BlindBlur, ClosedFormDownsampling, WienerBlurFFT
 from .phase_retrieval import FourierPhaseRetrieval
 from .volume import Cartesian3DMRI, SliceAveraging, SliceStack, phase_encode_mask
 
@@ -59,8 +59,8 @@ __all__ = ["make", "available", "describe", "task_info", "operator_info", "Opera
 class OperatorInfo:
     """What callers ask of an operator instead of parsing its name.
 
-    :ivar family: ``"ct"``, ``"mri"``, ``"natural"`` (blur, inpainting, super-resolution) or
-        ``"nonlinear"`` (phase retrieval) for invdiff's tasks; ``"other"`` for physics
+    :ivar family: ``"ct"``, ``"mri"``, ``"natural"`` (blur, inpainting, super-resolution),
+        ``"blind"`` (blind deblurring: the kernel unknown) or ``"nonlinear"`` (phase retrieval) for invdiff's tasks; ``"other"`` for physics
         invdiff did not make.
     :ivar linear: a :class:`deepinv.physics.LinearPhysics` (``A_adjoint`` exists).
     :ivar complex: the images are complex (MRI with 2 channels, real and imaginary).
@@ -131,6 +131,12 @@ def _blur_motion(n, size, gen, p, device):
     kh, kw = _odd_clip(H, p["psf_size"]), _odd_clip(W, p["psf_size"])
     kernel = MotionBlurGenerator((kh, kw), rng=gen, l=p["length_scale"], sigma=p["intensity"]).step(1)["filter"]
     return WienerBlurFFT(size, filter=kernel, wiener_reg=p["wiener_reg"], device=device)
+
+
+def _blur_blind(n, size, gen, p, device):
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))  # the kernel of physics(x) without a seed
+    return BlindBlur(size, kernel_size=p["kernel_size"], wiener_reg=p["wiener_reg"], guess_std=p["guess_std"],
+                     seed=seed, device=device)
 
 
 def _inpaint_box(n, size, gen, p, device):
@@ -240,6 +246,10 @@ _TASKS: list[_Task] = [
     _Task("deblur-motion", r"deblur-motion", "motion deblurring (seeded deepinv MotionBlurGenerator, 61x61, circular, Wiener A_dagger)",
           _NAT, 0.025, 1 / 255, {"psf_size": 61, "length_scale": 0.3, "intensity": 0.25, "wiener_reg": 1e-3},
           _blur_motion, "deblur-motion"),
+    _Task("deblur-blind", r"deblur-blind", "blind deblurring: each measurement seed draws a held-out motion, diffraction "
+          "or Gaussian kernel (invdiff.operators.kernels) hidden from the solver (H/4 kernels, circular, Wiener A_dagger "
+          "with a Gaussian guess)", (1, 64, 64), 0.01, 1 / 255,
+          {"kernel_size": None, "wiener_reg": 1e-2, "guess_std": 1.5}, _blur_blind, "deblur-blind", "blind"),
     _Task("inpaint-box", r"inpaint-box", "box inpainting (centre box of half the side missing, e.g. 128x128 on 256x256)",
           _NAT, 0.025, 1 / 255, {"box_fraction": 0.5}, _inpaint_box, "inpaint-box"),
     _Task("inpaint-random-<P>", r"inpaint-random-(\d+)", "random inpainting ({n}% of pixels missing, same mask across channels)",
@@ -298,7 +308,7 @@ def task_info(name: str, channels: int = 1, volume: bool = False) -> OperatorInf
     OperatorInfo(family='mri', linear=True, complex=True, volume=False)
     """
     task, _ = _lookup(name)
-    return OperatorInfo(task.family, task.family != "nonlinear", task.family == "mri" and channels == 2,
+    return OperatorInfo(task.family, task.family not in ("nonlinear", "blind"), task.family == "mri" and channels == 2,
                         volume or task.volume_only)
 
 
@@ -393,7 +403,7 @@ def make(
           f"{name}: img_size must be (C, H, W) or, for a volume, (C, D, H, W) of positive ints, got {img_size}")
     volume = len(img_size) == 4
     _need(volume or not task.volume_only, f"{name}: a volume task; img_size must be (C, D, H, W), got {img_size}")
-    _need(not volume or task.volume_only or task.family != "nonlinear",
+    _need(not volume or task.volume_only or task.family not in ("nonlinear", "blind"),
           f"{name}: volumes are built from linear 2D tasks; {name} is not linear")
     unknown = sorted(set(overrides) - set(task.defaults))
     _need(not unknown, f"{name}: unknown parameter(s) {unknown}; valid: {sorted(task.defaults)}")

@@ -6,6 +6,7 @@ lists the names.
 
 from __future__ import annotations
 
+from .blind_dps import BlindDPS
 from .base import IncompatibleError, OptionError, PosteriorSamples, RunInfo, Sampler, SamplerDivergedError
 from .daps import DAPS
 from .ddnm import DDNM
@@ -18,6 +19,7 @@ from .fps import FPS
 from .mcg import MCG
 from .pigdm import PiGDM
 from .pnpdm import PnPDM
+from .psld import PSLD
 from .reddiff import REDDiff
 from .resample import ReSample
 from .smc import SMC, WeightedParticles
@@ -26,7 +28,7 @@ from .steps import make_sigmas
 _REGISTRY: dict[str, type[Sampler]] = {"dps": DPS, "dds": DDS, "diffpir": DiffPIR, "reddiff": REDDiff, "daps": DAPS,
                                      "smc": SMC, "resample": ReSample, "mcg": MCG, "enkg": EnKG, "pigdm": PiGDM,
                                      "pnpdm": PnPDM, "ddrm": DDRM, "ddnm": DDNM,
-                                     "fps": FPS}
+                                     "fps": FPS, "blind-dps": BlindDPS, "psld": PSLD}
 
 
 def register(cls: type[Sampler], *, replace: bool = False) -> type[Sampler]:
@@ -97,5 +99,6 @@ __all__ = [
     "SMC",
     "WeightedParticles",
     "ReSample",
+    "PSLD",
     "make_sigmas",
 ]

@@ -64,7 +64,7 @@ DESCRIPTIONS = {
                   "HU window [-1000, 1000] -> [0, 1]",
     "mri-brain": "MNI152 T1 template slices shipped by nilearn (axial, coronal, sagittal; "
                  "held-out slices and a 3 mm guard band excluded), 99.5th percentile -> 1",
-    "blur-kernels": "seeded blur kernels (invdiff.data.kernels, seed 0, stream 0): deepinv motion (l=0.3, "
+    "blur-kernels": "seeded blur kernels (invdiff.operators.kernels, seed 0, stream 0): deepinv motion (l=0.3, "
                     "sigma=0.25), diffraction (fc in [0.15, 0.35]) and anisotropic Gaussian (std 0.5-3 px) "
                     "kernels in equal thirds, each shown as k / max(k)",
     "mri-brain-synth": "the mri-brain slices plus domain-randomised MNI152 slices (invdiff.data.mni.randomised, "
@@ -606,7 +606,7 @@ def _model_card(config: TrainConfig, prior: EDMPrior | PatchDiffusionPrior, step
     if config.data == "ct-phantom":
         card["value_range"] = "HU window [-1000, 1000] mapped to [0, 1]"
     elif config.data == "blur-kernels":
-        card["value_range"] = "kernel / its maximum (invdiff.data.kernels.to_kernel maps back to sum 1)"
+        card["value_range"] = "kernel / its maximum (invdiff.operators.kernels.to_kernel maps back to sum 1)"
     elif config.data in ("mri-brain", "mri-brain-synth", "mri-brain-coronal-synth"):
         card["value_range"] = "template intensity / its 99.5th percentile, clipped to [0, 1]"
     if config.data in ("ct-phantom", "mri-brain", "mri-brain-synth", "mri-brain-coronal-synth", "blur-kernels"):

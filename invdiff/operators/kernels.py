@@ -1,5 +1,5 @@
-"""Seeded blur kernels: the training pool of the shipped kernel prior and the kernels of the
-``deblur-blind`` task.
+"""Seeded blur kernels: the kernels of the ``deblur-blind`` task and the training pool of the
+shipped kernel prior (``invdiff.data.training("blur-kernels")``).
 
 Three families, in equal thirds, drawn from one seeded ``torch.Generator`` per stream:
 
