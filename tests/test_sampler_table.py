@@ -22,6 +22,8 @@ TABLE = {
     "ddnm": (dict(steps=20), 20, 0, 20, "sigma_min", True, "all"),
     "pigdm": (dict(steps=20), 20, 20, 20, "sigma_min", True, "all"),
     "pnpdm": (dict(steps=5, diffusion_steps=20), 39, 0, 5, 0.15, False, "all"),
+    # a latent sampler on a pixel prior (identity autoencoder): the callback sees the latent, the output is clipped
+    "psld": (dict(steps=20), 20, 20, 20, "sigma_min", False, "all"),
 }
 
 

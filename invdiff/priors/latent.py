@@ -346,6 +346,18 @@ class LatentDiffusionPrior(DiffusionPrior):
         self.latent = latent
 
     @classmethod
+    def of(cls, prior: DiffusionPrior) -> "LatentDiffusionPrior":
+        """``prior`` itself when it is a latent prior, else the pixel prior seen as one through
+        the :class:`IdentityAutoencoder` (at any size when the prior works at any size): how
+        latent samplers (ReSample, PSLD) take a pixel prior. Anything else is returned as it
+        is, for the sampler's own type check."""
+        if not isinstance(prior, DiffusionPrior) or isinstance(prior, cls):
+            return prior
+        latent = cls(IdentityAutoencoder(prior.image_shape), prior, prior.image_shape)
+        latent.any_size = prior.any_size  # a pixel prior of any size: identity autoencoder of the run's shape
+        return latent
+
+    @classmethod
     def linear_gaussian(
         cls,
         latent_shape: Sequence[int] = (1, 8, 8),

@@ -5,7 +5,9 @@ likelihood of ΠGDM's error model that DPS, MCG, SMC's twist and ReSample share.
   2023, Alg. 1) or of a weighted squared misfit;
 * :class:`GaussianGuidance` — the precision
   :math:`(s^2 I + r_t^2 A A^\\top)^{-1}` of :math:`p(y \\mid x_t)`, by warm-started CG
-  for linear operators or the scalar bound with :math:`\\|A\\|^2`.
+  for linear operators or the scalar bound with :math:`\\|A\\|^2`;
+* :func:`jacobian_norm_squared` — the squared spectral norm of a map's Jacobian (a latent
+  prior's decoder), which moves that error model from the latent to the image (ReSample, PSLD).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from torch import Tensor
 
 from .linalg import conjugate_gradient
 
-__all__ = ["batch_norm", "guidance_gradient", "GaussianGuidance"]
+__all__ = ["batch_norm", "guidance_gradient", "GaussianGuidance", "jacobian_norm_squared"]
 
 
 def batch_norm(r: Tensor) -> Tensor:
@@ -120,3 +122,23 @@ class GaussianGuidance:
             return out
 
         return solve
+
+
+def jacobian_norm_squared(fn: Callable[[Tensor], Tensor], z: Tensor, iterations: int = 10) -> float:
+    """Largest squared singular value of the Jacobian :math:`J` of ``fn`` at ``z`` (the largest
+    over the batch): power iteration on :math:`J^\\top J` with one pass of ``fn``; :math:`Jv`
+    is the derivative of the (linear in ``u``) vector-Jacobian product :math:`J^\\top u`."""
+    gen = torch.Generator(device=z.device).manual_seed(0)
+    v = torch.randn(z.shape, generator=gen, device=z.device, dtype=z.dtype)
+    lam = torch.zeros(z.shape[0], device=z.device, dtype=z.dtype)
+    with torch.enable_grad():
+        zg = z.detach().requires_grad_(True)
+        x = fn(zg)
+        u = torch.zeros_like(x, requires_grad=True)
+        (jt_u,) = torch.autograd.grad(x, zg, u, create_graph=True)
+        for _ in range(iterations):
+            v = v / v.reshape(z.shape[0], -1).norm(dim=1).clamp_min(1e-30).reshape(-1, *([1] * (z.ndim - 1)))
+            (jv,) = torch.autograd.grad(jt_u, u, v, retain_graph=True)
+            (v,) = torch.autograd.grad(x, zg, jv, retain_graph=True)
+            lam = v.reshape(z.shape[0], -1).norm(dim=1)  # ||J^T J v|| for a unit v
+    return max(float(lam.max()), 1e-12)
