@@ -32,6 +32,7 @@ from .steps import (
     operator_norm_squared,
     randn_like,
 )
+from .steps.guidance import jacobian_norm_squared
 
 __all__ = ["ReSample", "stochastic_resample", "resample_gamma"]
 
@@ -259,10 +260,7 @@ class ReSample(Sampler):
         clip: tuple[float, float] | None = (0.0, 1.0),
         verbose: bool = False,
     ) -> None:
-        if isinstance(prior, DiffusionPrior) and not isinstance(prior, LatentDiffusionPrior):
-            pixel = prior
-            prior = LatentDiffusionPrior(IdentityAutoencoder(prior.image_shape), prior, prior.image_shape)
-            prior.any_size = pixel.any_size  # a pixel prior of any size: identity autoencoder of the run's shape
+        prior = LatentDiffusionPrior.of(prior)  # a pixel prior: the identity autoencoder
         super().__init__(prior, verbose=verbose)
         self.weighting = weighting
         self.sigmas = make_sigmas(prior.latent, steps, schedule, sigmas)
@@ -365,23 +363,9 @@ class ReSample(Sampler):
         return held[-1].detach(), self.zeta * (sigma**2 - sigma_next**2) * grad
 
     def _decoder_norm_squared(self, z: Tensor, iterations: int = 10) -> float:
-        """Largest squared singular value of the decoder's Jacobian :math:`J` at ``z`` (the largest
-        over the batch): power iteration on :math:`J^\\top J` with one decoder pass; :math:`Jv` is
-        the derivative of the (linear in ``u``) vector-Jacobian product :math:`J^\\top u`."""
-        gen = torch.Generator(device=z.device).manual_seed(0)
-        v = torch.randn(z.shape, generator=gen, device=z.device, dtype=z.dtype)
-        lam = torch.zeros(z.shape[0], device=z.device, dtype=z.dtype)
-        with torch.enable_grad():
-            zg = z.detach().requires_grad_(True)
-            x = self._decode(zg)
-            u = torch.zeros_like(x, requires_grad=True)
-            (jt_u,) = torch.autograd.grad(x, zg, u, create_graph=True)
-            for _ in range(iterations):
-                v = v / v.reshape(z.shape[0], -1).norm(dim=1).clamp_min(1e-30).reshape(-1, *([1] * (z.ndim - 1)))
-                (jv,) = torch.autograd.grad(jt_u, u, v, retain_graph=True)
-                (v,) = torch.autograd.grad(x, zg, jv, retain_graph=True)
-                lam = v.reshape(z.shape[0], -1).norm(dim=1)  # ||J^T J v|| for a unit v
-        return max(float(lam.max()), 1e-12)
+        """Largest squared singular value of the decoder's Jacobian at ``z`` (the largest over the
+        batch; :func:`~invdiff.samplers.steps.guidance.jacobian_norm_squared`, one decoder pass)."""
+        return jacobian_norm_squared(self._decode, z, iterations)
 
     def _lookahead(self, z: Tensor, i: int, z0: Tensor) -> Tensor:
         """Tweedie's estimate after ``lookahead`` unconditional DDIM steps from ``z`` (level ``i + 1``)."""
