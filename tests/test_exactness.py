@@ -43,6 +43,8 @@ MEASURED = {
     # rho_min = 0.15 (the paper's 0.3 on [-1, 1]) = 3 x the noise: the chain's x-marginal is the posterior
     # under noise s^2 I + rho_min^2 A A^T, hence over-dispersed (rho_min = 0.02: 0.03-0.08, std ratio 1.02-1.09)
     "pnpdm": ((0.255, 0.152, 0.176, 0.125), (1.5, 2.4)),  # 1.85-2.05
+    # a latent sampler, here on the pixel prior through the identity autoencoder (the gluing term is then more data pull)
+    "psld": ((0.088, 0.063, 0.064, 0.034), (0.7, 1.1)),  # 0.84-0.94
 }
 
 
