@@ -319,10 +319,13 @@ class Reconstruction:
     :ivar mean: ``(N, C, H, W)``; for complex (2-channel) images, of the magnitude ``(N, 1, H, W)``.
     :ivar std: same shape, or ``None`` when one sample was drawn.
     :ivar baseline: the operator's ``A_dagger`` (FBP, zero-filled IFFT, ...), same shape.
-    :ivar runs: ``sampler.last_run`` of each slice (of the one run, for a volume).
+    :ivar runs: ``sampler.last_run`` of each slice (of the one run, for a volume); slices
+        sampled together share their call's record (``call``, ``call_slices``).
     :ivar metrics: PSNR/SSIM against a reference, when one was given.
-    :ivar info: sampler name and options, prior(s), samples, seeds, device; ``joint`` is True
-        for a volume reconstruction (with ``volume_shape`` and ``slice_spacing``).
+    :ivar info: sampler name and options, prior(s), samples, seeds, device, slices per call
+        (``batch``); ``joint`` is True for a volume reconstruction (with ``volume_shape`` and
+        ``slice_spacing``); ``world_size`` under torchrun.
+    :ivar rank: this process's rank under torchrun (0 otherwise): only rank 0 writes.
     """
 
     mean: Tensor
@@ -331,6 +334,7 @@ class Reconstruction:
     runs: list[dict]
     metrics: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
+    rank: int = 0
 
 
 def _display(x: Tensor) -> Tensor:
@@ -397,6 +401,61 @@ def _volume_geometry(m: Measurement) -> float | None:
     return None
 
 
+#: Slices per sampler call on the CPU when ``batch`` is automatic (divided by the samples
+#: per slice): the network's cost per slice falls with the batch, and 16 rows keep the
+#: memory of a 256^2 U-Net's activations modest.
+CPU_BATCH_ROWS = 16
+#: Most slices per call when ``batch`` is automatic on CUDA.
+MAX_AUTO_BATCH = 64
+#: Share of the free CUDA memory (plus the allocator's cache) an automatic batch may fill.
+CUDA_MEMORY_SHARE = 0.8
+
+
+def parse_batch(value) -> int | None:
+    """``batch`` of :func:`reconstruct` from a number or ``"auto"`` (``None``); one-line errors.
+
+    >>> parse_batch("auto"), parse_batch("8")
+    (None, 8)
+    """
+    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+        return None
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"batch must be a positive integer or 'auto', got {value!r}") from None
+    if isinstance(value, float) and value != n or n < 1:
+        raise ValueError(f"batch must be a positive integer or 'auto', got {value!r}")
+    return n
+
+
+def _batch_plan(batch: int | None, method, measurement: Measurement, device: torch.device,
+                samples: int, n: int) -> tuple[int, bool, str]:
+    """``(slices per call, probe first, why)`` for ``n`` slices: 1 for a sampler whose images
+    are coupled in a batch (``batch_coupling``) or per-slice operators; the given ``batch``;
+    automatic: :data:`CPU_BATCH_ROWS` rows on the CPU, on CUDA one slice first (the probe)
+    and then as many as the free memory holds (:func:`_cuda_batch`)."""
+    coupling = getattr(method, "batch_coupling", None)
+    if coupling:
+        return 1, False, f"one slice per call: {method.name} couples the images of a batch ({coupling})"
+    if measurement.per_slice_operator:
+        return 1, False, "one slice per call: every slice has its own operator (per-slice coil maps)"
+    if batch is not None:
+        return max(1, min(int(batch), n)), False, "given"
+    if device.type == "cuda":
+        return 1, n > 1, "automatic: from the free CUDA memory and the probe slice's peak memory"
+    return max(1, min(CPU_BATCH_ROWS // samples, n)), False, f"automatic: {CPU_BATCH_ROWS} rows on the CPU"
+
+
+def _cuda_batch(device: torch.device, allocated_before: int, peak: int | None, left: int) -> int:
+    """Slices per call from the probe: its peak memory above what was allocated before it is
+    the cost of one slice; :data:`CUDA_MEMORY_SHARE` of the free memory (with the allocator's
+    reusable cache) over that, at most :data:`MAX_AUTO_BATCH` and the slices left."""
+    free, _ = torch.cuda.mem_get_info(device)
+    cache = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    per_slice = max(int(peak or 0) - int(allocated_before), 1 << 20)
+    return max(1, min(int(CUDA_MEMORY_SHARE * (free + cache) // per_slice), MAX_AUTO_BATCH, left))
+
+
 def reconstruct(
     measurement: Measurement,
     prior,
@@ -413,12 +472,29 @@ def reconstruct(
     reference: Tensor | None = None,
     prior_name: str | None = None,
     perpendicular_prior_name: str | None = None,
+    batch: int | str | None = None,
 ) -> Reconstruction:
     """Reconstruct the slices of ``measurement`` with ``sampler`` over ``prior``: slice by
     slice, or jointly as one volume (``volume``).
 
     **Slice by slice** (default sampler ``"dps"``): slice ``k`` is sampled with
-    ``torch.Generator(device).manual_seed(seed + k)``, a tqdm bar over the slices.
+    ``torch.Generator(device).manual_seed(seed + k)``, a tqdm bar over the slices. Up to
+    ``batch`` slices go through the sampler together, each with its own generator (a list
+    of generators, one per image: :func:`~invdiff.samplers.steps.randn_like`), so the result
+    is the one of the slices run one by one (every registered sampler's steps work per image,
+    ``tests/test_batching.py``; a sampler whose ``batch_coupling`` says otherwise, and
+    per-slice operators, run one slice per call, the reason recorded in ``info``).
+    ``batch=None`` (``"auto"``): :data:`CPU_BATCH_ROWS` rows per call on the CPU; on CUDA the
+    first slice runs alone as a probe and the batch is what :data:`CUDA_MEMORY_SHARE` of the
+    free memory holds at the probe's peak memory per slice; a call that still runs out of
+    memory is halved and rerun (the same result).
+
+    **torchrun** (``torchrun --nproc-per-node N -m invdiff reconstruct ...``, or this
+    function in a process group): rank ``r`` reconstructs its contiguous share of the slices
+    (:meth:`~invdiff.bench.distributed.ProcessGroup.share`; NCCL on ``cuda:<LOCAL_RANK>``,
+    gloo on the CPU) and every rank receives all the slices in order: the same result as one
+    process for the same seeds; only rank 0 writes (``Reconstruction.rank``). A volume is
+    one joint run and is refused under torchrun.
 
     **Volume** (``volume=True``, always for a volume task such as ``mri3d-4x``; default
     sampler ``"dds-3d"``; ``"tpdm"``, ``"diffusion-mbir"``): the ``N`` slices' measurements
@@ -437,14 +513,18 @@ def reconstruct(
     :param options: other sampler keyword arguments.
     :param progress: a tqdm bar (stderr) over slices, or over a volume's diffusion steps.
     :param reference: clean slices ``(N, C, H, W)`` in [0, 1] for PSNR/SSIM (simulations).
+    :param batch: slices per sampler call (slice by slice), or ``None`` / ``"auto"``.
     :raises ValueError: the prior's image shape is not the measurement's, the slices do not
-        form one volume, or the sampler does not fit the mode.
+        form one volume, the sampler does not fit the mode, or a volume under torchrun.
     """
     from tqdm.auto import tqdm
+
+    from ..bench.distributed import init_distributed
 
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     _check_seed(seed)
+    batch = parse_batch(batch)
     volume = bool(volume or measurement.volume)
     sampler = sampler or ("dds-3d" if volume else "dps")
     shape = measurement.slice_size
@@ -458,7 +538,11 @@ def reconstruct(
             f"(a patch prior works at any size)"
         ) from err
     spacing = _volume_geometry(measurement) if volume else None
-    device = torch.device(device)
+    group = init_distributed(device)
+    if group.world > 1 and volume:
+        raise ValueError("a joint volume reconstruction is one run: start it without torchrun "
+                         "(torchrun shards a series slice by slice)")
+    device = torch.device(group.device(device))
     prior = prior.to(device).eval()
     if perpendicular_prior is not None:
         perpendicular_prior = perpendicular_prior.to(device).eval()
@@ -488,20 +572,49 @@ def reconstruct(
             baseline = physics.A_dagger(y)[0].transpose(0, 1)
         keep(shown, baseline, {**method.last_run.as_dict(), "slices": D, "seed": int(seed)})
     else:
-        bar = tqdm(range(measurement.n_slices), desc=f"reconstruct ({method.name})", unit="slice",
-                   disable=not progress, file=sys.stderr)
-        for k in bar:
-            physics = measurement.physics(k, device)
-            y = measurement.y[k : k + 1].to(device)
-            g = torch.Generator(device=device).manual_seed(int(seed) + k)
-            post = method.sample(y, physics, n=samples, generator=g)
-            shown = _display(post.samples.reshape(-1, *post.samples.shape[2:])).reshape(samples, 1, -1, *shape[1:])
+        mine = list(group.share(measurement.n_slices))  # every slice in one process
+        size, probe, why = _batch_plan(batch, method, measurement, device, samples, len(mine))
+        bar = tqdm(total=len(mine), desc=f"reconstruct ({method.name})", unit="slice",
+                   disable=not progress or group.rank != 0, file=sys.stderr)
+        calls = []  # slices per call, as run
+        pos = 0
+        while pos < len(mine):
+            ks = mine[pos : pos + size]
+            physics = measurement.physics(ks[0], device)  # one operator for every slice of a call
+            y = measurement.y[ks[0] : ks[-1] + 1].to(device)
+            gens = [torch.Generator(device=device).manual_seed(int(seed) + k) for k in ks]
+            before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+            try:
+                post = method.sample(y, physics, n=samples, generator=gens[0] if len(ks) == 1 else gens)
+            except torch.cuda.OutOfMemoryError:
+                if len(ks) == 1:
+                    raise
+                torch.cuda.empty_cache()  # chunk: half the slices, the same result
+                size = max(1, len(ks) // 2)
+                why += f"; halved to {size} after running out of memory"
+                continue
+            b = len(ks)
+            shown = _display(post.samples.reshape(-1, *post.samples.shape[2:])).reshape(samples, b, -1, *shape[1:])
             with torch.no_grad():
                 baseline = physics.A_dagger(y)
-            keep(shown, baseline, {**method.last_run.as_dict(), "slice": k, "seed": int(seed) + k})
+            run = method.last_run.as_dict()
+            for j, k in enumerate(ks):
+                keep(shown[:, j : j + 1], baseline[j : j + 1],
+                     {**run, "slice": k, "seed": int(seed) + k, "call": ks[0], "call_slices": b})
+            calls.append(b)
+            pos += b
+            bar.update(b)
+            if probe:  # the first slice was the probe: size the batch from its peak memory
+                probe = False
+                size = _cuda_batch(device, before, run.get("peak_memory"), len(mine) - pos)
+        bar.close()
     mean = torch.cat(means)
     std = torch.cat(stds) if samples > 1 else None
     baseline = torch.cat(baselines)
+    if group.world > 1:  # every rank's slices, in order, on every rank
+        mean, baseline = group.gather(mean), group.gather(baseline)
+        std = group.gather(std) if std is not None else None
+        runs[:] = group.gather_json(runs)
     metrics = {}
     if reference is not None:
         ref = _display(reference.float())
@@ -513,6 +626,12 @@ def reconstruct(
         "prior": prior_name, "prior_image_shape": list(prior.image_shape), "prior_any_size": bool(prior.any_size),
         "image_shape": list(shape),
     }
+    if not volume:
+        info["batch"] = {"slices_per_call": max(calls, default=0),
+                         "requested": "auto" if batch is None else int(batch), "rule": why}
+    if group.world > 1:
+        info["world_size"] = group.world
+        info["backend"] = group.backend
     if volume:
         info.update({
             "volume_shape": list(physics.img_size), "volume_operator": type(physics).__name__,
@@ -521,7 +640,8 @@ def reconstruct(
         if perpendicular_prior is not None:
             info["perpendicular_prior"] = perpendicular_prior_name
             info["perpendicular_plane"] = getattr(method, "perpendicular_plane", None)
-    return Reconstruction(mean, std, baseline, runs, metrics, info)
+    group.close()  # when this call started the process group (a caller's group stays open)
+    return Reconstruction(mean, std, baseline, runs, metrics, info, rank=group.rank)
 
 
 # ----------------------------------------------------------------------------- outputs

@@ -50,6 +50,7 @@ from ..files import atomic_file, check_not_input
 from ..samplers.base import IncompatibleError
 from . import store
 from .baseline import bench_sampler_class
+from .distributed import ProcessGroup, init_distributed
 from .grid import (
     Cell,
     SamplerSpec,
@@ -228,48 +229,9 @@ def versions() -> dict:
 
 
 # ----------------------------------------------------------------------- distributed
-@dataclass
-class _Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    owned: bool = False
-    backend: str | None = None
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            if self.backend == "nccl":
-                dist.barrier(device_ids=[torch.cuda.current_device()])
-            else:
-                dist.barrier()
-
-    def close(self) -> None:
-        if self.owned:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-
-
-def _init_distributed(device: str) -> _Dist:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")),
-                     False, dist.get_backend())
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return _Dist()
-    if not dist.is_available():
-        raise RuntimeError("WORLD_SIZE > 1 but this torch has no torch.distributed")
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    backend = "nccl" if device.startswith("cuda") else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(local)
-    # long timeout: the final barrier waits for the slowest rank's cells
-    dist.init_process_group(backend, timeout=datetime.timedelta(days=7))
-    return _Dist(dist.get_rank(), dist.get_world_size(), local, True, backend)
+# the process group is shared with ``invdiff reconstruct`` (:mod:`invdiff.bench.distributed`)
+_Dist = ProcessGroup
+_init_distributed = init_distributed
 
 
 # ----------------------------------------------------------------------- the run

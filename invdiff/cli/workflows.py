@@ -63,10 +63,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _cmd_reconstruct(args: argparse.Namespace) -> int:
-    from ..io import read
-    from ..io.intensity import HU_WINDOW
-    from ..apps.workflows import (check_reconstruction_out, load_prior, open_measurement, reconstruct, simulate,
-                                  write_reconstruction)
+    from ..apps.workflows import check_reconstruction_out, parse_batch
+    from ..bench.distributed import init_distributed
 
     if (args.measurement is None) == (args.input is None):
         raise ValueError("give either --measurement FILE or --input SCAN with --task NAME")
@@ -76,6 +74,7 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
         raise ValueError("--task is for --input; a measurement file records its own operator")
     if args.samples < 1:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
+    batch = parse_batch(args.batch)
     from .. import operators, samplers
     from ..samplers.volume import VOLUME_SAMPLERS
 
@@ -98,6 +97,21 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     check_reconstruction_out(args.out, [args.input, args.measurement, args.prior, args.perpendicular_prior],
                              args.overwrite, flag="--out")
     device = resolve_device(args.device)
+    group = init_distributed(device)  # under torchrun: one process per GPU, each its share of the slices
+    try:
+        return _reconstruct_in(args, group, group.device(device), batch, volume, sampler_name, sampler_options)
+    finally:
+        group.close()
+
+
+def _reconstruct_in(args: argparse.Namespace, group, device, batch: int | None, volume: bool, sampler_name,
+                    sampler_options: dict) -> int:
+    """The reconstruction of ``_cmd_reconstruct`` in this process (``group``: torchrun's ranks)."""
+    from ..apps.workflows import load_prior, open_measurement, reconstruct, simulate, write_reconstruction
+    from ..io import read
+    from ..io.intensity import HU_WINDOW
+
+    say = print if group.rank == 0 else (lambda *a, **k: None)  # rank 0 speaks and writes
     prior = load_prior(args.prior, device)
     perpendicular = load_prior(args.perpendicular_prior, device) if args.perpendicular_prior else None
     if args.any_size:
@@ -107,7 +121,7 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
             warnings.simplefilter("always")
             prior.at_any_size()
         for w in caught:
-            print(f"invdiff reconstruct: warning: {w.message}", file=sys.stderr)
+            say(f"invdiff reconstruct: warning: {w.message}", file=sys.stderr)
     shape = tuple(int(s) for s in prior.image_shape)
     native = prior.any_size
     if native and args.resize:
@@ -140,7 +154,8 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     sampler_name = sampler_name or ("dds-3d" if volume else "dps")
     mode = "jointly as one volume" if volume else "slice by slice"
     per = "volume" if volume else "slice"
-    print(f"invdiff reconstruct: {m.n_slices} slice(s) {_grid(m)} from {origin}{resized}, {mode}; "
+    ranks = f", {group.world} processes ({group.backend})" if group.world > 1 else ""
+    say(f"invdiff reconstruct: {m.n_slices} slice(s) {_grid(m)} from {origin}{resized}, {mode}{ranks}; "
           f"sampler {sampler_name}{' ' + str(sampler_options) if sampler_options else ''}, {args.samples} "
           f"sample(s)/{per}, prior {args.prior}"
           f"{f', perpendicular prior {args.perpendicular_prior}' if perpendicular is not None else ''}, "
@@ -148,12 +163,18 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     rec = reconstruct(m, prior, sampler_name, volume=volume, perpendicular_prior=perpendicular, samples=args.samples,
                       seed=args.seed, device=device, steps=args.steps, options=sampler_options,
                       progress=progress(args), reference=reference, prior_name=str(args.prior),
-                      perpendicular_prior_name=str(args.perpendicular_prior) if perpendicular is not None else None)
+                      perpendicular_prior_name=str(args.perpendicular_prior) if perpendicular is not None else None,
+                      batch=batch)
+    if group.rank != 0:  # the other ranks' slices are in rank 0's result: it writes once
+        return 0
     record = write_reconstruction(args.out, rec, m, fmt=args.format, png=args.png, overwrite=args.overwrite,
                                   extra={"command": command_line(args)})
-    nfe = sum(r["nfe"] for r in rec.runs)
-    secs = sum(r["wall_time"] for r in rec.runs)
-    print(f"{rec.info['sampler']}: {nfe} network calls, {secs:.1f} s in the sampler")
+    calls = {r.get("call"): r for r in rec.runs}.values()  # slices sampled together share their call's cost
+    nfe = sum(r["nfe"] for r in calls)
+    secs = sum(r["wall_time"] for r in calls)
+    per_call = rec.info.get("batch", {}).get("slices_per_call")
+    batched = f" ({per_call} slice(s) per call)" if per_call else ""
+    print(f"{rec.info['sampler']}: {nfe} network calls{batched}, {secs:.1f} s in the sampler")
     for name, values in rec.metrics.items():
         label = "baseline (A_dagger)" if name == "baseline" else f"{name} mean"
         ssim = f", SSIM {values['ssim']:.3f}" if "ssim" in values else ""
@@ -204,6 +225,11 @@ def register(subparsers) -> None:
     p.add_argument("--samples", type=int, default=1,
                    help="posterior samples per slice (per volume with --volume); K > 1 writes the std map")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the sampler's)")
+    p.add_argument("--batch", default="auto", metavar="N|auto",
+                   help="slices per sampler call, slice by slice (default auto: 16 rows on the CPU; on CUDA from "
+                        "the free memory after a one-slice probe); every slice keeps its own generator, so the "
+                        "result does not depend on it. Under torchrun --nproc-per-node N each process "
+                        "reconstructs its share of the slices and rank 0 writes")
     add_device(p)
     p.add_argument("--resize", action="store_true",
                    help="fixed-size priors: allow resampling images (or cropping k-space) to the prior's size; the factor is "

@@ -188,7 +188,7 @@ class BlindDPS(DPS):
                 k0 = normalised_kernel(u0)
                 data = self._data_term(y, x0c, k0, noise_var, r2)
                 if i == 0 and self.weighting == "likelihood":  # lambda relative to the data term's size
-                    l1_weight = self.kernel_l1 * float(data.detach().mean()) / y[0].numel()
+                    l1_weight = self.kernel_l1 * data.detach() / y[0].numel()  # per image: batch-independent
                 loss = data + l1_weight * k0.abs().flatten(1).sum(1)
                 gx, gk = torch.autograd.grad(loss.sum(), (xg, kg), allow_unused=True)  # None: a point-mass prior
                 gx = torch.zeros_like(x) if gx is None else gx

@@ -218,6 +218,7 @@ class ReSample(Sampler):
     name = "resample"
     #: the prior this sampler is built for: a LatentDiffusionPrior (read by the contract tests)
     prior_kind = "latent"
+    batch_coupling = "its guidance weight uses the decoder's Jacobian norm, the largest over the batch"
     parameter_constraints = {
         "weighting": Choice("likelihood", "paper"),
         "consistency_every": Integer(1),
