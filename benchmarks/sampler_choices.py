@@ -410,10 +410,85 @@ def smc() -> None:
     table(("prior", "K", "default", "variant", "variant mean err"), out)
 
 
+def latent_inpainting_problem():
+    """The analytic latent problem (``benchmarks/exactness.py``'s latent section, ``tests/test_psld.py``):
+    ``(prior, physics, y)``, 8x8 Gaussian latents -> 16x16 images, 50 % inpainting, noise 0.05."""
+    import deepinv as dinv
+
+    prior = LatentDiffusionPrior.linear_gaussian((1, 8, 8), factor=2, length_scale=1.0, variance=0.05)
+    mask = (torch.rand(prior.image_shape, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+    physics = dinv.physics.Inpainting(prior.image_shape, mask=mask, noise_model=dinv.physics.GaussianNoise(
+        exactness.NOISE, rng=torch.Generator().manual_seed(1)))
+    return prior, physics, physics(prior.sample(1, torch.Generator().manual_seed(2)).float())
+
+
+def psld() -> None:
+    steps = 100
+    official = dict(weighting="paper", gamma=0.1, eta=0.0)
+    section("The step rule",
+            "The official step (weighting='paper': omega ||r|| + gamma ||g||, norms, subtracted as they are, tuned "
+            "to Stable Diffusion's 1000 steps and unit-scale latents; here with the official gamma 0.1 and eta 0) "
+            "against the default likelihood rule (both terms as Gaussian log-densities with the DDIM step's score "
+            f"weight). Exactness problems (pixel priors through the identity autoencoder), {steps} steps, 32 samples.")
+    rows = []
+    for label in EXACT_LABELS:
+        (e0, r0), (e1, r1) = (exact_run("psld", label, steps=steps, **kw) for kw in ({}, official))
+        rows.append((label, round(e0, 3), round(r0, 2), round(e1, 3), round(r1, 2)))
+    table(("problem", "default mean err", "default std ratio", "official mean err", "official std ratio"), rows)
+    print("The analytic demo's CT (16x16, 40 steps, mean of 2 samples, as tests/test_cli.py; "
+          f"{ref_row('ct-sparse-30', 16)}; the test needs exact - 8 dB):\n")
+    table(("rule", "PSNR"), [(label, round(demo_run("psld", "ct-sparse-30", n=2, size=16, steps=40, **kw)["mean"], 1))
+                             for label, kw in (("default", {}), ("official", official))])
+
+    section("The DDIM step: eta 1 (default; the paper: 0)",
+            f"Same problems, {steps} steps, 32 samples, the default rule; eta 0 with the paper's gamma 0.1.")
+    rows = []
+    for label in EXACT_LABELS:
+        (e0, r0), (e1, r1) = (exact_run("psld", label, steps=steps, **kw) for kw in ({}, dict(eta=0.0, gamma=0.1)))
+        rows.append((label, round(e0, 3), round(r0, 2), round(e1, 3), round(r1, 2)))
+    table(("problem", "default mean err", "default std ratio", "eta 0 mean err", "eta 0 std ratio"), rows)
+
+    section("The gluing weight: gamma 1 (default; the paper: 0.1)",
+            "With a learned autoencoder the gluing term matters. ct-sparse-30 and deblur-gauss with the shipped "
+            f"ct-phantom-latent-64 prior, two held-out phantoms, {steps} steps, PSNR of one sample:")
+    rows = []
+    for task in ("ct-sparse-30", "deblur-gauss"):
+        prior, truth, physics, y, base = shipped_problem(task, latent=True)
+        cells = []
+        for gamma in (0.0, 0.1, 1.0, 3.0):
+            x = samplers.PSLD(prior, steps=steps, gamma=gamma)(y, physics, generator=torch.Generator().manual_seed(2))
+            cells.append(round(_metrics(x, truth)[0], 2))
+        rows.append((task, *cells, round(base, 1)))
+    table(("task", "gamma 0", "gamma 0.1", "gamma 1", "gamma 3", "baseline (A_dagger)"), rows)
+    print("The analytic latent problem of tests/test_psld.py (8x8 latents -> 16x16 images, 50 % inpainting, "
+          f"{steps} steps, 16 samples):\n")
+    prior, physics, y = latent_inpainting_problem()
+    post = prior.posterior(y, physics, 0.05)
+    mean0 = prior.decode(torch.zeros(1, *prior.latent_shape))
+    rows = []
+    for label, kw in (("gamma 0", dict(gamma=0.0)), ("gamma 0.1", dict(gamma=0.1)), ("gamma 1 (default)", {}),
+                      ("official rule", official)):
+        out = samplers.PSLD(prior, steps=steps, clip=None, **kw).sample(y, physics, n=16,
+                                                                       generator=torch.Generator().manual_seed(4))
+        rows.append((label, *(round(v, 3) for v in exactness.scores(out.samples, post, mean0))))
+    table(("variant", "mean err", "std ratio"), rows)
+
+    section("The number of steps: 200 (default; the paper: 1000)",
+            "The likelihood rule does not depend on the number of steps. ct-sparse-30 with ct-phantom-latent-64, "
+            "two held-out phantoms, PSNR of one sample and seconds per image:")
+    prior, truth, physics, y, base = shipped_problem("ct-sparse-30", latent=True)
+    rows = []
+    for n_steps in (50, 100, 200):
+        sampler = samplers.PSLD(prior, steps=n_steps)
+        x = sampler(y, physics, generator=torch.Generator().manual_seed(2))
+        rows.append((n_steps, round(_metrics(x, truth)[0], 2), sampler.last_run.wall_time / len(truth)))
+    table(("steps", "PSNR", "seconds"), rows)
+
+
 SAMPLERS = {
     "daps": ("DAPS", daps), "diffpir": ("DiffPIR", diffpir), "dps": ("DPS", dps), "enkg": ("EnKG", enkg),
     "mcg": ("MCG", mcg), "reddiff": ("RED-Diff", reddiff), "resample": ("ReSample", resample),
-    "smc": ("SMC (TDS)", smc),
+    "smc": ("SMC (TDS)", smc), "psld": ("PSLD", psld),
 }
 
 

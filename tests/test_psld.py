@@ -47,7 +47,8 @@ def _setup(weighting, noise, seed=0, a=0.7):
 @pytest.mark.parametrize("eta", [0.0, 0.3, 1.0])
 def test_score_weight_is_the_ddim_steps(eta):
     """ddim_step(x, x + sigma^2 s) = x + kappa s + c z: the weight PSLD gives its likelihood score;
-    eta 1 is the reverse SDE's sigma_i^2 - sigma_{i+1}^2, eta 0 the probability flow's sigma_i (sigma_i - sigma_{i+1})."""
+    eta 1 is the reverse SDE's sigma_i^2 - sigma_{i+1}^2, eta 0 the probability flow's
+    sigma_i (sigma_i - sigma_{i+1})."""
     g = torch.Generator().manual_seed(0)
     x, score = (torch.randn(3, 5, generator=g, dtype=torch.float64) for _ in range(2))
     sigma, sigma_next = 1.3, 0.8
@@ -127,7 +128,7 @@ def test_psld_on_the_analytic_latent_problem():
     linear-decoder Gaussian latent prior (16x16 images from 8x8 latents), 50 % inpainting,
     noise 0.05. Measured: relative mean error 0.36 (Monte-Carlo floor of 16 exact samples
     0.06; ReSample 0.33), std ratio 1.13; without the gluing term (``gamma=0``) 0.45 and 1.56;
-    with the official step rule 0.76 and 5.6 (off scale here)."""
+    with ``weighting="paper"`` (the official step rule) 0.76 and 5.6 (off scale here)."""
     prior, physics, x, y = _latent_problem()
     post = prior.posterior(y, physics, 0.05)
     prior_mean = prior.decode(torch.zeros(1, *prior.latent_shape))

@@ -47,7 +47,8 @@ class PSLDRun:
 
 
 class PSLD(Sampler):
-    r"""PSLD (Rout et al., NeurIPS 2023; the official ``p_sample_ddim``) on a :class:`~invdiff.priors.LatentDiffusionPrior`.
+    r"""PSLD (Rout et al., NeurIPS 2023; the official ``p_sample_ddim``) on a
+    :class:`~invdiff.priors.LatentDiffusionPrior`.
 
     DDIM in the latent space of an autoencoder (:math:`\mathcal D` the decoder, :math:`\mathcal E`
     the encoder, :math:`\hat z_0 = D_z(z_i, \sigma_i)` the latent denoiser), each step corrected
@@ -88,9 +89,10 @@ class PSLD(Sampler):
     guidance of the steps it replaces, as DPS's paper rule. Latents keep the encoder's scale.
     Pass ``omega=1, gamma=0.1, eta=0, steps=1000`` for the official run. That rule is tuned to
     Stable Diffusion (unit-scale 64x64x4 latents of 512x512 images): its pull grows with the
-    latent scale and the image size, and on invdiff's problems it is off scale (an earlier draft
-    with it gave posterior stds 0.22-0.30 of the exact ones on the exactness problems and
-    27.6 dB on the analytic demo's CT at 40 steps, 10 dB under its bound).
+    latent scale and the image size, and a coarse schedule multiplies it. On invdiff's problems
+    it is off scale: on the exactness problems (100 steps) mean errors 0.25-0.64 and std ratios
+    0.28-1.12 (the default rule: 0.03-0.14 and 0.78-0.92), and 5.7 dB on the analytic demo's CT
+    at 40 steps, where its steps overshoot (the default: 44.1 dB; exact posterior mean 45.8).
 
     ``weighting="likelihood"`` (default, a departure): both terms become Gaussian
     log-densities, applied with the weight the DDIM step gives the prior's score,
@@ -118,16 +120,17 @@ class PSLD(Sampler):
     prior (identity autoencoder) and inpainting the gluing step is then
     :math:`\rho_i^2/(\rho_i^2 + s^2)` times the DPS step: there the gluing only adds data pull.
 
-    **Defaults** (departures, measured; numbers in ``docs/benchmarks/``): ``gamma`` = 1 and
-    ``eta`` = 1 (the paper: 0.1 and DDIM's 0), and 200 steps (the paper: 1000). With a real
-    autoencoder the gluing matters: on ``ct-sparse-30`` with ``ct-phantom-latent-64``
-    (2 held-out images, 100 steps) ``gamma`` 0 / 0.1 / 1 / 3 gave 30.1 / 31.4 / 32.3 / 32.1 dB,
-    and on the analytic latent problem of ``tests/test_psld.py`` the mean error fell from 0.45
-    (``gamma`` 0) to 0.36 with the spread from 1.56 to 1.13 times the exact one. The ancestral
-    step (``eta`` 1) halved the posterior-mean error on three of the four exactness problems
-    (pixel priors, 100 steps: 0.23 / 0.10 / 0.20 / 0.07 with eta 0, ``gamma`` 0.1;
-    0.14 / 0.05 / 0.08 / 0.03 at the defaults, std ratio 0.78-0.92). The rule does not depend on
-    the number of steps: on the CT latent problem 100, 200 and 1000 steps gave the same 32.26 dB.
+    **Defaults** (departures, measured; ``docs/samplers/psld.md``): ``gamma`` = 1 and
+    ``eta`` = 1 (the paper: 0.1 and DDIM's 0), and 200 steps (the paper: 1000). With a learned
+    autoencoder the gluing matters: with ``ct-phantom-latent-64`` (2 held-out phantoms, 100
+    steps) ``gamma`` 0 / 0.1 / 1 / 3 gave 31.1 / 31.9 / 32.3 / 32.1 dB on ``ct-sparse-30`` and
+    25.2 / 25.9 / 28.2 / 27.6 dB on ``deblur-gauss``; on the analytic latent problem of
+    ``tests/test_psld.py`` the mean error fell from 0.45 (``gamma`` 0) to 0.36 and the spread
+    from 1.56 to 1.13 times the exact one. The ancestral step (``eta`` 1) halved the
+    posterior-mean error on three of the four exactness problems (100 steps: 0.23 / 0.10 /
+    0.20 / 0.07 with eta 0 and ``gamma`` 0.1, 0.14 / 0.05 / 0.08 / 0.03 at the defaults). The
+    rule does not depend on the number of steps: on ``ct-sparse-30`` with the latent prior 50,
+    100, 200 (and once 1000) steps gave 32.27, 32.26, 32.26 (32.26) dB.
 
     Cost: ``steps`` network calls with a backward pass, one decoder and one encoder pass (each
     with a backward) per step, two projections (``projection_iterations`` ``A``/``A^T`` pairs
