@@ -273,3 +273,64 @@ def test_autocast_on_cuda_keeps_float32_weights():
     ref = priors.load("ct-phantom-64", device="cuda").denoise(x, 0.3)
     assert out.dtype == torch.float32 and 0 < (out - ref).abs().max() < 0.05
     assert prior.runtime["autocast"] and prior.runtime["channels_last"]
+
+
+# ----------------------------------------------------------------------------- commands and records
+
+
+def test_bench_records_the_dtype_and_a_bf16_cell_is_another_cell(tmp_path):
+    from invdiff import bench
+
+    grid = dict(tasks="inpaint-random-70", samplers="dds", priors="ct-phantom-64", n_images=1, steps=2,
+                out=tmp_path / "b", lpips=False, progress=False, report=False, save_recon="none")
+    first = bench.run(**grid)
+    half = bench.run(**grid, dtype="bf16")
+    again = bench.run(**grid, dtype="bfloat16")
+    assert (half.ran, half.skipped) == (1, 0) and (again.ran, again.skipped) == (0, 1)
+    row32, = first.rows
+    row16, = half.rows
+    assert row32["cell_id"] != row16["cell_id"]
+    assert row32["dtype"] == "float32" and row32["runtime"]["dtype"] == "float32"
+    assert row16["dtype"] == "bfloat16" and row16["runtime"]["dtype"] == "bfloat16"
+    assert row16["status"] == "ok" and abs(row16["psnr"] - row32["psnr"]) < 0.5
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        bench.run(**grid, dtype="int8")
+
+
+def test_reconstruct_records_the_runtime_in_the_provenance(tmp_path):
+    import json
+
+    from invdiff.cli import main
+
+    src = tmp_path / "slice.png"
+    from PIL import Image
+    import numpy as np
+
+    Image.fromarray((np.linspace(0, 255, 64 * 64).reshape(64, 64)).astype(np.uint8)).save(src)
+    out = tmp_path / "r"
+    assert main(["reconstruct", "--input", str(src), "--task", "inpaint-random-70", "--prior", "ct-phantom-64",
+                 "--sampler", "dds", "--steps", "2", "--dtype", "bf16", "--out", str(out), "-q"]) == 0
+    text = (out / "provenance.json").read_text()
+    found = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            if "runtime" in node:
+                found.append(node["runtime"])
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(json.loads(text))
+    assert found and all(r["dtype"] == "bfloat16" for r in found), found
+
+
+def test_dtype_and_compile_are_refused_where_there_is_no_network(tmp_path, capsys):
+    from invdiff.cli import main
+
+    assert main(["demo", "--analytic", "--dtype", "bf16", "--out", str(tmp_path / "d")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no network" in err
+    assert not (tmp_path / "d").exists()

@@ -197,6 +197,8 @@ def run_demo(
     tasks: tuple[str, ...] = DEMO_TASKS,
     sampler_names: tuple[str, ...] | None = None,
     progress: bool = False,
+    dtype: str | None = None,
+    compile: bool = False,
 ) -> list[dict]:
     """Reconstruct held-out images with the shipped priors; print and write a table and a figure.
 
@@ -212,6 +214,8 @@ def run_demo(
     :param images: held-out images per task (PSNR/SSIM are averaged over them).
     :param sampler_names: samplers to run (default: all, DPS first).
     :param progress: show the grid's progress bar.
+    :param dtype: precision of the priors' networks (``"bf16"``, ``"fp16"``) and ``compile``:
+        ``torch.compile`` them (:func:`invdiff.bench.run`'s; the samplers stay float32).
     :returns: :func:`invdiff.bench.summarize`'s statistics, one dict per (task, sampler),
         the baseline included (``psnr_mean``, ``ssim_mean``, ``wall_time_mean``, ``nfe_mean``...).
     """
@@ -247,7 +251,7 @@ def run_demo(
             tasks=[{"name": task, "label": task, "seed": seed}], samplers=_demo_samplers(names, prior_name, available),
             priors=prior_name, images=dataset, n_images=images, seeds=[seed], steps=steps, samples=samples,
             out=folder, device=device, save_recon="figure", figure_images=1, lpips=False, verbose=verbose,
-            progress=progress, report=False, on_cell=finished,
+            progress=progress, report=False, on_cell=finished, dtype=dtype, compile=compile,
         )
         if result.skipped:
             print(f"  {task}: {result.skipped} finished cells reused from {folder}")

@@ -98,9 +98,10 @@ def _name(prior) -> str:
 
 
 def run_native_demo(out, steps: int = 25, sampler: str = "dds", images: int = 1, device: str = "cpu",
-                    seed: int = 0) -> list[dict]:
+                    seed: int = 0, dtype: str | None = None, compile: bool = False) -> list[dict]:
     """``invdiff demo --native``: :data:`NATIVE_DEMO` through :func:`compare_resolutions`; prints
-    and writes ``native.md`` and ``native.png`` in ``out``."""
+    and writes ``native.md`` and ``native.png`` in ``out`` (``dtype``, ``compile``: how the
+    priors' networks run, :func:`invdiff.priors.runtime.accelerate`)."""
     from pathlib import Path
 
     import matplotlib
@@ -122,6 +123,8 @@ def run_native_demo(out, steps: int = 25, sampler: str = "dds", images: int = 1,
     rows, panels = [], []
     for task, size, patch_name, small_name, dataset in NATIVE_DEMO:
         patch, small = priors.load(patch_name, device=device), priors.load(small_name, device=device)
+        if dtype is not None or compile:
+            patch.accelerate(dtype=dtype, compile=compile), small.accelerate(dtype=dtype, compile=compile)
         patch.name, small.name = patch_name, small_name
         truth = data.heldout(dataset, images, size=size)
         r, imgs = compare_resolutions(truth, task, patch, small, sampler, steps=steps, seed=seed, device=device)

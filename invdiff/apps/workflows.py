@@ -473,6 +473,8 @@ def reconstruct(
     prior_name: str | None = None,
     perpendicular_prior_name: str | None = None,
     batch: int | str | None = None,
+    dtype: str | None = None,
+    compile: bool = False,
 ) -> Reconstruction:
     """Reconstruct the slices of ``measurement`` with ``sampler`` over ``prior``: slice by
     slice, or jointly as one volume (``volume``).
@@ -514,6 +516,9 @@ def reconstruct(
     :param progress: a tqdm bar (stderr) over slices, or over a volume's diffusion steps.
     :param reference: clean slices ``(N, C, H, W)`` in [0, 1] for PSNR/SSIM (simulations).
     :param batch: slices per sampler call (slice by slice), or ``None`` / ``"auto"``.
+    :param dtype: precision of the prior's network (``"bf16"``, ``"fp16"``; ``None``: as
+        loaded) and ``compile``: ``torch.compile`` it (:func:`invdiff.priors.runtime.accelerate`;
+        the sampler stays float32); what ran is in ``info["runtime"]`` and every run record.
     :raises ValueError: the prior's image shape is not the measurement's, the slices do not
         form one volume, the sampler does not fit the mode, or a volume under torchrun.
     """
@@ -546,6 +551,10 @@ def reconstruct(
     prior = prior.to(device).eval()
     if perpendicular_prior is not None:
         perpendicular_prior = perpendicular_prior.to(device).eval()
+    if dtype is not None or compile:  # the network call only (priors.runtime)
+        for p in (prior, perpendicular_prior):
+            if p is not None:
+                p.accelerate(dtype=dtype, compile=compile)
     kwargs = dict(options or {})
     if steps is not None:
         kwargs["steps"] = int(steps)
@@ -624,7 +633,7 @@ def reconstruct(
         "samples": int(samples), "seed": int(seed), "joint": volume,
         "slice_seeds": "one generator for the volume" if volume else "seed + slice index", "device": str(device),
         "prior": prior_name, "prior_image_shape": list(prior.image_shape), "prior_any_size": bool(prior.any_size),
-        "image_shape": list(shape),
+        "image_shape": list(shape), "runtime": prior.runtime,
     }
     if not volume:
         info["batch"] = {"slices_per_call": max(calls, default=0),

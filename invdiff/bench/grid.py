@@ -10,7 +10,9 @@ values are read as TOML literals) or from a TOML file (tables with ``name``, an 
 canonical JSON of everything that determines its numbers: the prior's hash, the task's
 full parameter record (``physics.task``), the sampler's name and full parameters (its
 constructor defaults merged with the overrides), the image id and the SHA-256 of the image
-tensor, and the seed. Re-running the same command therefore finds the same ids, and a
+tensor, the seed, and the precision of the prior's network when it is not float32
+(``dtype``: a bf16 cell is another cell; ``compile`` changes no number beyond rounding and is
+not part of it). Re-running the same command therefore finds the same ids, and a
 changed parameter gives new cells instead of silently reusing old numbers.
 
 **Seeds.** With :math:`h(\cdot)` the SHA-256 of canonical JSON read as an integer modulo
@@ -287,6 +289,9 @@ class Cell:
     samples: int = 1
     #: the hash of the sampler's own prior (:attr:`SamplerSpec.prior`); ``None``: the grid's
     sampler_prior_hash: str | None = None
+    #: the precision the prior's network runs in (``"bfloat16"``, ``"float16"``); ``None``:
+    #: as loaded (float32). A half-precision cell is another cell; compilation is not
+    dtype: str | None = None
 
     @property
     def key(self) -> dict:
@@ -304,6 +309,8 @@ class Cell:
             key["samples"] = self.samples
         if self.sampler_prior_hash is not None:
             key["sampler_prior_hash"] = self.sampler_prior_hash
+        if self.dtype not in (None, "float32"):
+            key["dtype"] = self.dtype
         return key
 
     @property
@@ -336,7 +343,7 @@ def load_toml(path: str | os.PathLike) -> dict:
             raise ValueError(f"{path}: give 'prior' or 'priors', not both")
         cfg["priors"] = cfg.pop("prior")
     known = {"tasks", "samplers", "priors", "images", "n_images", "seeds", "samples", "steps", "out", "device",
-             "rerun_failed", "save_recon", "figure_images", "lpips", "lpips_net", "verbose"}
+             "rerun_failed", "save_recon", "figure_images", "lpips", "lpips_net", "verbose", "dtype", "compile"}
     unknown = sorted(set(cfg) - known)
     if unknown:
         raise ValueError(f"{path}: unknown key(s) {unknown}; valid: {sorted(known)}")

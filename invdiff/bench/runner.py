@@ -262,7 +262,8 @@ def grid_shape(prior, size) -> tuple[int, int, int]:
     return prior.check_shape(shape, where="bench")
 
 
-def _setup(tasks, samplers, priors, images, n_images, seeds, steps, size=None, depth=None, samples=1) -> _Setup:
+def _setup(tasks, samplers, priors, images, n_images, seeds, steps, size=None, depth=None, samples=1,
+           dtype=None) -> _Setup:
     from .. import operators
 
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
@@ -309,7 +310,7 @@ def _setup(tasks, samplers, priors, images, n_images, seeds, steps, size=None, d
                         mine = own.get(spec.label)
                         cells.append(Cell(bp.name, bp.hash, task, record, spec, params[spec.label],
                                           image.id, image.index, image.hash, seed, samples,
-                                          mine.hash if mine is not None else None))
+                                          mine.hash if mine is not None else None, dtype))
     ids = [c.cell_id for c in cells]
     if len(set(ids)) != len(ids):
         raise ValueError("the grid has identical cells (the same prior given twice under different names?)")
@@ -372,7 +373,9 @@ class _Runner:
     """Runs cells of one rank with cached operators, samplers and measurements."""
 
     def __init__(self, setup: _Setup, out: Path, device: str, dist: _Dist, verbose: bool, lpips: bool,
-                 lpips_net: str, save_recon: str, figure_images: int, first_seed: int) -> None:
+                 lpips_net: str, save_recon: str, figure_images: int, first_seed: int, dtype: str | None = None,
+                 compile: bool | str = False) -> None:
+        self.dtype, self.compile = dtype, compile
         self.setup, self.out, self.device, self.dist = setup, out, torch.device(device), dist
         self.verbose, self.lpips, self.lpips_net = verbose, lpips, lpips_net
         self.save_recon, self.figure_images, self.first_seed = save_recon, figure_images, first_seed
@@ -399,13 +402,20 @@ class _Runner:
         key = (cell.prior, cell.sampler.label)
         if key not in self._samplers:
             own = self.setup.sampler_priors.get(cell.sampler.label)  # the sampler's own prior, else the grid's
-            prior = (own if own is not None else self.priors[cell.prior]).prior.to(self.device)
+            prior = self.accelerated((own if own is not None else self.priors[cell.prior]).prior.to(self.device))
             overrides = dict(self.setup.overrides[cell.sampler.label])
             if isinstance(overrides.get("perpendicular_prior"), str):  # TPDM's second prior, by name or path
-                overrides["perpendicular_prior"] = _one_prior(overrides["perpendicular_prior"]).prior.to(self.device)
+                overrides["perpendicular_prior"] = self.accelerated(
+                    _one_prior(overrides["perpendicular_prior"]).prior.to(self.device))
             cls = bench_sampler_class(cell.sampler.name, self.setup.depth is not None)
             self._samplers[key] = cls(prior, verbose=self.verbose, **overrides)
         return self._samplers[key]
+
+    def accelerated(self, prior):
+        """``prior`` with its network in the run's ``dtype``, compiled when asked (priors.runtime)."""
+        if self.dtype is not None or self.compile:
+            prior.accelerate(dtype=self.dtype, compile=self.compile)
+        return prior
 
     def measure(self, cell: Cell, x: Tensor) -> Tensor:
         key = (cell.prior, cell.task.label, cell.image_id, cell.seed)
@@ -444,9 +454,11 @@ class _Runner:
             "seed": cell.seed,
             "measurement_seed": cell.measurement_seed,
             "sampler_seed": cell.sampler_seed,
+            "dtype": cell.dtype or "float32",
         }
         metrics: dict = {"psnr": None, "ssim": None, "lpips": None, "psnr_range": None, "notes": ""}
-        cost: dict = {"wall_time": None, "nfe": None, "nfe_backward": None, "steps": None, "peak_memory": None}
+        cost: dict = {"wall_time": None, "nfe": None, "nfe_backward": None, "steps": None, "peak_memory": None,
+                      "runtime": None}
         recon = None
         sampler = None
         try:
@@ -475,7 +487,7 @@ class _Runner:
         info = sampler.last_run if sampler is not None else None
         if info is not None:
             cost = {"wall_time": info.wall_time, "nfe": info.nfe, "nfe_backward": info.nfe_backward,
-                    "steps": info.steps, "peak_memory": info.peak_memory}
+                    "steps": info.steps, "peak_memory": info.peak_memory, "runtime": info.runtime}
         row.update(metrics)
         row.update(cost)
         row.update({
@@ -514,6 +526,8 @@ def run(
     report: bool = True,
     on_cell: Callable[[dict], None] | None = None,
     inputs: Sequence[str | os.PathLike] = (),
+    dtype: str | None = None,
+    compile: bool | str = False,
 ) -> BenchResult:
     """Run (or resume) a benchmark grid and write its results, summary and figure to ``out``.
 
@@ -557,6 +571,10 @@ def run(
         and tests; an exception it raises stops the run, as a kill would).
     :param inputs: other files ``out`` must not be, contain or sit inside (the command's
         ``--config``); the image folder and prior files are checked anyway.
+    :param dtype: precision of the priors' networks (``"bf16"``, ``"fp16"``; ``None``: as
+        loaded, float32); part of a cell's id when not float32. ``compile``: ``torch.compile``
+        the networks (:func:`invdiff.priors.runtime.accelerate`; the priors given as objects
+        are changed in place). Each row records ``dtype`` and the ``runtime`` that ran.
     :returns: a :class:`BenchResult` with the rows of this grid.
     :raises ValueError: an unknown task, sampler, parameter or image source, before any cell runs.
     """
@@ -566,6 +584,10 @@ def run(
         raise ValueError(f"save_recon must be one of {_SAVE_RECON}, got {save_recon!r}")
     if figure_images < 0:
         raise ValueError(f"figure_images must be >= 0, got {figure_images}")
+    from ..priors.loading import parse_dtype
+    from ..priors.runtime import dtype_name
+
+    net_dtype = dtype_name(parse_dtype(dtype))  # an unknown name fails before any work
     out = Path(out)
     check_not_input(out, [*_input_paths(images, priors), *inputs], "out")  # results never go into an input
     dist = _init_distributed(str(device))
@@ -576,7 +598,7 @@ def run(
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError(f"device {device!r} requested but CUDA is not available")
         torch.device(device)  # a malformed device fails here, before any work
-        setup = _setup(tasks, samplers, priors, images, n_images, seeds, steps, size, depth, samples)
+        setup = _setup(tasks, samplers, priors, images, n_images, seeds, steps, size, depth, samples, net_dtype)
         out.mkdir(parents=True, exist_ok=True)
         held.enter_context(_locked(out, dist))  # one run per folder, from reading the finished cells to the summary
         previous = store.load_results(out) if (out / store.RESULTS).exists() or store.rank_files(out) else []
@@ -591,7 +613,7 @@ def run(
         bar = tqdm(total=len(setup.cells), initial=done_before, desc="bench", unit="cell", dynamic_ncols=True,
                    disable=not progress or dist.rank != 0, file=sys.stderr)
         runner = _Runner(setup, out, str(device), dist, verbose, lpips, lpips_net, save_recon, figure_images,
-                         parse_seeds(seeds)[0])
+                         parse_seeds(seeds)[0], dtype=net_dtype, compile=compile)
         ran = 0
         for cell in mine:
             row = runner.run_cell(cell)

@@ -9,7 +9,7 @@ import argparse
 import os
 from pathlib import Path
 
-from .options import add_device, add_progress, progress
+from .options import add_device, add_progress, add_runtime, progress
 
 __all__ = ["register"]
 
@@ -26,9 +26,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         "tasks": args.tasks, "samplers": args.samplers, "priors": args.priors, "images": args.images_from,
         "n_images": args.images, "seeds": args.seeds, "steps": args.steps, "out": args.out, "device": args.device,
         "save_recon": args.save_recon, "size": args.size, "depth": args.depth, "figure_images": args.figure_images, "lpips_net": args.lpips_net,
+        "dtype": args.dtype,
     }
     cfg.update({k: v for k, v in flags.items() if v is not None})
-    for flag in ("rerun_failed", "verbose"):
+    for flag in ("rerun_failed", "verbose", "compile"):
         if getattr(args, flag):
             cfg[flag] = True
     if args.no_lpips:
@@ -83,6 +84,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="a volume grid: volumes of D slices (volume samplers dds-3d, tpdm, diffusion-mbir; 3D metrics)")
     p.add_argument("--out", default=None, help="output folder (default ./invdiff-bench); rerunning resumes")
     add_device(p, from_config=True)
+    add_runtime(p)
     p.add_argument("--rerun-failed", action="store_true", help="run again the cells recorded as failed")
     p.add_argument("--save-recon", default=None, choices=["figure", "all", "none"],
                    help="reconstructions to keep (default: those of the figure)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .options import add_device, add_progress, add_seed
+from .options import add_device, add_progress, add_runtime, add_seed, runtime_options
 
 __all__ = ["register"]
 
@@ -14,19 +14,23 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from ..apps.demo import run_analytic_demo, run_demo
 
     names = tuple(n.strip() for n in args.samplers.split(",") if n.strip()) if args.samplers else None
+    runtime = runtime_options(args)
+    if args.analytic and (runtime["dtype"] not in (None, "float32") or runtime["compile"]):
+        raise ValueError("--analytic uses an analytic prior, which has no network: --dtype and --compile do not apply")
     if args.native:
         from ..apps.native import run_native_demo
 
         if names is not None and len(names) != 1:
             raise ValueError("--native runs one sampler (--samplers NAME)")
         run_native_demo(out=Path(args.out), steps=args.steps or 25, sampler=names[0] if names else "dds",
-                        images=args.images, device=args.device, seed=args.seed)
+                        images=args.images, device=args.device, seed=args.seed, **runtime)
     elif args.analytic:
         run_analytic_demo(out=Path(args.out), size=args.size or 32, steps=args.steps, samples=args.samples or 8,
                           device=args.device, seed=args.seed, verbose=args.verbose, sampler_names=names)
     else:
         run_demo(out=Path(args.out), size=args.size or 64, steps=args.steps or 25, samples=args.samples or 2,
-                 images=args.images, device=args.device, seed=args.seed, verbose=args.verbose, sampler_names=names)
+                 images=args.images, device=args.device, seed=args.seed, verbose=args.verbose, sampler_names=names,
+                 **runtime)
     return 0
 
 
@@ -47,6 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="reconstruct 256x256 CT and MRI at native size with the patch priors, against the 64x64 "
                         "priors with resizing (one sampler, default dds)")
     add_device(p)
+    add_runtime(p)
     add_seed(p)
     add_progress(p)
     p.set_defaults(func=_cmd_demo)

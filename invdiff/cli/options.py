@@ -9,8 +9,8 @@ import shlex
 
 from ..specs import parse_key_values, parse_spec
 
-__all__ = ["add_device", "add_seed", "seed", "add_progress", "add_params", "device", "command_line", "progress",
-           "parse_key_values", "parse_spec", "config_arg"]
+__all__ = ["add_device", "add_seed", "seed", "add_progress", "add_params", "add_runtime", "runtime_options", "device",
+           "command_line", "progress", "parse_key_values", "parse_spec", "config_arg"]
 
 
 def add_device(p: argparse.ArgumentParser, from_config: bool = False) -> None:
@@ -39,6 +39,20 @@ def add_progress(p: argparse.ArgumentParser, verbose: str = "also show each samp
     group = p.add_mutually_exclusive_group()
     group.add_argument("-v", "--verbose", action="store_true", help=verbose)
     group.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def add_runtime(p: argparse.ArgumentParser) -> None:
+    """``--dtype`` and ``--compile``: how the prior's network runs
+    (:func:`invdiff.priors.runtime.accelerate`; the sampler stays in float32)."""
+    p.add_argument("--dtype", choices=("float32", "bf16", "fp16"), default=None,
+                   help="precision of the prior's network (default float32); the sampler's arithmetic stays float32")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the prior's network (falls back to eager with a one-line warning saying why)")
+
+
+def runtime_options(args: argparse.Namespace) -> dict:
+    """``{"dtype": ..., "compile": ...}`` from :func:`add_runtime`'s options."""
+    return {"dtype": getattr(args, "dtype", None), "compile": bool(getattr(args, "compile", False))}
 
 
 def add_params(p: argparse.ArgumentParser, help: str) -> None:

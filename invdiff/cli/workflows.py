@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .options import (add_device, add_params, add_progress, add_seed, command_line, parse_key_values, parse_spec,
-                      progress)
+from .options import (add_device, add_params, add_progress, add_runtime, add_seed, command_line, parse_key_values,
+                      parse_spec, progress, runtime_options)
 from .options import device as resolve_device
 
 __all__ = ["register"]
@@ -164,7 +164,7 @@ def _reconstruct_in(args: argparse.Namespace, group, device, batch: int | None, 
                       seed=args.seed, device=device, steps=args.steps, options=sampler_options,
                       progress=progress(args), reference=reference, prior_name=str(args.prior),
                       perpendicular_prior_name=str(args.perpendicular_prior) if perpendicular is not None else None,
-                      batch=batch)
+                      batch=batch, **runtime_options(args))
     if group.rank != 0:  # the other ranks' slices are in rank 0's result: it writes once
         return 0
     record = write_reconstruction(args.out, rec, m, fmt=args.format, png=args.png, overwrite=args.overwrite,
@@ -231,6 +231,7 @@ def register(subparsers) -> None:
                         "result does not depend on it. Under torchrun --nproc-per-node N each process "
                         "reconstructs its share of the slices and rank 0 writes")
     add_device(p)
+    add_runtime(p)
     p.add_argument("--resize", action="store_true",
                    help="fixed-size priors: allow resampling images (or cropping k-space) to the prior's size; the factor is "
                         "recorded (a patch prior reconstructs at the data's own size)")
