@@ -12,6 +12,8 @@
   on [0, 1] images), because the U-Net itself is not bit-identical across batch sizes on the
   CPU (its convolutions block the batch differently: 3e-6 measured on one call), while the
   operator's ``A_dagger`` baseline is bit-identical;
+* the bench: a group of cells (one prior, task and sampler; several images) batched through
+  the sampler gives the one-by-one rows (``bench.run(batch=...)``);
 * ``torchrun`` sharding: two gloo processes (spawned) give the one-process result bit for bit
   (the same slices one per call, one thread in every process);
 * the process group helpers (``invdiff.bench.distributed``) in one process;
@@ -196,6 +198,24 @@ def test_cli_batch_option_is_checked_before_any_work(tmp_path, capsys):
                  "--out", str(tmp_path / "r"), "--batch", "zero", "-q"]) == 1
     assert "batch must be a positive integer or 'auto', got 'zero'" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_bench_group_batched_equals_one_by_one(tmp_path):
+    """``bench.run(batch=3)``: the 4 images of each (task, sampler) go through the sampler 3 + 1
+    per call, one generator per cell; the rows' numbers equal the one-by-one run's bit for bit."""
+    from invdiff.bench import run
+
+    grid = dict(tasks="ct-sparse-30", samplers="dds,smc:particles=2", priors="gaussian-16", n_images=4, steps=4,
+                progress=False, report=False)
+    one = run(out=tmp_path / "one", **grid)
+    three = run(out=tmp_path / "three", batch=3, **grid)
+    assert [r["batched"] for r in one.rows] == [1] * 8
+    assert [r["batched"] for r in three.rows] == [3] * 6 + [1] * 2  # in grid order: images outer, samplers inner
+    for a, b in zip(one.rows, three.rows):
+        assert a["cell_id"] == b["cell_id"] and a["status"] == b["status"] == "ok"
+        assert (a["psnr"], a["ssim"], a["steps"], a["sampler_seed"]) == (b["psnr"], b["ssim"], b["steps"], b["sampler_seed"])
+    with pytest.raises(ValueError, match="batch must be >= 1"):
+        run(out=tmp_path / "bad", batch=0, **grid)
 
 
 # ------------------------------------------------------------------------------ torchrun

@@ -47,7 +47,7 @@ from deepinv.models import Reconstructor
 from torch import Tensor
 
 from ..files import atomic_file, check_not_input
-from ..samplers.base import IncompatibleError
+from ..samplers.base import IncompatibleError, Sampler
 from . import store
 from .baseline import bench_sampler_class
 from .distributed import ProcessGroup, init_distributed
@@ -426,7 +426,34 @@ class _Runner:
             self._measurement = (key, y)
         return self._measurement[1]
 
-    def run_cell(self, cell: Cell) -> dict:
+    def run_group(self, cells: list[Cell]) -> list[dict]:
+        """The rows of ``cells`` (one prior, task, sampler and samples; :func:`_groups`) from one
+        batched sampler call: their measurements as one batch and one generator per cell
+        (its ``sampler_seed``), so every cell's reconstruction is the one it gets alone
+        (``Sampler.batch_coupling`` is ``None``: the samplers' steps work per image); each row
+        gets the call's cost and ``batched`` (the cells in the call). One by one instead for a
+        single cell, a volume grid, a blind task (an operator per measurement seed), a sampler
+        that couples a batch, and after any error of the batched call (so a failing cell is
+        recorded as alone)."""
+        first = cells[0]
+        if len(cells) == 1 or self.setup.depth is not None:
+            return [self.run_cell(c) for c in cells]
+        try:
+            sampler = self.sampler(first)
+            physics = self.physics_on_device(first)
+            if not isinstance(sampler, Sampler) or sampler.batch_coupling or getattr(physics, "blind", False):
+                return [self.run_cell(c) for c in cells]
+            y = torch.cat([self.measure(c, self.images[c.prior, c.image_id].x[None]) for c in cells]).to(self.device)
+            generators = [torch.Generator(self.device).manual_seed(c.sampler_seed) for c in cells]
+            post = sampler.sample(y, physics, n=first.samples, generator=generators)
+        except Exception:  # noqa: BLE001 - each cell's own error (or success) comes from running it alone
+            return [self.run_cell(c) for c in cells]
+        return [self.run_cell(c, done=(post.mean[j : j + 1], post.std[j : j + 1] if c.samples > 1 else None, len(cells)))
+                for j, c in enumerate(cells)]
+
+    def run_cell(self, cell: Cell, done: tuple | None = None) -> dict:
+        """The row of ``cell``: measure, reconstruct, score, save. ``done``: its
+        ``(x_hat, std, cells in the call)`` from :meth:`run_group`'s batched call."""
         start = time.perf_counter()
         image = self.images[cell.prior, cell.image_id]
         own = self.setup.sampler_priors.get(cell.sampler.label)
@@ -466,7 +493,9 @@ class _Runner:
             y = self.measure(cell, x)
             sampler = SeededSampler(self.sampler(cell), cell.sampler_seed)
             std = None
-            if cell.samples == 1:
+            if done is not None:  # this cell's share of a batched call: what it gets alone
+                x_hat, std = done[0], done[1]
+            elif cell.samples == 1:
                 x_hat = sampler(y.to(self.device), self.physics_on_device(cell))
             else:  # the mean of K samples, one batched run from the same seeded generator
                 post = sampler.sampler.sample(y.to(self.device), self.physics_on_device(cell), n=cell.samples,
@@ -495,12 +524,30 @@ class _Runner:
             "cell_time": time.perf_counter() - start,
             "device": str(self.device),
             "device_name": self.device_name,
+            "batched": done[2] if done is not None else 1,
             "rank": self.dist.rank,
             "world_size": self.dist.world,
             "versions": self.versions,
             "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         })
         return row
+
+
+def _groups(cells: Sequence[Cell], size: int) -> list[list[Cell]]:
+    """``cells`` in groups of at most ``size`` that share prior, task, sampler and samples
+    (what :meth:`_Runner.run_group` batches: the images and seeds of a grid's group), each
+    group in grid order and the groups in the order of their first cell (the rows are merged
+    in grid order at the end)."""
+    out: list[list[Cell]] = []
+    filling: dict[tuple, list[Cell]] = {}
+    for cell in cells:
+        key = (cell.prior, cell.task.label, cell.sampler.label, cell.samples)
+        group = filling.get(key)
+        if group is None or len(group) >= size:
+            group = filling[key] = []
+            out.append(group)
+        group.append(cell)
+    return out
 
 
 def run(
@@ -525,6 +572,7 @@ def run(
     progress: bool = True,
     report: bool = True,
     on_cell: Callable[[dict], None] | None = None,
+    batch: int = 1,
     inputs: Sequence[str | os.PathLike] = (),
     dtype: str | None = None,
     compile: bool | str = False,
@@ -571,6 +619,9 @@ def run(
         and tests; an exception it raises stops the run, as a kill would).
     :param inputs: other files ``out`` must not be, contain or sit inside (the command's
         ``--config``); the image folder and prior files are checked anyway.
+    :param batch: up to this many pending cells of one prior, task, sampler and samples (in
+        grid order, e.g. the images of a group) go through the sampler in one call, one
+        generator per cell: the same rows as one by one (:meth:`_Runner.run_group`; 2D grids).
     :param dtype: precision of the priors' networks (``"bf16"``, ``"fp16"``; ``None``: as
         loaded, float32); part of a cell's id when not float32. ``compile``: ``torch.compile``
         the networks (:func:`invdiff.priors.runtime.accelerate`; the priors given as objects
@@ -584,6 +635,8 @@ def run(
         raise ValueError(f"save_recon must be one of {_SAVE_RECON}, got {save_recon!r}")
     if figure_images < 0:
         raise ValueError(f"figure_images must be >= 0, got {figure_images}")
+    if int(batch) < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
     from ..priors.loading import parse_dtype
     from ..priors.runtime import dtype_name
 
@@ -615,19 +668,19 @@ def run(
         runner = _Runner(setup, out, str(device), dist, verbose, lpips, lpips_net, save_recon, figure_images,
                          parse_seeds(seeds)[0], dtype=net_dtype, compile=compile)
         ran = 0
-        for cell in mine:
-            row = runner.run_cell(cell)
-            store.append_row(target, row)
-            ran += 1
-            if not bar.disable:
-                # the whole grid's progress: this rank's cells and the other ranks' lines
-                done = done_before + (ran if dist.world == 1 else
-                                      sum(store.count_lines(f) - base[f] for f in files))
-                bar.update(done - bar.n)
-                bar.set_postfix_str(f"{cell.task.label} {cell.sampler.label} "
-                                    + (f"{row['psnr']:.2f} dB" if row["status"] == "ok" else row["status"]))
-            if on_cell is not None:
-                on_cell(row)
+        for group in _groups(mine, int(batch)):
+            for cell, row in zip(group, runner.run_group(group)):
+                store.append_row(target, row)
+                ran += 1
+                if not bar.disable:
+                    # the whole grid's progress: this rank's cells and the other ranks' lines
+                    done = done_before + (ran if dist.world == 1 else
+                                          sum(store.count_lines(f) - base[f] for f in files))
+                    bar.update(done - bar.n)
+                    bar.set_postfix_str(f"{cell.task.label} {cell.sampler.label} "
+                                        + (f"{row['psnr']:.2f} dB" if row["status"] == "ok" else row["status"]))
+                if on_cell is not None:
+                    on_cell(row)
         dist.barrier()  # every rank's cells are written
         paths: dict = {}
         if dist.rank == 0:
