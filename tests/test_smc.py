@@ -2,6 +2,8 @@
 the weighted particle system, resampling, chunking and reproducibility."""
 
 import math
+import sys
+from pathlib import Path
 
 import deepinv as dinv
 import pytest
@@ -162,3 +164,17 @@ def test_bad_arguments():
         with pytest.raises(ValueError, match=match):
             SMC(prior, **kwargs)
     assert math.isclose(SMC(prior).ess_threshold, 0.5)
+
+
+@pytest.mark.slow
+def test_default_particles_bring_the_exact_gaussian_inpainting_error_below_a_tenth():
+    """Issue 19: at 16 particles the 32-sample posterior-mean error on the exactness table's
+    Gaussian 16x16 inpainting problem was 0.119 (seed 4; finite-particle bias, see the
+    ``SMC`` docstring); the default of 32 particles gives 0.099."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from exactness import problems, sampler_scores
+
+    label, prior, physics, y = next(iter(problems()))
+    assert label == "gaussian / inpaint-50"
+    err, ratio, nfe, _ = sampler_scores("smc", prior, physics, y, n=32)
+    assert err < 0.105 and 0.9 < ratio < 1.2 and nfe == 100, (err, ratio, nfe)
