@@ -199,3 +199,29 @@ def test_early_stopping_does_not_fit_the_noise_on_severe_blur():
     wiener = -10 * torch.log10(((physics.A_dagger(y) - truth) ** 2).mean()).item()
     default = psnr(None)
     assert default > wiener - 2.0 and default > psnr(1.0) + 5.0
+
+
+
+def test_latent_solve_stops_when_the_loss_stagnates():
+    """Issue 19: with a learned autoencoder the data cannot be fitted to the noise level in the
+    decoder's range, so the discrepancy rule never stopped the latent Adam and the official
+    rule (stop when the loss rose over 200 iterations) did not either: every solve ran all its
+    500 iterations. Here the level is unreachable (0) on the analytic latent problem: from a
+    point where Adam has converged, the official settings still run 500 iterations, the
+    defaults stop after one window of 50 (the loss fell by less than 5 %), no worse."""
+    prior, physics, x, y = _latent_problem()
+
+    def solve(start, **options):
+        sampler = ReSample(prior, **options)
+        sampler._info = type("Info", (), {"extra": {"decoder_calls": 0, "adam_iterations": 0}})()
+        z = sampler._adam(start, prior.decode, y, physics, torch.zeros(1), sampler.latent_iterations,
+                          sampler.latent_lr, sampler.patience)
+        return z, sampler._info.extra["adam_iterations"], ((physics.A(prior.decode(z)) - y) ** 2).sum().item()
+
+    official = dict(latent_iterations=500, patience=200, stagnation=0.0)
+    converged, n, loss = solve(torch.zeros(1, *prior.latent_shape), **official)
+    assert n == 500
+    _, n_official, loss_official = solve(converged, **official)
+    _, n_default, loss_default = solve(converged)
+    assert n_official == 500 and n_default == 50, (n_official, n_default)
+    assert loss_default <= 1.05 * loss, (loss_default, loss, loss_official)
