@@ -184,6 +184,19 @@ def test_reconstruct_runs_a_coupled_sampler_one_slice_per_call(series, monkeypat
     assert "couples the images of a batch (a test's coupling)" in rec.info["batch"]["rule"]
 
 
+def test_poisson_data_run_one_slice_per_call():
+    """Poisson data: the Gaussian-equivalent level of the samplers is the batch's mean |y|, so
+    reconstruct takes one slice per call there (the reason recorded)."""
+    from invdiff.samplers.steps.likelihood import noise_batch_coupling
+
+    m, _ = simulate(read(CT_SERIES), "ct-sparse-30", size=(16, 16), seed=1, noise="poisson")
+    assert "Poisson data" in noise_batch_coupling(m.physics(0))
+    assert noise_batch_coupling(operators.make("ct-sparse-30", img_size=SHAPE)) is None
+    prior = GaussianPrior.stationary(SHAPE, length_scale=2.0, variance=0.02, mean=0.5)
+    rec = reconstruct(m, prior, "dds", batch=4, steps=2)
+    assert rec.info["batch"]["slices_per_call"] == 1 and "Poisson data" in rec.info["batch"]["rule"]
+
+
 @pytest.mark.parametrize("value", ["0", "-2", "x", "1.5"])
 def test_batch_option_errors(value):
     with pytest.raises(ValueError, match="batch must be a positive integer or 'auto'"):

@@ -431,7 +431,8 @@ def parse_batch(value) -> int | None:
 def _batch_plan(batch: int | None, method, measurement: Measurement, device: torch.device,
                 samples: int, n: int) -> tuple[int, bool, str]:
     """``(slices per call, probe first, why)`` for ``n`` slices: 1 for a sampler whose images
-    are coupled in a batch (``batch_coupling``) or per-slice operators; the given ``batch``;
+    are coupled in a batch (``batch_coupling``), per-slice operators or Poisson data
+    (:func:`~invdiff.samplers.steps.likelihood.noise_batch_coupling`); the given ``batch``;
     automatic: :data:`CPU_BATCH_ROWS` rows on the CPU, on CUDA one slice first (the probe)
     and then as many as the free memory holds (:func:`_cuda_batch`)."""
     coupling = getattr(method, "batch_coupling", None)
@@ -439,6 +440,11 @@ def _batch_plan(batch: int | None, method, measurement: Measurement, device: tor
         return 1, False, f"one slice per call: {method.name} couples the images of a batch ({coupling})"
     if measurement.per_slice_operator:
         return 1, False, "one slice per call: every slice has its own operator (per-slice coil maps)"
+    from ..samplers.steps.likelihood import noise_batch_coupling
+
+    coupling = noise_batch_coupling(measurement.physics(0, device))
+    if coupling:
+        return 1, False, f"one slice per call: {coupling}"
     if batch is not None:
         return max(1, min(int(batch), n)), False, "given"
     if device.type == "cuda":

@@ -48,6 +48,7 @@ from torch import Tensor
 
 from ..files import atomic_file, check_not_input
 from ..samplers.base import IncompatibleError, Sampler
+from ..samplers.steps.likelihood import noise_batch_coupling
 from . import store
 from .baseline import bench_sampler_class
 from .distributed import ProcessGroup, init_distributed
@@ -433,15 +434,16 @@ class _Runner:
         (``Sampler.batch_coupling`` is ``None``: the samplers' steps work per image); each row
         gets the call's cost and ``batched`` (the cells in the call). One by one instead for a
         single cell, a volume grid, a blind task (an operator per measurement seed), a sampler
-        that couples a batch, and after any error of the batched call (so a failing cell is
-        recorded as alone)."""
+        that couples a batch, Poisson data (``steps.likelihood.noise_batch_coupling``), and
+        after any error of the batched call (so a failing cell is recorded as alone)."""
         first = cells[0]
         if len(cells) == 1 or self.setup.depth is not None:
             return [self.run_cell(c) for c in cells]
         try:
             sampler = self.sampler(first)
             physics = self.physics_on_device(first)
-            if not isinstance(sampler, Sampler) or sampler.batch_coupling or getattr(physics, "blind", False):
+            if (not isinstance(sampler, Sampler) or sampler.batch_coupling or getattr(physics, "blind", False)
+                    or noise_batch_coupling(physics)):
                 return [self.run_cell(c) for c in cells]
             y = torch.cat([self.measure(c, self.images[c.prior, c.image_id].x[None]) for c in cells]).to(self.device)
             generators = [torch.Generator(self.device).manual_seed(c.sampler_seed) for c in cells]

@@ -8,7 +8,8 @@
   likelihood, Poisson included;
 * :func:`denoiser_error_variance` — ΠGDM's variance of the denoiser's error;
 * :func:`proximal_weight` — DDS's scale-aware weight of the data term built on it;
-* :func:`per_image` — per-image values shaped to broadcast against a batch.
+* :func:`per_image` — per-image values shaped to broadcast against a batch;
+* :func:`noise_batch_coupling` — why a noise model couples the images of a batch (Poisson).
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from torch import Tensor
 
 from ...operators.noise import measurement_noise
 
-__all__ = ["measurement_noise", "per_image", "gaussian_noise_std", "LIKELIHOODS", "likelihood_variance",
-           "denoiser_error_variance", "proximal_weight"]
+__all__ = ["measurement_noise", "per_image", "gaussian_noise_std", "noise_batch_coupling", "LIKELIHOODS",
+           "likelihood_variance", "denoiser_error_variance", "proximal_weight"]
 
 
 def denoiser_error_variance(sigma: float, sigma_data: float) -> float:
@@ -62,6 +63,19 @@ def gaussian_noise_std(physics, y: Tensor, noise_sigma: float | None = None,
     if isinstance(level, Tensor):
         return level.clamp_min(floor)
     return max(level, floor)
+
+
+def noise_batch_coupling(physics) -> str | None:
+    """Why the images of one batch under ``physics``'s noise are not independent, or ``None``:
+    for Poisson data the Gaussian-equivalent level of :func:`gaussian_noise_std` is the mean
+    :math:`|y|` of the whole batch, so batched runs (``reconstruct(batch=...)``,
+    ``bench.run(batch=...)``) take one image per call there."""
+    from deepinv.physics import PoissonNoise
+
+    if isinstance(getattr(physics, "noise_model", None), PoissonNoise):
+        return "Poisson data: the Gaussian-equivalent noise level is the mean |y| of the whole batch " \
+               "(steps.likelihood.gaussian_noise_std)"
+    return None
 
 
 #: Names accepted by the ``likelihood`` argument of DPS and MCG.
