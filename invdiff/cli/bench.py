@@ -26,7 +26,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         "tasks": args.tasks, "samplers": args.samplers, "priors": args.priors, "images": args.images_from,
         "n_images": args.images, "seeds": args.seeds, "steps": args.steps, "out": args.out, "device": args.device,
         "save_recon": args.save_recon, "size": args.size, "depth": args.depth, "figure_images": args.figure_images, "lpips_net": args.lpips_net,
-        "dtype": args.dtype,
+        "dtype": args.dtype, "batch": args.batch,
     }
     cfg.update({k: v for k, v in flags.items() if v is not None})
     for flag in ("rerun_failed", "verbose", "compile"):
@@ -78,6 +78,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--images", type=int, default=None, help="number of images (default: all / 8 prior samples)")
     p.add_argument("--seeds", default=None, help="a count S (seeds 0..S-1) or a comma list (default 1)")
     p.add_argument("--steps", type=int, default=None, help="override every sampler's number of steps")
+    p.add_argument("--batch", type=int, default=None, metavar="N",
+                   help="up to N cells of one prior, task and sampler (the images, seeds) per sampler call, one "
+                        "generator per cell: the same rows as one by one (default 1)")
     p.add_argument("--size", default=None,
                    help="image size of the grid, N or HxW (default: a fixed-size prior's own, 256 for a patch prior)")
     p.add_argument("--depth", type=int, default=None,
