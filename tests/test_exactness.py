@@ -31,7 +31,7 @@ MEASURED = {
     "dps": ((0.190, 0.061, 0.086, 0.032), (0.8, 1.35)),  # 0.93-1.17
     "enkg": ((0.061, 0.058, 0.041, 0.039), (0.8, 1.15)),  # 0.93-0.99
     "mcg": ((0.181, 0.166, 0.058, 0.113), (0.3, 0.9)),  # 0.42-0.73: the projection removes spread
-    "reddiff": ((0.292, 0.346, 0.139, 0.199), None),  # issue 19 (before: .256 .246 .141 .174)
+    "reddiff": ((0.242, 0.391, 0.139, 0.269), None),  # issue 19: EDM schedule (before: .256 .246 .141 .174)
     "resample": ((0.166, 0.058, 0.080, 0.034), (0.65, 1.3)),  # 0.85-1.08
     "smc": ((0.099, 0.048, 0.046, 0.030), (0.85, 1.25)),  # 0.94-1.07; 32 particles (issue 19; 16: 0.138 ...)
     # DDRM at 20 steps: over-dispersed on inpainting, under on blur (the method: 100 steps give 0.09 / 0.82;

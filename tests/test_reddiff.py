@@ -55,9 +55,9 @@ def test_reddiff_beats_the_baseline_on_ct_and_mri(task, gap, gain):
     """At its defaults on the 32x32 demo problem, three images and masks: above the baseline
     and within ``gap`` dB of the exact posterior mean. Measured (PSNR averaged over the three),
     old defaults (lam 0.05, DDPM schedule): CT 39.1 dB vs FBP 32.2 and exact 44.8; MRI 21.1 vs
-    zero-filled 20.0 and exact 21.7. The defaults of issue 19 (lam 0.25, EDM schedule, data
-    term over ||A||^2) give MRI 20.5 here: the paper's lam over-regularises this smooth
-    Gaussian prior, where on the shipped priors MRI gains (``REDDiff`` docstring)."""
+    zero-filled 20.0 and exact 21.7. With the EDM schedule and the data term over ||A||^2
+    (issue 19; ``REDDiff`` docstring) MRI loses a little on this smooth Gaussian prior, where
+    on the shipped priors it gains; the paper's lam 0.25 gave 20.5 here."""
     red, base, exact = demo_problem_psnr(lambda prior: REDDiff(prior), task, samples=1)
     assert red > base + gain and red > exact - gap, (red, base, exact)
 

@@ -120,15 +120,24 @@ class REDDiff(Sampler):
     **The schedule: EDM's, not DDPM's.** The DDPM timesteps spend half of the 100 steps at
     :math:`\sigma > 1.6` and ten below 0.2, where the denoiser sees detail; with the
     regulariser no longer drowned, the iterate still improved at the last step. The default
-    schedule is ``"karras"`` (EDM, Karras et al. 2022), and :math:`\lambda` is the paper's 0.25.
+    schedule is ``"karras"`` (EDM, Karras et al. 2022).
+
+    **Departure: λ = 0.05, not 0.25.** With the likelihood data term the paper's 0.25
+    over-regularises deblurring (``docs/samplers/reddiff.md``). With the normalisation and
+    the EDM schedule, 0.25 is better on the shipped priors at 100 steps (ct-limited-90 26.38,
+    ct-sparse-30 35.09, mri-4x 32.64 dB on the measurements below) but much worse with few
+    steps on the Gaussian-prior demo (``invdiff demo --analytic``, 16x16 ct-sparse-30, 40
+    steps: 33.4 dB against 38.7 at 0.05 and 44.9 for the exact posterior mean): Adam then
+    has too few steps to undo the strong pull of the early, high-noise steps.
 
     Measured (weak default of issue 19; 64x64 shipped priors, 4 held-out images, 100 steps,
-    PSNR dB; before: :math:`\lambda = 0.05`, DDPM schedule, no normalisation, after: the
-    defaults): ct-limited-90 22.56 → 26.38 (FBP 14.93), ct-sparse-30 32.22 → 35.09 (FBP
-    30.27), mri-4x on the CT phantoms 29.13 → 32.64, mri-4x on ``mri-brain-64`` 24.45 →
-    24.82; the price: deblur-gauss 28.46 → 27.79 and inpaint-box 23.10 → 22.36 (the DDPM
-    schedule's many high-noise steps pull unobserved pixels towards the prior early).
-    ``normalize_operator=False, lam=0.05, schedule="ddpm"`` restores the old behaviour.
+    PSNR dB; before: no normalisation, DDPM schedule; after: the defaults): ct-limited-90
+    22.56 → 25.70 (FBP 14.93), ct-sparse-30 32.22 → 33.38 (FBP 30.27), mri-4x on the CT
+    phantoms 29.13 → 30.11, mri-4x on ``mri-brain-64`` 24.45 → 24.82; the price, from the
+    schedule alone (there :math:`\|A\| = 1`): deblur-gauss 28.46 → 27.72 and inpaint-box
+    23.10 → 22.44 (the DDPM schedule's many high-noise steps pull unobserved pixels towards
+    the prior early).
+    ``normalize_operator=False, schedule="ddpm"`` restores the old behaviour.
 
     Other departures: the official ``sigma_x0`` (extra noise on :math:`\mu`, 0 by default)
     is left out; the schedule (above; ``"ddpm"`` is :func:`~invdiff.samplers.steps.ddpm_sigmas` with timesteps
@@ -156,7 +165,7 @@ class REDDiff(Sampler):
 
     :param prior: the diffusion prior.
     :param steps: number of optimisation steps (= network calls).
-    :param lam: :math:`\lambda`, the weight of the denoising regulariser (paper: 0.25).
+    :param lam: :math:`\lambda`, the weight of the denoising regulariser (paper: 0.25; default 0.05, see above).
     :param lr: Adam learning rate on ``[0, 1]`` images (paper: 0.1 on ``[-1, 1]`` = 0.05 here).
     :param v: weight of the data term (paper: 1).
     :param weighting: SNR weighting of :func:`snr_weight` (paper default ``"linear"``).
@@ -203,7 +212,7 @@ class REDDiff(Sampler):
         self,
         prior: DiffusionPrior,
         steps: int = 100,
-        lam: float = 0.25,
+        lam: float = 0.05,
         lr: float = 0.05,
         v: float = 1.0,
         weighting: str = "linear",
