@@ -76,11 +76,37 @@ def prior_mean_image(prior) -> torch.Tensor:
     return torch.einsum("k,kd->d", prior.weights, prior.means).reshape(1, *prior.image_shape).float()
 
 
+def blind_view(physics) -> tuple:
+    """A blur problem as a blind one with a known answer: ``deblur-blind``'s operator of the
+    same kernel size, and a kernel prior that is a point mass at the true kernel (so the exact
+    posterior is the non-blind one); ``(None, None)`` for an operator that is no blur."""
+    from invdiff.operators.natural import BlindBlur
+
+    if not isinstance(physics, dinv.physics.BlurFFT):
+        return None, None
+    row = physics.filter.detach().float()
+    if row.ndim == 3:  # deepinv's 1-D Gaussian (1, 1, w): the middle row of a w x w kernel, the same blur
+        kernel = torch.zeros(1, 1, row.shape[-1], row.shape[-1])
+        kernel[0, 0, row.shape[-1] // 2] = row.flatten()
+    else:
+        kernel = row.reshape(1, 1, *row.shape[-2:])
+    blind = BlindBlur(SHAPE, kernel_size=kernel.shape[-1])
+    blind.noise_model = physics.noise_model
+    return blind, GaussianPrior(kernel[0] / kernel.max(), 1e-8)
+
+
 def sampler_scores(name: str, prior, physics, y: torch.Tensor, n: int) -> tuple[float, float, int, float]:
     """``(mean err, std ratio, NFE, seconds)`` of ``n`` samples of sampler ``name`` at its defaults
-    (no clipping: the analytic priors are unbounded), seed 4; also used by ``tests/test_exactness.py``."""
-    sampler = samplers.make(name, prior, clip=None)
-    out = sampler.sample(y, physics, n=n, generator=torch.Generator().manual_seed(4))
+    (no clipping: the analytic priors are unbounded), seed 4; also used by ``tests/test_exactness.py``.
+    A blind sampler (BlindDPS) runs on :func:`blind_view` of a blur problem (NaN scores on the others)."""
+    options = {}
+    run_physics = physics
+    if samplers.get(name).handles_blind:
+        run_physics, options["kernel_prior"] = blind_view(physics)
+        if run_physics is None:
+            return float("nan"), float("nan"), 0, 0.0
+    sampler = samplers.make(name, prior, clip=None, **options)
+    out = sampler.sample(y, run_physics, n=n, generator=torch.Generator().manual_seed(4))
     post = prior.posterior(y, physics, NOISE)
     return (*scores(out.samples, post, prior_mean_image(prior)), sampler.last_run.nfe, sampler.last_run.wall_time)
 

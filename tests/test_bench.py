@@ -426,3 +426,33 @@ def test_task_table_pivots_the_summary():
     text = task_table(summarize(rows), ["y", "x"], labels={"x": "X (classical)"})
     assert text.splitlines() == ["| task | prior | y | X (classical) |", "|---|---|---|---|",
                                  "| a | p | 20.50 / 0.500 | 10.50 / 0.500 |", "| b | p | n/a | 30.50 / 0.500 |"]
+
+
+def test_blind_task_records_the_kernel_error_and_shows_the_kernels(tmp_path):
+    """``deblur-blind``: only the blind sampler and the baseline take it (the others are
+    ``incompatible``); each cell's kernel is nature's of its measurement seed, and the row's
+    kernel error is BlindDPS's estimate against it; the recon file keeps both kernels."""
+    from safetensors.torch import load_file
+
+    from invdiff.bench.metrics import kernel_error
+
+    result = run(tasks="deblur-blind", samplers="baseline,dps,blind-dps:kernel_prior=gaussian-4", priors=PRIOR,
+                 n_images=2, steps=STEPS, progress=False, out=tmp_path)
+    rows = {(r["sampler"], r["image"]): r for r in result.rows}
+    assert result.failed == 0 and len(rows) == 6
+    assert all(r["status"] == "incompatible" and "kernel is unknown" in r["error"]
+               for (s, _), r in rows.items() if s == "dps")
+    blind = [r for (s, _), r in rows.items() if s.startswith("blind-dps")]
+    assert len(blind) == 2 and all(r["status"] == "ok" for r in blind)
+    physics = operators.make(**blind[0]["task_params"])
+    seeds = {r["measurement_seed"] for r in blind}
+    assert len(seeds) == 2  # two images, two kernels
+    for r in blind:
+        kept = load_file(str(tmp_path / r["recon"]))
+        assert torch.equal(kept["kernel"], physics.kernel(r["measurement_seed"]))
+        assert r["kernel_error"] == pytest.approx(kernel_error(kept["kernel_hat"], kept["kernel"]), abs=1e-6)
+        assert 0 < r["kernel_error"] < 2
+    assert all(r["kernel_error"] is None for (s, _), r in rows.items() if s == "baseline")
+    summary = (tmp_path / "summary.md").read_text()
+    assert "kernel error" in summary and "Not applicable" in summary
+    assert (tmp_path / "grid.png").stat().st_size > 1000

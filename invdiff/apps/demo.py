@@ -36,6 +36,15 @@ LATENT_PRIORS = {"ct-phantom-64": "ct-phantom-latent-64"}
 ANALYTIC_TASKS = ("ct-sparse-30", "mri-4x", "inpaint-random-70", "deblur-gauss")
 
 
+def default_samplers() -> tuple[str, ...]:
+    """The demos' samplers: every registered one, DPS first, except the blind ones (BlindDPS), which
+    take only a blind task (``deblur-blind``, in ``benchmarks/blind_deblur.py``) and no demo task."""
+    from .. import samplers
+
+    names = [n for n in samplers.available() if not samplers.get(n).handles_blind]
+    return tuple(sorted(names, key=lambda n: n != "dps"))
+
+
 def _metrics(x_hat: torch.Tensor, x: torch.Tensor) -> tuple[float, float]:
     """Mean PSNR (dB, peak 1) and SSIM over the batch (the benchmark's metrics)."""
     from ..bench.metrics import mean_psnr_ssim
@@ -75,7 +84,7 @@ def run_analytic_demo(
 
     if size < 16:
         raise ValueError(f"--size must be at least 16, got {size}")
-    names = tuple(sampler_names) if sampler_names else tuple(sorted(samplers.available(), key=lambda n: n != "dps"))
+    names = tuple(sampler_names) if sampler_names else default_samplers()
     for name in names:
         samplers.get(name)  # unknown names fail before any work
     out = Path(out)
@@ -222,7 +231,7 @@ def run_demo(
     from .. import bench, priors, samplers
     from ..bench.report import summarize, task_table, write_comparison, write_report
 
-    names = tuple(sampler_names) if sampler_names else tuple(sorted(samplers.available(), key=lambda n: n != "dps"))
+    names = tuple(sampler_names) if sampler_names else default_samplers()
     for name in names:
         samplers.get(name)  # unknown names fail before any work
     needed = sorted({prior_for_task(t, size)[0] for t in tasks})

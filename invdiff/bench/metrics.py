@@ -32,7 +32,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-__all__ = ["deepinv_metrics", "image_metrics", "volume_metrics", "z_gradient_error", "mean_psnr_ssim",
+__all__ = ["deepinv_metrics", "image_metrics", "volume_metrics", "z_gradient_error", "kernel_error", "mean_psnr_ssim",
            "lpips_weights_path", "LPIPS_BACKBONES"]
 
 #: torchvision backbone of each LPIPS network type
@@ -111,6 +111,19 @@ def image_metrics(x_hat: Tensor, x: Tensor, family: str, lpips: bool = True, lpi
     if lpips:
         out["lpips"], out["notes"] = _lpips(x_hat, x, lpips_net)
     return out
+
+
+def kernel_error(kernel_hat: Tensor, kernel: Tensor) -> float:
+    """Relative error :math:`\|\hat k - k\|_2 / \|k\|_2` of an estimated blur kernel (both
+    normalised to sum 1), the mean over a batch; no shift is forgiven.
+
+    >>> k = torch.zeros(1, 1, 3, 3); k[..., 1, 1] = 1
+    >>> kernel_error(k, k), kernel_error(torch.full_like(k, 1 / 9), k)
+    (0.0, 0.9428090415820634)
+    """
+    k_hat = kernel_hat.double().reshape(kernel_hat.shape[0], -1)
+    k = kernel.double().reshape(kernel.shape[0], -1)
+    return float(((k_hat - k).norm(dim=1) / k.norm(dim=1)).mean())
 
 
 def z_gradient_error(x_hat: Tensor, x: Tensor) -> float:

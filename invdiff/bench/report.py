@@ -31,6 +31,7 @@ __all__ = ["summarize", "summary_markdown", "summary_csv", "task_table", "write_
 CSV_COLUMNS = [
     "prior", "prior_hash", "task", "sampler", "n", "n_failed",
     "psnr_mean", "psnr_std", "ssim_mean", "ssim_std", "lpips_mean", "lpips_std", "z_error_mean", "z_error_std",
+    "kernel_error_mean", "kernel_error_std",
     "wall_time_mean", "nfe_mean", "nfe_backward_mean", "peak_memory_max", "best_psnr",
 ]
 
@@ -86,7 +87,7 @@ def summarize(rows: Sequence[dict]) -> list[dict]:
         ok = [r for r in group if r.get("status") == "ok"]
         s = {"prior": prior, "prior_hash": group[0]["prior_hash"], "task": task, "sampler": sampler,
              "n": len(ok), "n_failed": sum(r.get("status") not in ("ok", "incompatible") for r in group)}
-        for key in ("psnr", "ssim", "lpips", "z_error"):  # z_error: volume grids
+        for key in ("psnr", "ssim", "lpips", "z_error", "kernel_error"):  # z_error: volumes; kernel_error: blind
             values = [r.get(key) for r in ok]
             s[f"{key}_mean"], s[f"{key}_std"] = _stat(values) if all(v is not None for v in values) else (None, None)
         s["wall_time_mean"] = _stat([r.get("wall_time") for r in ok])[0]
@@ -169,7 +170,9 @@ def summary_markdown(stats: Sequence[dict], rows: Sequence[dict]) -> str:
             lines.append(f"| {name} | " + " | ".join(parts) + " |")
         lines.append("")
         for key, title in (("lpips", "LPIPS, mean ± std (lower is better):"),
-                           ("z_error", "z-gradient error ‖Dz x̂ − Dz x‖ / ‖Dz x‖ (volumes; lower is better):")):
+                           ("z_error", "z-gradient error ‖Dz x̂ − Dz x‖ / ‖Dz x‖ (volumes; lower is better):"),
+                           ("kernel_error", "kernel error ‖k̂ − k‖ / ‖k‖ of the estimated blur kernel (blind tasks; "
+                                            "lower is better):")):
             if not any(s.get(f"{key}_mean") is not None for s in mine):
                 continue
             lines += [title, "", header, rule]
@@ -354,7 +357,7 @@ def write_grid(rows: Sequence[dict], folder: Path, path: Path, figure_images: in
     fig, axes = plt.subplots(1 + len(samplers), len(columns), figsize=(1.8 * len(columns), 1.8 * (1 + len(samplers))),
                              squeeze=False)
     for c, (im, task) in enumerate(columns):
-        truth, peak = None, 1.0
+        truth, peak, kernel = None, 1.0, None
         for r_i, name in enumerate(samplers, start=1):
             ax = axes[r_i, c]
             r = cell.get((im, task, name))
@@ -365,12 +368,17 @@ def write_grid(rows: Sequence[dict], folder: Path, path: Path, figure_images: in
                 peak = float(_show(data["x"]).max()) if data_range else 1.0  # as the PSNR
                 ax.imshow(_show(data["x_hat"]), cmap="gray", vmin=0, vmax=peak)
                 ax.text(1, 1, f"{r['psnr']:.1f} dB", color="yellow", fontsize=7, va="top")
+                if "kernel_hat" in data:  # a blind task: the estimated kernel, inset
+                    _kernel_inset(ax, data["kernel_hat"])
+                    kernel = data.get("kernel")
             ax.set_xticks([]), ax.set_yticks([])
             if c == 0:
                 ax.set_ylabel(name, fontsize=8)
         ax = axes[0, c]
         if truth is not None:
             ax.imshow(_show(truth), cmap="gray", vmin=0, vmax=peak)
+        if kernel is not None:  # the true kernel of a blind task
+            _kernel_inset(ax, kernel)
         ax.set_xticks([]), ax.set_yticks([])
         ax.set_title(task if len(images) == 1 else f"{task}\n{im}", fontsize=7)
         if c == 0:
@@ -383,6 +391,14 @@ def write_grid(rows: Sequence[dict], folder: Path, path: Path, figure_images: in
     finally:
         plt.close(fig)
     return path
+
+
+def _kernel_inset(ax, kernel) -> None:
+    """A blur kernel, scaled to its maximum, in the top-right corner of ``ax``."""
+    k = kernel.reshape(-1, *kernel.shape[-2:])[0].float()
+    inset = ax.inset_axes([0.64, 0.64, 0.34, 0.34])
+    inset.imshow((k / k.max().clamp_min(1e-12)).numpy(), cmap="magma", vmin=0, vmax=1)
+    inset.set_xticks([]), inset.set_yticks([])
 
 
 def write_report(rows: Sequence[dict], out: str | os.PathLike, folder: str | os.PathLike | None = None,

@@ -65,7 +65,7 @@ from .grid import (
     tensor_hash,
 )
 from .images import BenchImage, load_images, load_volumes
-from .metrics import image_metrics
+from .metrics import image_metrics, kernel_error
 
 #: statuses of a finished cell (a resumed run does not redo them)
 DONE = ("ok", "incompatible")
@@ -352,13 +352,14 @@ def _locked(out: Path, dist: _Dist):
         yield
 
 
-def _save_recon(out: Path, cell: Cell, x_hat: Tensor, x: Tensor, std: Tensor | None = None) -> str:
+def _save_recon(out: Path, cell: Cell, x_hat: Tensor, x: Tensor, std: Tensor | None = None,
+                kernels: dict | None = None) -> str:
     from safetensors.torch import save_file
 
     folder = out / "recon"
     folder.mkdir(exist_ok=True)
     path = folder / f"{cell.cell_id}.safetensors"
-    tensors = {"x_hat": x_hat, "x": x, **({"std": std} if std is not None else {})}
+    tensors = {"x_hat": x_hat, "x": x, **({"std": std} if std is not None else {}), **(kernels or {})}
     with atomic_file(path, overwrite=True) as tmp:
         save_file({k: v.detach().cpu().float().contiguous() for k, v in tensors.items()},
                   str(tmp), metadata={"cell_id": cell.cell_id})
@@ -405,9 +406,9 @@ class _Runner:
             own = self.setup.sampler_priors.get(cell.sampler.label)  # the sampler's own prior, else the grid's
             prior = self.accelerated((own if own is not None else self.priors[cell.prior]).prior.to(self.device))
             overrides = dict(self.setup.overrides[cell.sampler.label])
-            if isinstance(overrides.get("perpendicular_prior"), str):  # TPDM's second prior, by name or path
-                overrides["perpendicular_prior"] = self.accelerated(
-                    _one_prior(overrides["perpendicular_prior"]).prior.to(self.device))
+            for second in ("perpendicular_prior", "kernel_prior"):  # TPDM's, BlindDPS's second prior, by name or path
+                if isinstance(overrides.get(second), str):
+                    overrides[second] = self.accelerated(_one_prior(overrides[second]).prior.to(self.device))
             cls = bench_sampler_class(cell.sampler.name, self.setup.depth is not None)
             self._samplers[key] = cls(prior, verbose=self.verbose, **overrides)
         return self._samplers[key]
@@ -426,6 +427,16 @@ class _Runner:
                 y = physics(x, seed=cell.measurement_seed)
             self._measurement = (key, y)
         return self._measurement[1]
+
+    def kernels(self, cell: Cell, sampler) -> dict | None:
+        """A blind task's kernels: nature's (of the cell's measurement seed) and the sampler's
+        estimate (the mean over samples), or ``None``."""
+        physics = self.setup.physics[cell.prior, cell.task.label]
+        estimate = getattr(sampler, "kernel", None)
+        if not getattr(physics, "blind", False) or estimate is None:
+            return None
+        return {"kernel_hat": estimate.detach().float().cpu().mean(0, keepdim=True),
+                "kernel": physics.kernel(cell.measurement_seed).float().cpu()}
 
     def run_group(self, cells: list[Cell]) -> list[dict]:
         """The rows of ``cells`` (one prior, task, sampler and samples; :func:`_groups`) from one
@@ -485,7 +496,8 @@ class _Runner:
             "sampler_seed": cell.sampler_seed,
             "dtype": cell.dtype or "float32",
         }
-        metrics: dict = {"psnr": None, "ssim": None, "lpips": None, "psnr_range": None, "notes": ""}
+        metrics: dict = {"psnr": None, "ssim": None, "lpips": None, "psnr_range": None, "notes": "",
+                         "kernel_error": None}
         cost: dict = {"wall_time": None, "nfe": None, "nfe_backward": None, "steps": None, "peak_memory": None,
                       "runtime": None}
         recon = None
@@ -504,10 +516,12 @@ class _Runner:
                                               generator=torch.Generator(self.device).manual_seed(cell.sampler_seed))
                 x_hat, std = post.mean, post.std
             metrics = image_metrics(x_hat, x, cell.task.family, self.lpips, self.lpips_net)
+            kernels = self.kernels(cell, sampler.sampler)
+            metrics["kernel_error"] = kernel_error(kernels["kernel_hat"], kernels["kernel"]) if kernels else None
             if self.save_recon == "all" or (
                 self.save_recon == "figure" and cell.image_index < self.figure_images and cell.seed == self.first_seed
             ):
-                recon = _save_recon(self.out, cell, x_hat, x, std)
+                recon = _save_recon(self.out, cell, x_hat, x, std, kernels)
         except IncompatibleError as err:  # the method cannot use this operator: a fact, not a failure
             row["status"], row["error"] = "incompatible", _error_text(err)
         except Exception as err:  # a failed cell is recorded and the grid goes on

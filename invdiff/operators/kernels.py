@@ -59,7 +59,7 @@ def kernels(n: int, size: int = KERNEL_SIZE, seed: int = 0, stream: int = 0,
     if unknown:
         raise ValueError(f"unknown kernel families {sorted(unknown)}; available: {', '.join(FAMILIES)}")
     n = int(n)
-    rng = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(stream))
+    rng = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(stream)) % (2**63 - 1))  # any int seed
     psf = (int(size), int(size))
     counts = {f: len(range(i, n, len(families))) for i, f in enumerate(families)}
     drawn: dict[str, Tensor] = {}

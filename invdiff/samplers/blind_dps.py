@@ -60,11 +60,22 @@ class BlindDPS(DPS):
 
     The step rules are :class:`DPS`'s, on the joint data term:
 
-    ``weighting="likelihood"`` (default): :math:`\\ell(r) = \\tfrac12 r^\\top (s^2 I +
-    r_i^2 \\hat K \\hat K^\\top)^{-1} r`, the Gaussian likelihood with the image denoiser's
-    error pushed through the current kernel :math:`\\hat K` (exact and cheap: the covariance is
-    diagonal in Fourier, :math:`s^2 + r_i^2 |\\hat k_0(\\omega)|^2`; held fixed in the
-    gradient), with :math:`\\gamma_i = \\zeta(\\sigma_i^2 - \\sigma_{i+1}^2)` and
+    ``weighting="likelihood"`` (default): :math:`\\ell(r) = \\tfrac12 r^\\top \\Sigma_i^{-1} r`,
+    the Gaussian likelihood with both denoisers' errors pushed through the bilinear model,
+    :math:`r \\approx \\hat k_0 * \\delta x + \\delta k * \\hat x_0 + n`: the covariance is
+    diagonal in Fourier,
+
+    .. math::
+
+        \\Sigma_i(\\omega) = s^2 + r_i^2 |\\hat k_0(\\omega)|^2 + \\rho_i^2 |\\hat x_0(\\omega)|^2,
+        \\qquad \\rho_i^2 = \\frac{r^2_{k,i}}{(\\textstyle\\sum \\hat u_0)^2},
+
+    with :math:`r_i^2`, :math:`r_{k,i}^2` the image and kernel denoisers' error variances
+    (ΠGDM's model, each with its prior's :math:`\\sigma_d`; the kernel's divided by the squared
+    normaliser), held fixed in the gradient. Without the kernel term the kernel chain's step
+    scales with :math:`|\\hat x_0|^2` (about 10^6 at the zero frequency of a 64x64 image)
+    and the kernel is pushed far off in the first steps (measured in
+    ``docs/benchmarks/blind.md``). The steps are :math:`\\gamma_i = \\zeta(\\sigma_i^2 - \\sigma_{i+1}^2)` and
     :math:`\\gamma^k_i = \\zeta_k(\\sigma_i^2 - \\sigma_{i+1}^2)`; the :math:`\\ell_1` weight is
     relative to the data term's size at the start (``kernel_l1`` x the likelihood's value per
     measurement entry), so that it keeps its meaning whatever the noise level.
@@ -80,6 +91,10 @@ class BlindDPS(DPS):
     The operator must be blind: :class:`~invdiff.operators.natural.BlindBlur` (task
     ``deblur-blind``), whose ``A(x, filter=k)`` takes the kernel; its kernel size must be the
     kernel prior's. Cost per step: one forward and one backward pass of each network.
+
+    ``steps=500`` by default (half the official 1000 DDPM steps; DPS's default is 200): the
+    kernel chain needs the fine schedule, a thin motion kernel most (the kernel error with the
+    image known, by steps, is in ``docs/benchmarks/blind.md``).
 
     :param prior: the image prior.
     :param kernel_prior: the kernel prior (default: the shipped ``blur-kernel-16``).
@@ -114,7 +129,7 @@ class BlindDPS(DPS):
         self,
         prior: DiffusionPrior,
         kernel_prior: DiffusionPrior | None = None,
-        steps: int = 200,
+        steps: int = 500,
         zeta: float = 1.0,
         zeta_kernel: float = 1.0,
         kernel_l1: float = 1.0,
@@ -155,19 +170,22 @@ class BlindDPS(DPS):
         extra["kernel_nfe"] = extra.get("kernel_nfe", 0) + 1
         return self.kernel_prior.denoise(u, sigma).to(u.dtype)
 
-    def _data_term(self, y: Tensor, x0: Tensor, k0: Tensor, noise_var, r2: float) -> Tensor:
+    def _data_term(self, y: Tensor, x0: Tensor, k0: Tensor, noise_var, r2: float, rk2: Tensor) -> Tensor:
         """Per-image data term :math:`\\ell(y - \\hat k_0 * \\hat x_0)` of the module doc."""
         r = y - circular_blur(x0, k0)
         if self.weighting == "paper":
             return batch_norm(r)
-        spectrum = kernel_spectrum(k0.detach(), y.shape[-2:])
+        kernel_hat = kernel_spectrum(k0.detach(), y.shape[-2:])
+        image_hat = torch.fft.fft2(x0.detach())
         r_hat = torch.fft.fft2(r)
-        weight = 1.0 / (noise_var + r2 * spectrum.abs() ** 2)  # the covariance, diagonal in Fourier
+        # the covariance of both denoisers' errors through the bilinear model, diagonal in Fourier
+        weight = 1.0 / (noise_var + r2 * kernel_hat.abs() ** 2 + rk2 * image_hat.abs() ** 2)
         return 0.5 * (weight * r_hat.abs() ** 2).flatten(1).sum(1) / (r.shape[-1] * r.shape[-2])
 
     def _run(self, y: Tensor, physics, x_init: Tensor | None, generator, callback: Callable | None) -> Tensor:
         sigmas = self.sigmas.tolist()
         b = y.shape[0]
+        self.kernel_prior.to(y.device)
         ks = int(physics.kernel_size)
         kernel_shape = (b, *self.kernel_prior.image_shape[:-2], ks, ks)
         kind, noise_var = likelihood_variance(physics, y, "gaussian", self.noise_sigma, None)
@@ -179,6 +197,7 @@ class BlindDPS(DPS):
         for i in self.progress(range(len(sigmas) - 1)):
             sigma, sigma_next = sigmas[i], sigmas[i + 1]
             r2 = denoiser_error_variance(sigma, self.prior.sigma_data)
+            r2_kernel = denoiser_error_variance(sigma, self.kernel_prior.sigma_data)
             # Alg. 1 lines 3-6: both chains denoise, and one backward pass of the joint data term
             with torch.enable_grad():
                 xg, kg = x.detach().requires_grad_(True), kappa.detach().requires_grad_(True)
@@ -186,7 +205,9 @@ class BlindDPS(DPS):
                 u0 = self.denoise_kernel(kg, sigma)
                 x0c = x0.clamp(*self.clip) if self.clip is not None else x0
                 k0 = normalised_kernel(u0)
-                data = self._data_term(y, x0c, k0, noise_var, r2)
+                # the kernel denoiser's error on k0 = u0 / sum(u0): its error on u0 over the sum
+                rk2 = r2_kernel / u0.detach().sum(dim=(-2, -1), keepdim=True).abs().clamp_min(1e-3) ** 2
+                data = self._data_term(y, x0c, k0, noise_var, r2, rk2)
                 if i == 0 and self.weighting == "likelihood":  # lambda relative to the data term's size
                     l1_weight = self.kernel_l1 * data.detach() / y[0].numel()  # per image: batch-independent
                 loss = data + l1_weight * k0.abs().flatten(1).sum(1)
