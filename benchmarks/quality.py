@@ -38,7 +38,7 @@ from invdiff import data, operators, priors, samplers
 #: prior has none runs them on the pixel prior through the identity autoencoder
 LATENT = {"ct-phantom-64": "ct-phantom-latent-64"}
 #: ``--cpu-budget`` overrides: ensembles / particle systems that fit a CPU run (the defaults,
-#: 1024 EnKG particles, 16 SMC particles per image, PnP-DM's 100-level prior step and FPS's 1000
+#: 1024 EnKG particles, 32 SMC particles per image, PnP-DM's 100-level prior step and FPS's 1000
 #: steps of 5 particles, are GPU-sized)
 CPU_BUDGET = {"enkg": dict(ensemble_size=128), "smc": dict(particles=4), "pnpdm": dict(diffusion_steps=20),
               "fps": dict(steps=200)}
