@@ -159,6 +159,26 @@ def main() -> None:
                     for m in ("BlindDPS", "DPS, true kernel", "DPS, Gaussian kernel")]
             kerr = statistics.mean(results["BlindDPS"]["kernel"][i] for i in idx)
             print(f"| {fam} | {len(idx)} | {cols[0]:.2f} | {cols[1]:.2f} | {cols[2]:.2f} | {kerr:.3f} |")
+        # the kernel chain alone: the image prior a point mass at the truth, by steps and step rule
+        from invdiff.priors import GaussianPrior
+
+        class KnownImages(GaussianPrior):
+            def _denoise(self, xt, sigma):
+                return x.to(xt.dtype).expand_as(xt)
+
+        print("\nThe kernel chain alone (the image prior a point mass at the true image): kernel error by steps "
+              "and step rule, per family (motion / diffraction / Gaussian):\n")
+        print("| steps | weighting | motion | diffraction | Gaussian |\n|---|---|---|---|---|")
+        families = {fam: idx for fam, idx in per_family.items()}
+        for n_steps in (100, 200, 500):
+            for weighting, extra in (("likelihood", {}), ("paper", dict(zeta=0.3, zeta_kernel=0.3))):
+                alone = samplers.make("blind-dps", KnownImages(0.5, 1e-8, image_shape=(1, 64, 64)),
+                                      kernel_prior=kernel_prior, steps=n_steps, weighting=weighting, **extra)
+                alone(y, physics, generator=[torch.Generator().manual_seed(2 + i) for i in range(len(x))])
+                errs = [kernel_error(alone.kernel[i : i + 1], kernels[i : i + 1]) for i in range(len(x))]
+                cols = [f"{statistics.mean(errs[i] for i in families[f]):.3f}" if f in families else ""
+                        for f in ("motion", "diffraction", "Gaussian")]
+                print(f"| {n_steps} | {weighting} | " + " | ".join(cols) + " |", flush=True)
         if args.docs:
             shown = {n: results[n]["x_hat"] for n in ("Wiener, Gaussian guess", "DPS, Gaussian kernel",
                                                        "DPS, true kernel", "BlindDPS")}

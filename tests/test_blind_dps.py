@@ -15,7 +15,7 @@ from invdiff import operators, samplers
 from invdiff.operators.natural import BlindBlur, WienerBlurFFT, circular_blur
 from invdiff.priors import GaussianPrior
 from invdiff.samplers import IncompatibleError
-from invdiff.samplers.blind_dps import normalised_kernel
+from invdiff.samplers.blind_dps import centring_shift, normalised_kernel, roll_each
 
 SHAPE = (1, 16, 16)
 KERNEL = torch.tensor([[0.0, 1, 2, 0], [1, 3, 2, 0], [0, 2, 1, 0], [0, 0, 0, 0]])[None, None]
@@ -82,7 +82,8 @@ def test_point_mass_kernel_prior_gives_the_exact_nonblind_posterior(problem):
     prior, physics, x, y = problem
     exact = prior.posterior(y, BlurFFT(SHAPE, filter=KERNEL), SIGMA)
     kernel_prior = GaussianPrior(KERNEL[0] / KERNEL.max(), 1e-8)
-    blind = samplers.make("blind-dps", prior, kernel_prior=kernel_prior, steps=50, clip=None)
+    blind = samplers.make("blind-dps", prior, kernel_prior=kernel_prior, steps=50, clip=None,
+                          center_kernel=False)  # KERNEL is off-centre: no gauge to fix
     out = blind.sample(y, physics, n=16, generator=torch.Generator().manual_seed(0))
     dps = samplers.make("dps", prior, steps=50, clip=None, noise_sigma=SIGMA)
     ref = dps.sample(y, BlurFFT(SHAPE, filter=KERNEL), n=16, generator=torch.Generator().manual_seed(0))
@@ -108,7 +109,8 @@ def test_known_image_recovers_each_images_kernel_in_a_batch(problem):
 
     image_prior = KnownImages(0.5, 1e-8, image_shape=SHAPE)
     kernel_prior = GaussianPrior(0.25, 0.05, image_shape=(1, 4, 4))
-    blind = samplers.make("blind-dps", image_prior, kernel_prior=kernel_prior, steps=100, clip=None)
+    blind = samplers.make("blind-dps", image_prior, kernel_prior=kernel_prior, steps=100, clip=None,
+                          center_kernel=False)
     gens = [torch.Generator().manual_seed(s) for s in (0, 1)]
     blind(y, physics, generator=gens)
     both = blind.kernel
@@ -129,3 +131,15 @@ def test_normalised_kernel_sums_to_one_and_seeded_runs_repeat(problem):
     b = blind(y, physics, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b) and torch.equal(ka, blind.kernel)
     assert blind.last_run.extra["kernel_nfe"] == 10 and blind.last_run.nfe == 10
+
+
+def test_the_translation_gauge_centres_the_kernel_and_keeps_the_blur():
+    k = torch.zeros(2, 1, 8, 8)
+    k[0, 0, 1, 2] = 1.0  # a delta at (1, 2), 2.5 and 1.5 px from the centre 3.5: shift (2, 1)
+    k[1, 0, 3:5, 3:5] = 0.25  # centred already
+    shift = centring_shift(k)
+    assert shift.tolist() == [[2, 1], [0, 0]]
+    x = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    moved_k, moved_x = roll_each(k, shift), roll_each(x, -shift)
+    torch.testing.assert_close(circular_blur(moved_x, moved_k), circular_blur(x, k), atol=1e-6, rtol=0)
+    assert torch.equal(roll_each(x, torch.zeros(2, 2, dtype=torch.long)), x)

@@ -124,10 +124,17 @@ def patch_prior():
 def test_every_sampler_at_any_size(name, shape, patch_prior):
     truth = GaussianPrior.stationary(shape, length_scale=2.0, variance=0.02, mean=0.5).sample(
         2, torch.Generator().manual_seed(0)).float().clamp(0, 1)
-    physics = operators.make("inpaint-random-50", img_size=shape, noise_sigma=0.02)
-    clean = physics.A(truth)
-    y = clean + 0.02 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(1))
-    sampler = samplers.make(name, patch_prior, steps=12)
+    options = {}
+    if samplers.get(name).handles_blind:  # BlindDPS: blind deblurring at that size, an analytic kernel prior
+        physics = operators.make("deblur-blind", img_size=shape, noise_sigma=0.02)
+        k = physics.kernel_size
+        y = physics(truth, seed=1)
+        options["kernel_prior"] = GaussianPrior(1 / k, 0.01, image_shape=(1, k, k))
+    else:
+        physics = operators.make("inpaint-random-50", img_size=shape, noise_sigma=0.02)
+        clean = physics.A(truth)
+        y = clean + 0.02 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(1))
+    sampler = samplers.make(name, patch_prior, steps=12, **options)
     out = sampler(y, physics, generator=torch.Generator().manual_seed(2))
     assert out.shape == truth.shape and torch.isfinite(out).all()
     assert sampler.image_shape == shape
@@ -135,7 +142,9 @@ def test_every_sampler_at_any_size(name, shape, patch_prior):
     assert torch.equal(out, again)
     mse = (out.clamp(0, 1) - truth).square().mean()
     baseline = (physics.A_dagger(y).clamp(0, 1) - truth).square().mean()
-    assert mse < 0.5 * baseline, (name, float(mse), float(baseline))
+    # blind: the kernel unknown too, against Wiener with a Gaussian guess (measured 0.61x at 9x17)
+    factor = 0.8 if samplers.get(name).handles_blind else 0.5
+    assert mse < factor * baseline, (name, float(mse), float(baseline))
 
 
 def test_shape_from_the_adjoint_when_the_operator_has_no_img_size(patch_prior):

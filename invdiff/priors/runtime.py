@@ -99,7 +99,12 @@ def _weights_of(prior: nn.Module) -> Any:
     if isinstance(inner, DiffusionPrior):
         return _weights_of(inner)
     family = family_of(prior) if isinstance(prior, DiffusionPrior) else None
-    return family.network(prior) if family is not None else getattr(prior, "model", None)
+    if family is not None:
+        try:
+            return family.network(prior)
+        except AttributeError:  # a prior of the family's class around a denoiser of the user's (no network)
+            pass
+    return getattr(prior, "model", None)
 
 
 def _parameter_dtype(net: nn.Module) -> torch.dtype:
