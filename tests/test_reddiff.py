@@ -63,22 +63,33 @@ def test_reddiff_beats_the_baseline_on_ct_and_mri(task, gap, gain):
 
 
 def test_the_data_term_is_normalised_by_the_operator_gain():
-    """With ``normalize_operator`` (default) the iterates do not depend on the gain of ``A``:
-    ``(k A, k y)`` gives the same result as ``(A, y)`` at the same noise weight. Without it the
-    data term grows with ``k^2`` and drowns the regulariser (issue 19: RED-Diff on CT, whose
-    ``||A||^2`` is in the thousands, stayed near the FBP start whatever ``lam`` was)."""
+    """With ``normalize_operator`` (default) the data term is divided by the operator's gain not
+    already counted by the likelihood's ``1/s^2`` (issue 19: RED-Diff on CT, whose ``||A||^2`` is
+    in the thousands at noise 0.01, stayed near the FBP start whatever ``lam`` was):
+
+    * at noise ``s <= 0.01`` a gain ``k`` on ``(A, y)`` changes nothing (without the
+      normalisation the data term grows with ``k^2`` and the result moves);
+    * a whitened problem ``(A / s, y / s)`` at unit noise gives the result of ``(A, y)`` at noise
+      ``s`` (deepinv's stacked physics are whitened so), and so does ``(k A, k y)`` at noise ``k s``;
+    * ``||A|| = 1`` (a mask) at noise 0.05: no change."""
     import deepinv as dinv
 
     prior, physics, x, y = gaussian_inpainting_problem()
-    k = 40.0
-    scaled = dinv.physics.LinearPhysics(A=lambda v: k * physics.A(v), A_adjoint=lambda v: k * physics.A_adjoint(v))
     start = physics.A_adjoint(y).clamp(0, 1)
-    outs = {}
-    for normalize in (True, False):
-        for name, (op, meas) in {"unit": (physics, y), "scaled": (scaled, k * y)}.items():
-            sampler = REDDiff(prior, steps=30, noise_sigma=0.05, normalize_operator=normalize, clip=None)
-            outs[normalize, name] = sampler(meas, op, generator=torch.Generator().manual_seed(0), x_init=start)
-    assert torch.allclose(outs[True, "unit"], outs[True, "scaled"], atol=1e-4)
-    assert (outs[False, "unit"] - outs[False, "scaled"]).abs().max() > 1e-2
-    assert torch.allclose(outs[True, "unit"], outs[False, "unit"], atol=1e-4)  # ||A|| = 1 (a mask): no change
+
+    def scaled(k):
+        return dinv.physics.LinearPhysics(A=lambda v: k * physics.A(v), A_adjoint=lambda v: k * physics.A_adjoint(v))
+
+    def run(op, meas, s, normalize=True):
+        sampler = REDDiff(prior, steps=30, noise_sigma=s, normalize_operator=normalize, clip=None)
+        return sampler(meas, op, generator=torch.Generator().manual_seed(0), x_init=start)
+
+    k = 40.0
+    for normalize, same in ((True, True), (False, False)):  # a gain at low noise (CT's regime)
+        a, b = run(physics, y, 0.01, normalize), run(scaled(k), k * y, 0.01, normalize)
+        assert torch.allclose(a, b, atol=1e-4) == same, normalize
+    unit = run(physics, y, 0.05)
+    torch.testing.assert_close(run(scaled(1 / 0.05), y / 0.05, 1.0), unit, atol=1e-4, rtol=0)  # whitened
+    torch.testing.assert_close(run(scaled(k), k * y, k * 0.05), unit, atol=1e-4, rtol=0)
+    assert torch.allclose(unit, run(physics, y, 0.05, normalize=False), atol=1e-4)  # ||A|| = 1: no change
 

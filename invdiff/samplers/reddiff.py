@@ -27,6 +27,9 @@ from .steps import (
 
 __all__ = ["REDDiff", "snr_weight"]
 
+#: noise std below which the operator's whole gain ||A||^2 divides the data term (above it, only
+#: the gain beyond what the likelihood's 1/s^2 already counts: ||A||^2 (GAIN_NOISE / s)^2, at least 1)
+GAIN_NOISE = 0.01
 #: noise std on ``[0, 1]`` images at which the paper's unnormalised data term holds
 #: (its sigma_y = 0.05 on ``[-1, 1]``); see :class:`REDDiff`.
 REFERENCE_NOISE = 0.025
@@ -112,7 +115,10 @@ class REDDiff(Sampler):
     (0.05 to 20: ct-limited-90 22.6-23.0 dB, ct-sparse-30 32.0-32.2 dB) and stayed close to
     the filtered back-projection's null-space content. Dividing the data term by
     :math:`\|A\|^2` (power iteration, ``operator_norm`` to give it; 1 for a nonlinear
-    operator) makes the balance independent of the operator's gain: the paper's weights hold
+    operator; for a noise std :math:`s` above :data:`GAIN_NOISE` = 0.01 the divisor is
+    :math:`\\max(1, \\|A\\|^2 (0.01/s)^2)`, so that a whitened operator, whose gain is in units
+    of its noise, is not divided twice: deepinv's stacked physics whitened to unit noise behave
+    as the stack itself) makes the balance independent of the operator's gain: the paper's weights hold
     for every operator (rescaling ``A`` and ``y`` by the same factor, at the same noise
     weight, leaves the iterates unchanged; for MRI, inpainting and deblurring
     :math:`\|A\| = 1` and nothing changes).
@@ -240,17 +246,20 @@ class REDDiff(Sampler):
 
     def _data_weight(self, y: Tensor, physics, n_pixels: int) -> float | Tensor:
         """The factor in front of ``||y - A mu||^2 / 2`` (see the class docstring)."""
+        s = per_image(gaussian_noise_std(physics, y, self.noise_sigma, self.min_noise))
         if self.data_weighting == "paper":
             weight = 2.0 * self.v * n_pixels / y[0].numel()
         else:
-            s = per_image(gaussian_noise_std(physics, y, self.noise_sigma, self.min_noise))
             weight = self.v * 2.0 * REFERENCE_NOISE**2 / s**2
         if self.normalize_operator:
             norm_a = self.operator_norm
             if norm_a is None:
                 norm_a = operator_norm_squared(physics, self.image_shape, device=y.device, dtype=y.real.dtype)
             self._info.extra["operator_norm"] = norm_a
-            weight = weight / norm_a
+            # the gain not already counted by 1/s^2: a whitened operator (noise 1) carries its
+            # gain in units of the noise; the same problem unwhitened has ||A|| ~ 1
+            gain = norm_a * torch.clamp(torch.as_tensor(GAIN_NOISE / s) ** 2, max=1.0)
+            weight = weight / torch.clamp(gain, min=1.0)
         return weight
 
     def _prior_mean(self, shape, y: Tensor) -> Tensor:
