@@ -3,7 +3,7 @@ r"""Forward models of invdiff: deepinv physics and a registry of named tasks.
 >>> from invdiff import operators
 >>> physics = operators.make("ct-sparse-30", (1, 64, 64))
 >>> operators.available()[:3]
-['deblur-gauss', 'deblur-motion', 'inpaint-box']
+['deblur-gauss', 'deblur-motion', 'deblur-blind']
 
 See :func:`make` for the task list, noise conventions and the ``physics.task`` record.
 """

@@ -201,6 +201,15 @@ class BlindBlur(Physics):
         family = FAMILIES[int(seed) % len(FAMILIES)]
         return kernels(1, self.kernel_size, seed=int(seed), stream=1, families=(family,)).to(self._device)
 
+    def known(self, kernel: Tensor) -> WienerBlurFFT:
+        """The non-blind operator with ``kernel`` known: a :class:`WienerBlurFFT` with this task's
+        Wiener weight and noise model (what a non-blind sampler is given, e.g. DPS with the true
+        or a guessed kernel)."""
+        physics = WienerBlurFFT(self.img_size, filter=kernel.to(self._device), wiener_reg=self.wiener_reg,
+                                device=self._device)
+        physics.noise_model = self.noise_model
+        return physics
+
     def guess(self) -> Tensor:
         """The Gaussian guess of ``A_dagger``: ``(1, 1, k, k)``."""
         from deepinv.physics.functional import gaussian_blur
