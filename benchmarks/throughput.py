@@ -131,7 +131,9 @@ def main() -> None:
     parser.add_argument("--task", default="inpaint-random-70",
                         help="operator (default inpaint-random-70: a cheap operator, so the ratio is the sampler's own)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
-    parser.add_argument("--docs", action="store_true", help="write docs/benchmarks/throughput.md")
+    parser.add_argument("--docs", action="store_true", help="write docs/benchmarks/<page>.md")
+    parser.add_argument("--page", default="throughput",
+                        help="docs page name (default throughput; e.g. throughput-compiled for a --modes run)")
     args = parser.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -152,7 +154,7 @@ def main() -> None:
 
     rows = []
     start_load = tuple(round(v, 1) for v in os.getloadavg())
-    with page("throughput", "Throughput: seconds per slice against batch, precision and compilation", args.docs):
+    with page(args.page, "Throughput: seconds per slice against batch, precision and compilation", args.docs):
         print(f"{', '.join(names)} on {args.task}; {where}; network sizes {', '.join(sizes)}; modes {', '.join(modes)}; "
               f"ct64: {steps} steps at batches {batches}; adm: {adm_steps} steps at batches {adm_batches}; "
               f"the fastest of {args.repeats} timed runs of each. "
