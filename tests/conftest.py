@@ -72,3 +72,21 @@ def demo_problem_psnr(make_sampler, task, samples=8, seeds=(0, 1, 2)):
         base.append(metric(physics.A_dagger(y), truth).item())
         exact.append(metric(prior.posterior(y, physics, float(physics.noise_model.sigma)).mean.float(), truth).item())
     return tuple(sum(v) / len(v) for v in (ours, base, exact))
+
+
+def latent_gaussian_problem(task="inpaint", noise=0.05):
+    """A linear-decoder Gaussian latent prior (16x16 images from 8x8 latents, exact posterior),
+    50 % inpainting (or the named task) with Gaussian noise: ``(prior, physics, x, y)``."""
+    from invdiff import operators
+    from invdiff.priors import LatentDiffusionPrior
+
+    prior = LatentDiffusionPrior.linear_gaussian((1, 8, 8), factor=2, length_scale=1.0, variance=0.05)
+    shape = prior.image_shape
+    if task == "inpaint":
+        mask = (torch.rand(shape, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+        physics = dinv.physics.Inpainting(shape, mask=mask, noise_model=dinv.physics.GaussianNoise(
+            noise, rng=torch.Generator().manual_seed(1)))
+    else:
+        physics = operators.make(task, img_size=shape, seed=0, noise_sigma=noise)
+    x = prior.sample(1, torch.Generator().manual_seed(2)).float()
+    return prior, physics, x, physics(x)

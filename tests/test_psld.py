@@ -5,7 +5,7 @@ posterior, and the run's accounting."""
 import deepinv as dinv
 import pytest
 import torch
-from conftest import gaussian_inpainting_problem, rel_err
+from conftest import gaussian_inpainting_problem, latent_gaussian_problem, rel_err
 
 from invdiff import operators
 from invdiff.priors import DiffusionPrior, LatentDiffusionPrior, LinearAutoencoder
@@ -110,26 +110,13 @@ def test_gluing_term_vanishes_at_a_consistent_latent():
     assert moved.abs().max() > 1e-3
 
 
-def _latent_problem(task="inpaint", noise=0.05):
-    prior = LatentDiffusionPrior.linear_gaussian((1, 8, 8), factor=2, length_scale=1.0, variance=0.05)
-    shape = prior.image_shape
-    if task == "inpaint":
-        mask = (torch.rand(shape, generator=torch.Generator().manual_seed(0)) > 0.5).float()
-        physics = dinv.physics.Inpainting(shape, mask=mask, noise_model=dinv.physics.GaussianNoise(
-            noise, rng=torch.Generator().manual_seed(1)))
-    else:
-        physics = operators.make(task, img_size=shape, seed=0, noise_sigma=noise)
-    x = prior.sample(1, torch.Generator().manual_seed(2)).float()
-    return prior, physics, x, physics(x)
-
-
-def test_psld_on_the_analytic_latent_problem():
+def test_psld_on_the_analyticlatent_gaussian_problem():
     """Mean and spread of 16 PSLD samples (100 steps) against the closed-form posterior of a
     linear-decoder Gaussian latent prior (16x16 images from 8x8 latents), 50 % inpainting,
     noise 0.05. Measured: relative mean error 0.36 (Monte-Carlo floor of 16 exact samples
     0.06; ReSample 0.33), std ratio 1.13; without the gluing term (``gamma=0``) 0.45 and 1.56;
     with ``weighting="paper"`` (the official step rule) 0.76 and 5.6 (off scale here)."""
-    prior, physics, x, y = _latent_problem()
+    prior, physics, x, y = latent_gaussian_problem()
     post = prior.posterior(y, physics, 0.05)
     prior_mean = prior.decode(torch.zeros(1, *prior.latent_shape))
 
@@ -150,7 +137,7 @@ def test_psld_on_the_analytic_latent_problem():
 
 
 def test_run_accounting_and_seeds():
-    prior, physics, x, y = _latent_problem("ct-sparse-30", noise=0.01)
+    prior, physics, x, y = latent_gaussian_problem("ct-sparse-30", noise=0.01)
     sampler = PSLD(prior, steps=12)
     calls = []
     a = sampler(y, physics, generator=torch.Generator().manual_seed(0), callback=calls.append)

@@ -4,26 +4,13 @@ analytic latent problem's closed-form posterior, and the run's accounting."""
 import deepinv as dinv
 import pytest
 import torch
-from conftest import gaussian_inpainting_problem, rel_err
+from conftest import gaussian_inpainting_problem, latent_gaussian_problem, rel_err
 
 from invdiff import operators
 from invdiff.priors import GaussianPrior, IdentityAutoencoder, LatentDiffusionPrior
 from invdiff.samplers import ReSample
 from invdiff.samplers.steps import cgls
 from invdiff.samplers.resample import resample_gamma, stochastic_resample
-
-
-def _latent_problem(task="inpaint", noise=0.05):
-    prior = LatentDiffusionPrior.linear_gaussian((1, 8, 8), factor=2, length_scale=1.0, variance=0.05)
-    shape = prior.image_shape
-    if task == "inpaint":
-        mask = (torch.rand(shape, generator=torch.Generator().manual_seed(0)) > 0.5).float()
-        physics = dinv.physics.Inpainting(shape, mask=mask, noise_model=dinv.physics.GaussianNoise(
-            noise, rng=torch.Generator().manual_seed(1)))
-    else:
-        physics = operators.make(task, img_size=shape, seed=0, noise_sigma=noise)
-    x = prior.sample(1, torch.Generator().manual_seed(2)).float()
-    return prior, physics, x, physics(x)
 
 
 def test_stochastic_resampling_is_the_papers_vp_update():
@@ -92,7 +79,7 @@ def test_cgls_stops_each_element_at_its_discrepancy():
     assert res[0] > 0.01 * start[0]
 
 
-def test_resample_on_the_analytic_latent_problem():
+def test_resample_on_the_analyticlatent_gaussian_problem():
     """Mean of 16 ReSample samples (100 steps) vs the closed-form posterior of a linear-decoder
     Gaussian latent prior (16x16 images from 8x8 latents), 50 % inpainting, noise 0.05.
 
@@ -101,7 +88,7 @@ def test_resample_on_the_analytic_latent_problem():
     exact one.
     ReSample is not exact: its DDIM (eta 0) chain and the scalar error model bias it.
     """
-    prior, physics, x, y = _latent_problem()
+    prior, physics, x, y = latent_gaussian_problem()
     post = prior.posterior(y, physics, 0.05)
     prior_mean = prior.decode(torch.zeros(1, *prior.latent_shape))
     out = ReSample(prior, steps=100, clip=None).sample(y, physics, n=16, generator=torch.Generator().manual_seed(4))
@@ -118,7 +105,7 @@ def test_hard_consistency_schedule_and_cost_accounting():
     """30 steps, consistency every 3: pixel space at indices 18, 15, 12 (middle third), latent
     space at 9, 6, 3 (last third); each preceded by 5 look-ahead DDIM calls (3 at index 3, the
     chain ends)."""
-    prior, physics, x, y = _latent_problem()
+    prior, physics, x, y = latent_gaussian_problem()
     sampler = ReSample(prior, steps=30, consistency_every=3)
     calls = []
     a = sampler(y, physics, generator=torch.Generator().manual_seed(0), callback=calls.append)
@@ -135,7 +122,7 @@ def test_hard_consistency_schedule_and_cost_accounting():
 
 
 def test_consistency_solvers_stop_at_the_noise_level():
-    prior, physics, x, y = _latent_problem("ct-sparse-30", noise=0.01)
+    prior, physics, x, y = latent_gaussian_problem("ct-sparse-30", noise=0.01)
     sampler = ReSample(prior)
     sampler._info = type("Info", (), {"extra": {"decoder_calls": 0}})()
     level = torch.full((1,), 0.01**2 * y.numel())
@@ -170,7 +157,7 @@ def test_pixel_prior_runs_with_the_identity_autoencoder():
 
 
 def test_warm_start_and_bad_arguments():
-    prior, physics, x, y = _latent_problem()
+    prior, physics, x, y = latent_gaussian_problem()
     a = ReSample(prior, steps=10)(y, physics, x_init=x, generator=torch.Generator().manual_seed(0))
     assert a.shape == x.shape
     for kwargs, match in ((dict(consistency_every=0), "consistency_every"), (dict(weighting="exact"), "weighting"),
@@ -209,7 +196,7 @@ def test_latent_solve_stops_when_the_loss_stagnates():
     500 iterations. Here the level is unreachable (0) on the analytic latent problem: from a
     point where Adam has converged, the official settings still run 500 iterations, the
     defaults stop after one window of 50 (the loss fell by less than 5 %), no worse."""
-    prior, physics, x, y = _latent_problem()
+    prior, physics, x, y = latent_gaussian_problem()
 
     def solve(start, **options):
         sampler = ReSample(prior, **options)
