@@ -27,6 +27,7 @@ import time
 import deepinv as dinv
 import torch
 
+from _timing import network_loop
 from invdiff import operators, priors, samplers
 from invdiff.bench.grid import parse_spec
 
@@ -51,18 +52,7 @@ def network_time(prior, shape, batch: int, forward: int, backward: int) -> float
     """Seconds of a bare loop of ``forward`` forward passes and ``backward`` forward+backward
     passes (gradient w.r.t. the input, what guidance needs) of ``batch`` images each."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, *shape, generator=g)
-    start = time.perf_counter()
-    for i in range(forward + backward):
-        sigma = 80.0 * 0.8**i + 0.002
-        if i < backward:
-            xg = x.detach().requires_grad_(True)
-            out = prior.denoise(xg, sigma)
-            torch.autograd.grad(out, xg, grad_outputs=torch.ones_like(out))
-        else:
-            with torch.no_grad():
-                prior.denoise(x, sigma)
-    return time.perf_counter() - start
+    return network_loop(prior, torch.randn(batch, *shape, generator=g), forward, backward)
 
 
 def main() -> None:

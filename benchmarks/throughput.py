@@ -38,6 +38,7 @@ from invdiff import operators, priors, samplers  # noqa: E402
 from invdiff.priors.runtime import network_of  # noqa: E402
 
 from _docs import page  # noqa: E402
+from _timing import network_loop  # noqa: E402
 
 SAMPLERS = ("dps", "dds", "diffpir")
 MODES = {"fp32": ("float32", False), "bf16": ("bf16", False), "fp32+compile": ("float32", True),
@@ -72,15 +73,7 @@ def bare_loop(prior, x: torch.Tensor, forward: int, backward: int) -> float:
     of the network on the batch ``x``, at noise levels spread like a schedule."""
     sync(x.device)
     start = time.perf_counter()
-    for i in range(forward + backward):
-        sigma = 80.0 * 0.8**i + 0.002
-        if i < backward:
-            xg = x.detach().requires_grad_(True)
-            out = prior.denoise(xg, sigma)
-            torch.autograd.grad(out, xg, grad_outputs=torch.ones_like(out))
-        else:
-            with torch.no_grad():
-                prior.denoise(x, sigma)
+    network_loop(prior, x, forward, backward)
     sync(x.device)
     return time.perf_counter() - start
 
