@@ -32,7 +32,6 @@ from _docs import DOCS, page
 from invdiff import data, operators, priors, samplers
 from invdiff.bench.metrics import kernel_error
 from invdiff.files import atomic_file
-from invdiff.operators.natural import WienerBlurFFT
 
 
 def scores(x_hat: torch.Tensor, x: torch.Tensor) -> tuple[list[float], list[float]]:
@@ -40,13 +39,6 @@ def scores(x_hat: torch.Tensor, x: torch.Tensor) -> tuple[list[float], list[floa
     psnr = dinv.loss.metric.PSNR(max_pixel=1.0)(x_hat, x)
     ssim = dinv.loss.metric.SSIM(max_pixel=1.0)(x_hat, x)
     return psnr.flatten().tolist(), ssim.flatten().tolist()
-
-
-def known(kernel: torch.Tensor, sigma: float) -> WienerBlurFFT:
-    """The non-blind operator with ``kernel`` (and the task's noise level, read by DPS)."""
-    physics = WienerBlurFFT((1, 64, 64), filter=kernel)
-    physics.noise_model = dinv.physics.GaussianNoise(sigma)
-    return physics
 
 
 def figure(path: Path, x, y, shown: dict, kernels: torch.Tensor, estimates: torch.Tensor, guess: torch.Tensor,
@@ -124,7 +116,7 @@ def main() -> None:
             dps = samplers.make("dps", prior, **steps)
             outs, nfe, seconds = [], 0, 0.0
             for i in range(len(x)):
-                outs.append(dps(y[i : i + 1], known(kernel_of(i), sigma), generator=torch.Generator().manual_seed(2 + i)))
+                outs.append(dps(y[i : i + 1], physics.known(kernel_of(i)), generator=torch.Generator().manual_seed(2 + i)))
                 nfe, seconds = dps.last_run.nfe, seconds + dps.last_run.wall_time
             record(name, torch.cat(outs), nfe, seconds)
         blind = samplers.make("blind-dps", prior, kernel_prior=kernel_prior, **steps)

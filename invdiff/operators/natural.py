@@ -223,7 +223,10 @@ class BlindBlur(Physics):
             k = k[..., c : c + self.kernel_size, c : c + self.kernel_size]
         return (k / k.sum()).reshape(1, 1, self.kernel_size, self.kernel_size).to(self._device)
 
-    def _filter(self, filter: Tensor | None, seed: int | None = None, measuring: bool = False) -> Tensor:
+    def _filter(self, filter: Tensor | None, seed: int | None = None, measuring: bool = False,
+                guessing: bool = False) -> Tensor:
+        """The kernel to use: ``filter``, the known one, nature's (measuring: of ``seed`` or the
+        operator's own), or the Gaussian guess (guessing: ``A_adjoint``, ``A_dagger``)."""
         if filter is not None:
             return filter
         if self.filter is not None:
@@ -232,6 +235,8 @@ class BlindBlur(Physics):
             return self.kernel(seed)
         if measuring:
             return self.kernel(self.seed)
+        if guessing:
+            return self.guess()
         raise ValueError("deblur-blind: the kernel is unknown to the solver; pass filter=k "
                          "(a blind method estimates it: blind-dps)")
 
@@ -245,12 +250,10 @@ class BlindBlur(Physics):
         return self.noise_model(y, seed=seed) if seed is not None else self.noise_model(y)
 
     def A_adjoint(self, y: Tensor, filter: Tensor | None = None, **kwargs) -> Tensor:
-        k = filter if filter is not None else self.filter if self.filter is not None else self.guess()
-        spectrum = kernel_spectrum(k.to(y.dtype), y.shape[-2:])
+        spectrum = kernel_spectrum(self._filter(filter, guessing=True).to(y.dtype), y.shape[-2:])
         return torch.fft.ifft2(torch.fft.fft2(y) * spectrum.conj()).real
 
     def A_dagger(self, y: Tensor, filter: Tensor | None = None, **kwargs) -> Tensor:
-        k = filter if filter is not None else self.filter if self.filter is not None else self.guess()
-        spectrum = kernel_spectrum(k.to(y.dtype), y.shape[-2:])
+        spectrum = kernel_spectrum(self._filter(filter, guessing=True).to(y.dtype), y.shape[-2:])
         gain = spectrum.conj() / (spectrum.abs() ** 2 + self.wiener_reg)
         return torch.fft.ifft2(torch.fft.fft2(y) * gain).real
