@@ -11,6 +11,12 @@ Three families, in equal thirds, drawn from one seeded ``torch.Generator`` per s
 * **gaussian** — deepinv's :class:`~deepinv.physics.generator.GaussianBlurGenerator`,
   anisotropic, standard deviations in ``[0.5, 3]`` pixels, any angle.
 
+Every kernel is **centred**: its centroid sits at the centre ``((h - 1) / 2, (w - 1) / 2)``
+(:func:`centre`, a bilinear sub-pixel shift). A blur kernel and its image are defined only up
+to a translation (:math:`k(\cdot - s) * x(\cdot + s) = k * x`); fixing the kernel's centroid is
+the usual gauge of blind deconvolution (the ``adjust_psf_center`` step of the classical
+methods), and the one BlindDPS returns its estimates in.
+
 A kernel ``k`` (non-negative, sum 1) is stored as an image ``k / max(k)`` in ``[0, 1]``;
 :func:`to_kernel` maps such an image back (clamped at 0, normalised to sum 1).
 Training uses stream 0 and evaluation stream 1, as the phantoms do.
@@ -21,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["kernels", "to_image", "to_kernel", "FAMILIES", "KERNEL_SIZE"]
+__all__ = ["kernels", "to_image", "to_kernel", "centroid", "centre", "FAMILIES", "KERNEL_SIZE"]
 
 #: The kernel families, in the order they are interleaved.
 FAMILIES = ("motion", "diffraction", "gaussian")
@@ -43,9 +49,43 @@ def to_kernel(img: Tensor) -> Tensor:
     return torch.where(s > 1e-12, k / s.clamp_min(1e-12), uniform)
 
 
+def centroid(k: Tensor) -> Tensor:
+    """Per kernel ``(B, C, h, w)``, the offset ``(dy, dx)`` ``(B, 2)`` of the centroid of
+    ``max(k, 0)`` (summed over channels) from the centre ``((h - 1) / 2, (w - 1) / 2)``."""
+    w = k.detach().clamp_min(0).sum(1)
+    total = w.sum(dim=(-2, -1)).clamp_min(1e-12)
+    h, wd = w.shape[-2:]
+    cy = (w.sum(-1) * torch.arange(h, device=k.device, dtype=w.dtype)).sum(-1) / total
+    cx = (w.sum(-2) * torch.arange(wd, device=k.device, dtype=w.dtype)).sum(-1) / total
+    return torch.stack([cy - (h - 1) / 2, cx - (wd - 1) / 2], 1)
+
+
+def centre(k: Tensor) -> Tensor:
+    """Kernels ``(B, C, h, w)`` (non-negative, sum 1) moved so that each centroid sits at the
+    centre: kornia's bilinear ``translate`` by minus :func:`centroid` (a linear interpolation
+    moves the centroid by exactly the shift and keeps the kernel non-negative), renormalised;
+    repeated (at most four passes) while mass moved off the border leaves the centroid off.
+
+    >>> k = torch.zeros(1, 1, 4, 4); k[0, 0, 0, 1] = 1.0
+    >>> centroid(centre(k)).abs().max() < 1e-5
+    tensor(True)
+    """
+    from kornia.geometry.transform import translate
+
+    moved = k
+    for _ in range(4):  # further passes for the mass a pass moves off the border
+        offset = centroid(moved)
+        if float(offset.abs().max()) < 1e-4:
+            break
+        moved = translate(moved, -offset.flip(1).to(k.dtype), mode="bilinear", padding_mode="zeros",
+                          align_corners=True).clamp_min(0)
+        moved = moved / moved.sum(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
+    return moved
+
+
 def kernels(n: int, size: int = KERNEL_SIZE, seed: int = 0, stream: int = 0,
             families: tuple[str, ...] = FAMILIES) -> Tensor:
-    """``n`` kernels ``(n, 1, size, size)`` (non-negative, each summing to 1), the families
+    """``n`` centred kernels ``(n, 1, size, size)`` (non-negative, each summing to 1), the families
     interleaved (``i``-th kernel from ``families[i % len(families)]``), reproducible from
     ``(seed, stream)``.
 
@@ -81,4 +121,4 @@ def kernels(n: int, size: int = KERNEL_SIZE, seed: int = 0, stream: int = 0,
         if f in drawn:
             out[i::len(families)] = drawn[f].reshape(-1, 1, *psf).float()
     out = out.clamp_min(0)
-    return out / out.sum(dim=(-2, -1), keepdim=True)
+    return centre(out / out.sum(dim=(-2, -1), keepdim=True))

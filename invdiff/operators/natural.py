@@ -141,6 +141,20 @@ def circular_blur(x: Tensor, kernel: Tensor) -> Tensor:
     return torch.fft.ifft2(torch.fft.fft2(x) * spectrum).real
 
 
+def fourier_shift(x: Tensor, shift: Tensor) -> Tensor:
+    r"""``x[b]`` ``(B, C, H, W)`` circularly translated by ``shift[b] = (dy, dx)`` pixels, any
+    real shift: the phase ramp :math:`\hat x(\omega)\, e^{-i\omega\cdot s}` (kornia's
+    ``translate`` interpolates, which blurs; this is the exact shift of the circular model, so
+    ``circular_blur(fourier_shift(x, s), fourier_shift(k, -s)) == circular_blur(x, k)``)."""
+    h, w = x.shape[-2:]
+    real = x.real.dtype if x.is_complex() else x.dtype
+    fy = torch.fft.fftfreq(h, device=x.device, dtype=real).reshape(-1, 1)
+    fx = torch.fft.fftfreq(w, device=x.device, dtype=real).reshape(1, -1)
+    s = shift.to(device=x.device, dtype=real).reshape(-1, 2, 1, 1)
+    phase = torch.exp(-2j * torch.pi * (fy * s[:, 0:1] + fx * s[:, 1:2]))
+    return torch.fft.ifft2(torch.fft.fft2(x) * phase).real
+
+
 class BlindBlur(Physics):
     r"""Blind deblurring: :math:`y = k * x + n` with the kernel :math:`k` unknown to the solver
     (task ``deblur-blind``).

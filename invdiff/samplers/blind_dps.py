@@ -15,7 +15,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..operators.natural import circular_blur, kernel_spectrum
+from ..operators.kernels import centre, centroid, to_kernel
+from ..operators.natural import circular_blur, fourier_shift, kernel_spectrum
 from ..priors.base import DiffusionPrior
 from .base import IncompatibleError, Sampler
 from .dps import DPS
@@ -37,17 +38,31 @@ def normalised_kernel(u: Tensor) -> Tensor:
     return u / torch.where(s.abs() < 1e-6, torch.full_like(s, 1e-6), s)
 
 
+def kernel_error_spectrum(kernel_hat: Tensor, kernel_size: tuple[int, int], img_size: tuple[int, int],
+                          rho2: Tensor) -> Tensor:
+    r""":math:`\mathbb E|\widehat{\delta k}(\omega)|^2`, the variance of the normalised kernel's
+    error at each frequency (unnormalised DFT on the image grid), when the kernel denoiser's
+    error :math:`e` on :math:`\hat u_0` is white with variance :math:`r_k^2` per pixel of the
+    :math:`n_k`-pixel support :math:`S` and ``rho2`` :math:`= r_k^2 / (\sum \hat u_0)^2`.
+    Linearising :math:`k = u / \sum u`: :math:`\delta k = (e - \hat k_0 \sum e) / \sum \hat u_0`, so
+
+    .. math::
+
+        \mathbb E|\widehat{\delta k}|^2 = \rho^2 \big(n_k (1 + |\hat k_0|^2)
+        - 2\,\mathrm{Re}(\overline{\hat k_0}\,\hat S)\big),
+
+    zero at :math:`\omega = 0` (a kernel that sums to 1 has no error there) and about
+    :math:`\rho^2 n_k` at high frequencies."""
+    support = kernel_spectrum(torch.ones(1, 1, *kernel_size, dtype=kernel_hat.real.dtype,
+                                         device=kernel_hat.device), img_size)
+    n_k = kernel_size[0] * kernel_size[1]
+    return (rho2 * (n_k * (1 + kernel_hat.abs() ** 2) - 2 * (kernel_hat.conj() * support).real)).clamp_min(0)
+
+
 def centring_shift(u: Tensor) -> Tensor:
     """Per kernel image ``u`` ``(B, 1, k, k)``, the integer shift ``(dy, dx)`` that moves the
-    centroid of ``max(u, 0)`` to the centre ``(k - 1) / 2``, truncated towards zero: 0 within a
-    pixel (the training kernels' centroids sit within a pixel of the centre, diffraction kernels
-    up to 0.8 px off)."""
-    w = u.detach().clamp_min(0).sum(1)
-    total = w.sum(dim=(-2, -1)).clamp_min(1e-12)
-    ky, kx = w.shape[-2:]
-    cy = (w.sum(-1) * torch.arange(ky, device=u.device, dtype=w.dtype)).sum(-1) / total
-    cx = (w.sum(-2) * torch.arange(kx, device=u.device, dtype=w.dtype)).sum(-1) / total
-    return torch.stack([torch.trunc((ky - 1) / 2 - cy), torch.trunc((kx - 1) / 2 - cx)], 1).long()
+    centroid of ``max(u, 0)`` nearest the centre ``(k - 1) / 2`` (within half a pixel of it)."""
+    return torch.round(-centroid(u)).long()
 
 
 def roll_each(x: Tensor, shift: Tensor) -> Tensor:
@@ -205,12 +220,14 @@ class BlindDPS(DPS):
         r = y - circular_blur(x0, k0)
         if self.weighting == "paper":
             return batch_norm(r)
+        n = r.shape[-1] * r.shape[-2]
         kernel_hat = kernel_spectrum(k0.detach(), y.shape[-2:])
         image_hat = torch.fft.fft2(x0.detach())
         r_hat = torch.fft.fft2(r)
         # the covariance of both denoisers' errors through the bilinear model, diagonal in Fourier
-        weight = 1.0 / (noise_var + r2 * kernel_hat.abs() ** 2 + rk2 * image_hat.abs() ** 2)
-        return 0.5 * (weight * r_hat.abs() ** 2).flatten(1).sum(1) / (r.shape[-1] * r.shape[-2])
+        weight = 1.0 / (noise_var + r2 * kernel_hat.abs() ** 2
+                        + kernel_error_spectrum(kernel_hat, k0.shape[-2:], y.shape[-2:], rk2) * image_hat.abs() ** 2 / n)
+        return 0.5 * (weight * r_hat.abs() ** 2).flatten(1).sum(1) / n
 
     def _run(self, y: Tensor, physics, x_init: Tensor | None, generator, callback: Callable | None) -> Tensor:
         sigmas = self.sigmas.tolist()
@@ -258,8 +275,10 @@ class BlindDPS(DPS):
                 x, x0 = roll_each(x, -shift), roll_each(x0, -shift)
             self.check_finite(kappa, i, sigma)
             self.step_done(i, sigma, x, x0, callback, kernel=u0)
-        from ..operators.kernels import to_kernel
-
-        self.kernel = to_kernel(u0)
+        kernel = to_kernel(u0)
+        if self.center_kernel:  # the sub-pixel gauge: the kernel's centroid at the centre exactly
+            x = fourier_shift(x, centroid(kernel))
+            kernel = centre(kernel)
+        self.kernel = kernel
         self._info.extra["kernel_shape"] = list(self.kernel.shape[1:])
         return x
