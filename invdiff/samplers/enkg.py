@@ -34,7 +34,8 @@ def _flat(t: Tensor, batch: int, members: int) -> Tensor:
 
 
 def ensemble_kalman_coefficients(
-    x: Tensor, h: Tensor, y: Tensor, noise_var: float | Tensor, perturbation: Tensor | None = None
+    x: Tensor, h: Tensor, y: Tensor, noise_var: float | Tensor, perturbation: Tensor | None = None,
+    extra: Tensor | None = None, weight: float = 0.0,
 ) -> Tensor:
     r"""Particle-space coefficients of the ensemble Kalman update of ``J`` particles.
 
@@ -67,7 +68,11 @@ def ensemble_kalman_coefficients(
     :param y: measurement ``(B, 1, m)``.
     :param noise_var: :math:`v`, a number or ``(B, 1, m)``.
     :param perturbation: :math:`\epsilon_j` ``(B, J, m)`` (stochastic EnKF) or ``None``.
-    :returns: ``c`` ``(B, J, J)``; the update is ``x + c @ x_anomalies``.
+    :param extra: measurement anomalies of ``M`` further members ``(B, M, m)``, already scaled
+        (the static probes of :class:`EnKG`); with them the anomalies are
+        :math:`[\sqrt{1-w}\,\tilde H; \sqrt{w}\,\text{extra}]`, ``w`` = ``weight``.
+    :returns: ``c`` ``(B, J, J)`` (``(B, J, J + M)`` with ``extra``); the update is
+        ``x + c @ x_anomalies`` (the state anomalies stacked in the same way).
     """
     members, m = x.shape[1], h.shape[-1]
     v = noise_var if torch.is_tensor(noise_var) else torch.tensor(float(noise_var), dtype=h.dtype, device=h.device)
@@ -76,6 +81,9 @@ def ensemble_kalman_coefficients(
     # with a small noise the Gram matrix spans many orders of magnitude
     h64 = h.to(torch.float64)
     ha = (h64 - h64.mean(1, keepdim=True)) / (members - 1) ** 0.5 / root
+    if extra is not None:
+        ha = torch.cat([(1 - weight) ** 0.5 * ha, weight**0.5 * extra.to(torch.float64) / root], 1)
+    members, m = ha.shape[1], h.shape[-1]
     resid = (y.to(torch.float64) - h64 if perturbation is None
              else y.to(torch.float64) + perturbation.to(torch.float64) - h64) / root
     if members <= m:  # c = R^ H^T (H^ H^T + I_J)^-1: a J x J solve
@@ -160,15 +168,29 @@ class EnKG(Sampler):
       variance of :func:`~invdiff.samplers.steps.likelihood_variance`), floored at
       ``min_noise^2``; the official code uses a fixed ``s``.
 
-    **Cost (measured for issue 19; not yet fixed).** The run time is the network's: on
-    ``ct-sparse-30`` with the shipped ``ct-phantom-64`` (one 64x64 image, 64 particles, 25
-    steps, one CPU thread) 204.7 of 207.9 s were the denoiser, 1.0 s the Kalman coefficients
-    and 0.9 s the operator, so a run costs ``steps x ensemble_size`` network evaluations (one
-    per particle and level; the official code needs ``(ode_steps + 1) x num_updates`` per
-    particle at a guided level). The levers tried at that size moved PSNR little on that
-    image (FBP 28.40 dB, defaults 28.67, ``perturb=False`` 28.73, ``tempering_power=1``
-    29.04): with 64 particles in 4096 dimensions the update's span is too small, and the
-    ensemble sizes the method needs are GPU-sized.
+    **Cost, and why small ensembles are weak.** The run time is the network's (profiled on
+    ``ct-sparse-30``: 98 % denoiser, 0.5 % Kalman coefficients, 0.4 % operator): a run costs
+    ``steps x ensemble_size`` network evaluations, one per particle and level (the official
+    code needs ``(ode_steps + 1) x num_updates`` per particle at a guided level). With ``J``
+    far below the image dimension the update moves the particles within the ``J - 1``
+    directions of their anomalies, so the quality grows with the evaluations spent, whatever
+    their split between particles and steps; the ensemble sizes the method needs are
+    GPU-sized (the default 1024 is the paper's). Measured: ``docs/samplers/enkg.md``.
+
+    **Static probes** (``probes = M``, off by default; not in the paper): a hybrid gain
+    (ensemble plus static covariance, as in hybrid ensemble data assimilation, Hamill & Snyder
+    2000). At each guided level ``M`` extra members :math:`z_m \sim \mathcal N(0, s^2 I)`,
+    :math:`s^2 = \sigma_i^2 + \sigma_d^2`, are pushed through a scalar-variance model of the
+    denoiser, :math:`\delta\hat x_0 = g z_m`, :math:`g = \sigma_d^2/(\sigma_i^2 + \sigma_d^2)`,
+    and through ``A`` only, :math:`A(\bar x_0 + g z_m) - A(\bar x_0)`: ``M`` operator calls and
+    no network call, so the method stays derivative-free. The Kalman coefficients are computed
+    from the anomalies :math:`[\sqrt{1-w}\,\tilde H; \sqrt{w}\,\tilde H_z]`
+    (``probe_weight`` :math:`w`); each particle moves along its ensemble part, and the
+    ensemble moves together along the probes' part (the mean of the particles' coefficients),
+    so the probes steer the mean and leave the spread to the ensemble. They turn a
+    CPU-sized ensemble into a useful point estimate on the shipped CT prior; they model the
+    denoiser's error as white, so they bias a posterior with correlated pixels (the exact
+    problems), which is why they are off by default.
 
     Defaults: ``steps=80`` (paper), ``ensemble_size=1024`` (paper, FFHQ), ``eta=1`` (see above), guidance at every
     step but the last (``guide_from`` / ``guide_until`` restrict it to a window of
@@ -190,6 +212,8 @@ class EnKG(Sampler):
     :param min_noise: floor of the noise standard deviation (a noiseless measurement has no density).
     :param tempering_power: :math:`p` of the likelihood shares (see Tempering).
     :param eta: 1 = ancestral steps (default), 0 = the paper's probability-flow ODE steps.
+    :param probes: static members per image and guided level (see Static probes; 0: none).
+    :param probe_weight: :math:`w`, the static members' share of the gain's covariance.
     :param max_batch: most particles per network call (chunks the ensemble to a memory budget).
     :param clip: clamp the denoised estimates to this range before ``A`` (e.g. ``(0, 1)``;
         off by default: a black-box ``A`` may be defined beyond the image range).
@@ -203,6 +227,8 @@ class EnKG(Sampler):
         "guide_from": Real(infinite=True),  # a window of sigma; below 0: never guide
         "guide_until": Real(infinite=True),
         "tempering_power": Real(0),
+        "probes": Integer(0),
+        "probe_weight": Real(0, 1),
     }
 
     def __init__(
@@ -221,6 +247,8 @@ class EnKG(Sampler):
         clip: tuple[float, float] | None = None,
         tempering_power: float = 4.0,
         eta: float = 1.0,
+        probes: int = 0,
+        probe_weight: float = 0.8,
         verbose: bool = False,
     ) -> None:
         super().__init__(prior, verbose=verbose)
@@ -233,6 +261,7 @@ class EnKG(Sampler):
         self.clip = clip
         self.tempering_power = float(tempering_power)
         self.eta = float(eta)
+        self.probes, self.probe_weight = int(probes), float(probe_weight)
         self.last_particles: Tensor | None = None
 
     def guided(self, i: int) -> bool:
@@ -245,7 +274,26 @@ class EnKG(Sampler):
             return self.denoise(x, sigma)
         return torch.cat([self.denoise(c, sigma) for c in x.split(self.max_batch)])
 
-    def _coefficients(self, x: Tensor, h: Tensor, y: Tensor, noise_var, beta: float, generator) -> Tensor:
+    def _probes(self, x0: Tensor, physics, sigma: float, generator) -> tuple[Tensor, Tensor, Tensor]:
+        """The static members of level ``sigma`` (see *Static probes*): per image ``M`` draws
+        :math:`z`, returned as ``(state, denoised, measurement)`` anomalies ``(B, M, ...)``, each
+        divided by :math:`\sqrt M`: :math:`s z`, :math:`g s z` and
+        :math:`A(\bar x_0 + g s z) - A(\bar x_0)`."""
+        batch, members, probes = x0.shape[0] // self.ensemble_size, self.ensemble_size, self.probes
+        sd2 = self.prior.sigma_data**2
+        spread, gain = (sigma**2 + sd2) ** 0.5, sd2 / (sigma**2 + sd2)
+        z = spread * randn_like(x0.new_zeros((batch * probes, *x0.shape[1:])), generator, interleave=True)
+        centre = x0.reshape(batch, members, *x0.shape[1:]).mean(1)
+        if self.clip is not None:
+            centre = centre.clamp(*self.clip)
+        at = self._expand_physics(physics, batch, probes, interleave=True).A(
+            centre.repeat_interleave(probes, 0) + gain * z)
+        h = _flat(at, batch, probes) - _flat(physics.A(centre), batch, 1)
+        root = probes**0.5
+        return z.reshape(batch, probes, -1) / root, gain * z.reshape(batch, probes, -1) / root, h / root
+
+    def _coefficients(self, x: Tensor, h: Tensor, y: Tensor, noise_var, beta: float, generator,
+                      extra: Tensor | None = None) -> Tensor:
         batch, members = y.shape[0], self.ensemble_size
         hf, yf = _flat(h, batch, members), _flat(y, batch, 1)
         xf = x.reshape(batch, members, -1)
@@ -256,13 +304,14 @@ class EnKG(Sampler):
         if self.perturb:
             pert = randn_like(hf.reshape(batch * members, -1), generator, interleave=True).reshape(hf.shape)
             pert = pert * (v.sqrt() if torch.is_tensor(v) else v**0.5)
-        return ensemble_kalman_coefficients(xf, hf, yf, v, pert)
+        return ensemble_kalman_coefficients(xf, hf, yf, v, pert, extra, self.probe_weight)
 
     def _run(self, y: Tensor, physics, x_init: Tensor | None, generator, callback: Callable | None) -> Tensor:
         sigmas = self.sigmas.tolist()
         n = len(sigmas) - 1
         batch, members, shape = y.shape[0], self.ensemble_size, self.image_shape
         _, noise_var = likelihood_variance(physics, y, self.likelihood, self.noise_sigma)
+        base_physics = physics
         physics = self._expand_physics(physics, batch, members, interleave=True)  # row j * members + m
         if torch.is_tensor(noise_var):
             noise_var = noise_var.clamp_min(self.min_noise**2)
@@ -284,11 +333,17 @@ class EnKG(Sampler):
             self.check_finite(x0, i, sigma)
             if i in guided:
                 h = physics.A(x0 if self.clip is None else x0.clamp(*self.clip))
-                coef = self._coefficients(x, h, y, noise_var, betas[i], gen)
-                for t in (x, x0):  # the same particle-space update for x and its denoised estimate
+                probes = self._probes(x0, base_physics, sigma, gen) if self.probes else None
+                coef = self._coefficients(x, h, y, noise_var, betas[i], gen, None if probes is None else probes[2])
+                for k, t in enumerate((x, x0)):  # the same particle-space update for x and its denoised estimate
                     tf = t.reshape(batch, members, -1)
                     anomalies = (tf - tf.mean(1, keepdim=True)) / (members - 1) ** 0.5
-                    tf += coef @ anomalies
+                    if probes is None:
+                        tf += coef @ anomalies
+                    else:  # the hybrid gain; the static members move the mean only (see Static probes)
+                        w = self.probe_weight
+                        tf += (1 - w) ** 0.5 * coef[..., :members] @ anomalies
+                        tf += w**0.5 * coef[..., members:].mean(1, keepdim=True) @ probes[k].to(t.dtype)
             noise = randn_like(x, gen, interleave=True) if (self.eta > 0 and sigma_next > 0) else None
             x = ddim_step(x, x0, sigma, sigma_next, self.eta, noise)
             # every particle is checked; the callback sees the ensemble means
