@@ -29,8 +29,10 @@ __all__ = ["run_demo", "run_analytic_demo", "DEMO_TASKS", "ANALYTIC_TASKS", "DEM
 DEMO_TASKS = ("ct-sparse-30", "mri-4x")
 #: what the demo on the shipped priors changes from each sampler's defaults so that it runs in
 #: minutes on a CPU (the defaults, 1024 EnKG particles, 32 SMC particles per image and PnP-DM's
-#: 100-level prior step, are GPU-sized); printed with the table
-DEMO_OVERRIDES = {"enkg": {"ensemble_size": 64}, "smc": {"particles": 4}, "pnpdm": {"diffusion_steps": 20}}
+#: 100-level prior step, are GPU-sized; EnKG's static probes are its lever for a CPU-sized
+#: ensemble, see ``invdiff.samplers.EnKG``); printed with the table
+DEMO_OVERRIDES = {"enkg": {"ensemble_size": 64, "probes": 512}, "smc": {"particles": 4},
+                  "pnpdm": {"diffusion_steps": 20}}
 #: latent priors shipped beside a pixel prior, trained on the same data (used by latent samplers)
 LATENT_PRIORS = {"ct-phantom-64": "ct-phantom-latent-64"}
 ANALYTIC_TASKS = ("ct-sparse-30", "mri-4x", "inpaint-random-70", "deblur-gauss")
