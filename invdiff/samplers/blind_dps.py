@@ -136,7 +136,10 @@ class BlindDPS(DPS):
 
     ``steps=500`` by default (half the official 1000 DDPM steps; DPS's default is 200): the
     kernel chain needs the fine schedule, a thin motion kernel most (the kernel error with the
-    image known, by steps, is in ``docs/benchmarks/blind.md``).
+    image known, by steps, is in ``docs/benchmarks/blind.md``). ``zeta_kernel=1`` is set for
+    the joint problem, where the image's own error term damps the kernel step; with the image
+    known exactly (that table) it overshoots thin motion kernels, and a smaller ``zeta_kernel``
+    recovers them there but loses in the joint problem.
 
     :param prior: the image prior.
     :param kernel_prior: the kernel prior (default: the shipped ``blur-kernel-16``).
