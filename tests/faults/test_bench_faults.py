@@ -75,6 +75,7 @@ def test_a_lock_left_by_a_killed_run_does_not_block(tmp_path, capsys):
     finally:
         holder.kill()
         holder.wait()
+        holder.stdout.close()  # else its pipe is closed by the garbage collector, with a ResourceWarning in a later test
     assert (out / store.PID_FILE).read_text() == str(holder.pid)  # stale: the kernel released the lock itself
     assert main([*GRID, "--out", str(out)]) == 0
     capsys.readouterr()
