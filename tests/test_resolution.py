@@ -134,7 +134,9 @@ def test_every_sampler_at_any_size(name, shape, patch_prior):
         physics = operators.make("inpaint-random-50", img_size=shape, noise_sigma=0.02)
         clean = physics.A(truth)
         y = clean + 0.02 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(1))
-    sampler = samplers.make(name, patch_prior, steps=12, **options)
+    # BlindDPS: 50 steps (its default is 500); at 12 the two chains have not met the data (MSE 1.1-1.8x Wiener's)
+    steps = 50 if samplers.get(name).handles_blind else 12
+    sampler = samplers.make(name, patch_prior, steps=steps, **options)
     out = sampler(y, physics, generator=torch.Generator().manual_seed(2))
     assert out.shape == truth.shape and torch.isfinite(out).all()
     assert sampler.image_shape == shape
@@ -142,7 +144,7 @@ def test_every_sampler_at_any_size(name, shape, patch_prior):
     assert torch.equal(out, again)
     mse = (out.clamp(0, 1) - truth).square().mean()
     baseline = (physics.A_dagger(y).clamp(0, 1) - truth).square().mean()
-    # blind: the kernel unknown too, against Wiener with a Gaussian guess (measured 0.61x at 9x17)
+    # blind: the kernel unknown too, against Wiener with a Gaussian guess (measured 0.21x at both sizes)
     factor = 0.8 if samplers.get(name).handles_blind else 0.5
     assert mse < factor * baseline, (name, float(mse), float(baseline))
 
