@@ -114,7 +114,7 @@ def image_metrics(x_hat: Tensor, x: Tensor, family: str, lpips: bool = True, lpi
 
 
 def kernel_error(kernel_hat: Tensor, kernel: Tensor) -> float:
-    """Relative error :math:`\|\hat k - k\|_2 / \|k\|_2` of an estimated blur kernel (both
+    """Relative error :math:`\\|\\hat k - k\\|_2 / \\|k\\|_2` of an estimated blur kernel (both
     normalised to sum 1), the mean over a batch; no shift is forgiven.
 
     >>> k = torch.zeros(1, 1, 3, 3); k[..., 1, 1] = 1
@@ -128,7 +128,7 @@ def kernel_error(kernel_hat: Tensor, kernel: Tensor) -> float:
 
 def z_gradient_error(x_hat: Tensor, x: Tensor) -> float:
     """Slice-to-slice consistency of a volume ``(..., D, H, W)``: the relative error of its
-    z-gradient, :math:`\|D_z \hat x - D_z x\| / \|D_z x\|` (:math:`D_z` the difference of
+    z-gradient, :math:`\\|D_z \\hat x - D_z x\\| / \\|D_z x\\|` (:math:`D_z` the difference of
     neighbouring slices)."""
     from ..samplers.steps.volume import z_difference
 

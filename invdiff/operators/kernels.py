@@ -13,7 +13,7 @@ Three families, in equal thirds, drawn from one seeded ``torch.Generator`` per s
 
 Every kernel is **centred**: its centroid sits at the centre ``((h - 1) / 2, (w - 1) / 2)``
 (:func:`centre`, a bilinear sub-pixel shift). A blur kernel and its image are defined only up
-to a translation (:math:`k(\cdot - s) * x(\cdot + s) = k * x`); fixing the kernel's centroid is
+to a translation (:math:`k(\\cdot - s) * x(\\cdot + s) = k * x`); fixing the kernel's centroid is
 the usual gauge of blind deconvolution (the ``adjust_psf_center`` step of the classical
 methods), and the one BlindDPS returns its estimates in.
 

@@ -143,9 +143,12 @@ def circular_blur(x: Tensor, kernel: Tensor) -> Tensor:
 
 def fourier_shift(x: Tensor, shift: Tensor) -> Tensor:
     r"""``x[b]`` ``(B, C, H, W)`` circularly translated by ``shift[b] = (dy, dx)`` pixels, any
-    real shift: the phase ramp :math:`\hat x(\omega)\, e^{-i\omega\cdot s}` (kornia's
-    ``translate`` interpolates, which blurs; this is the exact shift of the circular model, so
-    ``circular_blur(fourier_shift(x, s), fourier_shift(k, -s)) == circular_blur(x, k)``)."""
+    real shift: the phase ramp :math:`\hat x(\omega)\, e^{-i\omega\cdot s}`, real part (kornia's
+    ``translate`` interpolates, which blurs). It commutes with the circular blur,
+    ``circular_blur(fourier_shift(x, s), k) == fourier_shift(circular_blur(x, k), s)``, so
+    moving the image by ``s`` and the kernel by ``-s`` leaves the blur unchanged; a whole-pixel
+    shift is ``torch.roll``. On an even grid the Nyquist component of a fractional shift is not
+    representable in a real image, so two shifts that add to zero are not quite the identity."""
     h, w = x.shape[-2:]
     real = x.real.dtype if x.is_complex() else x.dtype
     fy = torch.fft.fftfreq(h, device=x.device, dtype=real).reshape(-1, 1)

@@ -102,14 +102,21 @@ class BlindDPS(DPS):
 
     .. math::
 
-        \\Sigma_i(\\omega) = s^2 + r_i^2 |\\hat k_0(\\omega)|^2 + \\rho_i^2 |\\hat x_0(\\omega)|^2,
-        \\qquad \\rho_i^2 = \\frac{r^2_{k,i}}{(\\textstyle\\sum \\hat u_0)^2},
+        \\Sigma_i(\\omega) = s^2 + r_i^2 |\\hat k_0(\\omega)|^2
+        + \\tfrac1N\\,\\mathbb E|\\widehat{\\delta k}_i(\\omega)|^2\\, |\\hat x_0(\\omega)|^2,
 
     with :math:`r_i^2`, :math:`r_{k,i}^2` the image and kernel denoisers' error variances
-    (ΠGDM's model, each with its prior's :math:`\\sigma_d`; the kernel's divided by the squared
-    normaliser), held fixed in the gradient. Without the kernel term the kernel chain's step
-    scales with :math:`|\\hat x_0|^2` (about 10^6 at the zero frequency of a 64x64 image)
-    and the kernel is pushed far off in the first steps. The steps are :math:`\\gamma_i = \\zeta(\\sigma_i^2 - \\sigma_{i+1}^2)` and
+    (ΠGDM's model, each with its prior's :math:`\\sigma_d`), held fixed in the gradient, and
+    :math:`\\mathbb E|\\widehat{\\delta k}_i|^2` the error spectrum of the *normalised* kernel
+    (:func:`kernel_error_spectrum`; :math:`N` image pixels): white error on :math:`\\hat u_0`
+    divided by its sum, zero at :math:`\\omega = 0` (the normalised kernel sums to 1 whatever
+    the error) and about :math:`n_k r_{k,i}^2 / (\\sum \\hat u_0)^2` elsewhere (:math:`n_k`
+    kernel pixels). Without the kernel term the kernel chain's step scales with
+    :math:`|\\hat x_0|^2` (about 10^6 at the zero frequency of a 64x64 image) and the kernel is
+    pushed far off in the first steps; with the kernel's error taken as white at every
+    frequency (the first version) the term was :math:`N / n_k` times too large away from 0 and
+    damped the one frequency that carries no kernel error, so the joint fit stopped well above
+    the noise level (``docs/benchmarks/blind.md`` has the current numbers). The steps are :math:`\\gamma_i = \\zeta(\\sigma_i^2 - \\sigma_{i+1}^2)` and
     :math:`\\gamma^k_i = \\zeta_k(\\sigma_i^2 - \\sigma_{i+1}^2)`; the :math:`\\ell_1` weight is
     relative to the data term's size at the start (``kernel_l1`` x the likelihood's value per
     measurement entry), so that it keeps its meaning whatever the noise level.
@@ -121,11 +128,17 @@ class BlindDPS(DPS):
 
     **Translation gauge** (``center_kernel``, default on; not in the paper): the data fit cannot
     tell :math:`(k, x)` from :math:`(k(\\cdot - s), x(\\cdot + s))`, and an estimate that drifts by
-    a pixel or two loses many dB of PSNR against the truth while fitting ``y`` as well. After
-    every step the kernel chain is shifted (circularly, by whole pixels) so that the centroid of
-    :math:`\\max(\\hat u_0, 0)` sits within a pixel of the kernel's centre, as every training
-    kernel's does, and
-    the image chain by the opposite shift, which leaves :math:`\\hat k_0 * \\hat x_0` unchanged.
+    a pixel loses many dB of PSNR against the truth while fitting ``y`` as well. After every
+    step the kernel chain is shifted (circularly, by whole pixels) so that the centroid of
+    :math:`\\max(\\hat u_0, 0)` sits within half a pixel of the kernel's centre, and the image
+    chain by the opposite shift, which leaves :math:`\\hat k_0 * \\hat x_0` unchanged. At the end
+    the pair is moved by the remaining sub-pixel offset of the kernel's centroid: the image by
+    the exact Fourier shift (:func:`~invdiff.operators.natural.fourier_shift`), the kernel by
+    :func:`~invdiff.operators.kernels.centre`. The returned kernel's centroid is the centre: the
+    convention of :mod:`invdiff.operators.kernels` (every kernel of the ``deblur-blind`` task is
+    centred so) and of the classical methods' ``adjust_psf_center``. The gauge assumes a kernel
+    prior that moves with its input (a trained one does); with the image known it is not needed
+    (the image fixes the translation).
 
     Not reproduced: the official code's gradually increasing scale
     :math:`\\zeta\\sqrt{\\bar\\alpha_t}` (the paper reports the constant one).

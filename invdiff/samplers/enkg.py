@@ -277,8 +277,8 @@ class EnKG(Sampler):
     def _probes(self, x0: Tensor, physics, sigma: float, generator) -> tuple[Tensor, Tensor, Tensor]:
         """The static members of level ``sigma`` (see *Static probes*): per image ``M`` draws
         :math:`z`, returned as ``(state, denoised, measurement)`` anomalies ``(B, M, ...)``, each
-        divided by :math:`\sqrt M`: :math:`s z`, :math:`g s z` and
-        :math:`A(\bar x_0 + g s z) - A(\bar x_0)`."""
+        divided by :math:`\\sqrt M`: :math:`s z`, :math:`g s z` and
+        :math:`A(\\bar x_0 + g s z) - A(\\bar x_0)`."""
         batch, members, probes = x0.shape[0] // self.ensemble_size, self.ensemble_size, self.probes
         sd2 = self.prior.sigma_data**2
         spread, gain = (sigma**2 + sd2) ** 0.5, sd2 / (sigma**2 + sd2)

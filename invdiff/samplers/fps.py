@@ -287,7 +287,7 @@ class GaussianConditional:
 
     def check_svd(self, probe_like: Tensor) -> bool:
         """Use the per-coordinate solve if the operator is a ``DecomposablePhysics`` whose
-        :math:`\Sigma^{-1}` in its singular basis inverts :math:`s^2 I + A A^\top` on a random
+        :math:`\\Sigma^{-1}` in its singular basis inverts :math:`s^2 I + A A^\\top` on a random
         probe (an operator that overrides ``A``, e.g. a real-image MRI, fails it)."""
         self.svd = False
         if not isinstance(self.physics, DecomposablePhysics):
@@ -304,7 +304,7 @@ class GaussianConditional:
         return self.svd
 
     def solve(self, r: Tensor, v: float) -> Tensor:
-        """:math:`\Sigma^{-1} r` with :math:`\Sigma = s^2 I + v A A^\top`."""
+        """:math:`\\Sigma^{-1} r` with :math:`\\Sigma = s^2 I + v A A^\\top`."""
         p = self.physics
         if v == 0:
             return r / self._per_row(self.noise_std, r) ** 2
@@ -323,7 +323,7 @@ class GaussianConditional:
                weighted: bool = False) -> tuple[Tensor, Tensor | None]:
         """``(x, log_lik)``: the draw for standard normal ``z`` (image-shaped) and ``n``
         (measurement-shaped), ``x = m`` when ``v == 0``; and, when ``weighted``, the log
-        predictive likelihood :math:`-\tfrac12 (y - Am)^\top \Sigma^{-1}(y - Am)` per row (its
+        predictive likelihood :math:`-\\tfrac12 (y - Am)^\\top \\Sigma^{-1}(y - Am)` per row (its
         log-determinant term, the same for every row of one measurement, is left out)."""
         p = self.physics
         r0 = y - p.A(m)

@@ -234,8 +234,8 @@ class PnPDM(Sampler):
                 f"likelihood_step='exact', got {type(physics).__name__}; use likelihood_step='langevin' or 'auto'")
 
     def coupling(self, norm_a: float) -> list[float]:
-        """The run's :math:`\rho_k = \max(\rho_0 \alpha^{100k/N}, \rho_{\min}/\|A\|)` for
-        ``norm_a`` = :math:`\|A\|^2`: the floor in units of :math:`1/\|A\|` (see the class doc)."""
+        """The run's :math:`\\rho_k = \\max(\\rho_0 \\alpha^{100k/N}, \\rho_{\\min}/\\|A\\|)` for
+        ``norm_a`` = :math:`\\|A\\|^2`: the floor in units of :math:`1/\\|A\\|` (see the class doc)."""
         floor = min(self.rho_min / max(float(norm_a), 1e-12) ** 0.5, self.rho)
         return [max(self.rho * self.rho_decay ** (k * PAPER_ITERATIONS / self.iterations), floor)
                 for k in range(self.iterations)]

@@ -133,8 +133,8 @@ def likelihood_variance(
 
 def proximal_weight(sigma: float, noise_sigma: float | Tensor, sigma_data: float, gamma: float | None = None,
                     scale: float = 1.0, ndim: int = 4) -> float | Tensor | None:
-    """DDS's weight :math:`\gamma` of the data term at noise level ``sigma``: ``gamma`` when
-    given, else :math:`\kappa\, r_\sigma^2 / s^2` (``scale`` = :math:`\kappa`, :math:`r_\sigma^2`
+    """DDS's weight :math:`\\gamma` of the data term at noise level ``sigma``: ``gamma`` when
+    given, else :math:`\\kappa\\, r_\\sigma^2 / s^2` (``scale`` = :math:`\\kappa`, :math:`r_\\sigma^2`
     of :func:`denoiser_error_variance`, :math:`s` the measurement noise std); ``None`` for
     noiseless data (a hard constraint). Per-image levels (a ``(B,)`` tensor) give a weight
     shaped to broadcast against ``ndim``-dimensional images (5 for volumes)."""
