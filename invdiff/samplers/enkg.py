@@ -83,7 +83,7 @@ def ensemble_kalman_coefficients(
     ha = (h64 - h64.mean(1, keepdim=True)) / (members - 1) ** 0.5 / root
     if extra is not None:
         ha = torch.cat([(1 - weight) ** 0.5 * ha, weight**0.5 * extra.to(torch.float64) / root], 1)
-    members, m = ha.shape[1], h.shape[-1]
+        members = ha.shape[1]  # the ensemble and the extra members
     resid = (y.to(torch.float64) - h64 if perturbation is None
              else y.to(torch.float64) + perturbation.to(torch.float64) - h64) / root
     if members <= m:  # c = R^ H^T (H^ H^T + I_J)^-1: a J x J solve
@@ -274,11 +274,12 @@ class EnKG(Sampler):
             return self.denoise(x, sigma)
         return torch.cat([self.denoise(c, sigma) for c in x.split(self.max_batch)])
 
-    def _probes(self, x0: Tensor, physics, sigma: float, generator) -> tuple[Tensor, Tensor, Tensor]:
+    def _probes(self, x0: Tensor, physics, probe_physics, sigma: float, generator) -> tuple[Tensor, Tensor, Tensor]:
         """The static members of level ``sigma`` (see *Static probes*): per image ``M`` draws
         :math:`z`, returned as ``(state, denoised, measurement)`` anomalies ``(B, M, ...)``, each
         divided by :math:`\\sqrt M`: :math:`s z`, :math:`g s z` and
-        :math:`A(\\bar x_0 + g s z) - A(\\bar x_0)`."""
+        :math:`A(\\bar x_0 + g s z) - A(\\bar x_0)` (``physics`` for one row per image,
+        ``probe_physics`` for ``M`` rows per image)."""
         batch, members, probes = x0.shape[0] // self.ensemble_size, self.ensemble_size, self.probes
         sd2 = self.prior.sigma_data**2
         spread, gain = (sigma**2 + sd2) ** 0.5, sd2 / (sigma**2 + sd2)
@@ -286,8 +287,7 @@ class EnKG(Sampler):
         centre = x0.reshape(batch, members, *x0.shape[1:]).mean(1)
         if self.clip is not None:
             centre = centre.clamp(*self.clip)
-        at = self._expand_physics(physics, batch, probes, interleave=True).A(
-            centre.repeat_interleave(probes, 0) + gain * z)
+        at = probe_physics.A(centre.repeat_interleave(probes, 0) + gain * z)
         h = _flat(at, batch, probes) - _flat(physics.A(centre), batch, 1)
         root = probes**0.5
         return z.reshape(batch, probes, -1) / root, gain * z.reshape(batch, probes, -1) / root, h / root
@@ -312,6 +312,8 @@ class EnKG(Sampler):
         batch, members, shape = y.shape[0], self.ensemble_size, self.image_shape
         _, noise_var = likelihood_variance(physics, y, self.likelihood, self.noise_sigma)
         base_physics = physics
+        # the operator for the static probes' rows, expanded once per run as the ensemble's is
+        probe_physics = self._expand_physics(physics, batch, self.probes, interleave=True) if self.probes else None
         physics = self._expand_physics(physics, batch, members, interleave=True)  # row j * members + m
         if torch.is_tensor(noise_var):
             noise_var = noise_var.clamp_min(self.min_noise**2)
@@ -333,7 +335,7 @@ class EnKG(Sampler):
             self.check_finite(x0, i, sigma)
             if i in guided:
                 h = physics.A(x0 if self.clip is None else x0.clamp(*self.clip))
-                probes = self._probes(x0, base_physics, sigma, gen) if self.probes else None
+                probes = self._probes(x0, base_physics, probe_physics, sigma, gen) if self.probes else None
                 coef = self._coefficients(x, h, y, noise_var, betas[i], gen, None if probes is None else probes[2])
                 for k, t in enumerate((x, x0)):  # the same particle-space update for x and its denoised estimate
                     tf = t.reshape(batch, members, -1)
