@@ -38,8 +38,7 @@ def normalised_kernel(u: Tensor) -> Tensor:
     return u / torch.where(s.abs() < 1e-6, torch.full_like(s, 1e-6), s)
 
 
-def kernel_error_spectrum(kernel_hat: Tensor, kernel_size: tuple[int, int], img_size: tuple[int, int],
-                          rho2: Tensor) -> Tensor:
+def kernel_error_spectrum(kernel_hat: Tensor, support_hat: Tensor, rho2: Tensor) -> Tensor:
     r""":math:`\mathbb E|\widehat{\delta k}(\omega)|^2`, the variance of the normalised kernel's
     error at each frequency (unnormalised DFT on the image grid), when the kernel denoiser's
     error :math:`e` on :math:`\hat u_0` is white with variance :math:`r_k^2` per pixel of the
@@ -52,11 +51,11 @@ def kernel_error_spectrum(kernel_hat: Tensor, kernel_size: tuple[int, int], img_
         - 2\,\mathrm{Re}(\overline{\hat k_0}\,\hat S)\big),
 
     zero at :math:`\omega = 0` (a kernel that sums to 1 has no error there) and about
-    :math:`\rho^2 n_k` at high frequencies."""
-    support = kernel_spectrum(torch.ones(1, 1, *kernel_size, dtype=kernel_hat.real.dtype,
-                                         device=kernel_hat.device), img_size)
-    n_k = kernel_size[0] * kernel_size[1]
-    return (rho2 * (n_k * (1 + kernel_hat.abs() ** 2) - 2 * (kernel_hat.conj() * support).real)).clamp_min(0)
+    :math:`\rho^2 n_k` at high frequencies. ``support_hat`` is :math:`\hat S`, the spectrum of
+    the all-ones kernel placed as the kernel is (:func:`~invdiff.operators.natural.kernel_spectrum`),
+    whose value at :math:`\omega = 0` is :math:`n_k`."""
+    n_k = support_hat[..., :1, :1].real
+    return (rho2 * (n_k * (1 + kernel_hat.abs() ** 2) - 2 * (kernel_hat.conj() * support_hat).real)).clamp_min(0)
 
 
 def centring_shift(u: Tensor) -> Tensor:
@@ -231,18 +230,19 @@ class BlindDPS(DPS):
         extra["kernel_nfe"] = extra.get("kernel_nfe", 0) + 1
         return self.kernel_prior.denoise(u, sigma).to(u.dtype)
 
-    def _data_term(self, y: Tensor, x0: Tensor, k0: Tensor, noise_var, r2: float, rk2: Tensor) -> Tensor:
+    def _data_term(self, y: Tensor, x0: Tensor, k0: Tensor, noise_var, r2: float, rk2: Tensor,
+                   support_hat: Tensor) -> Tensor:
         """Per-image data term :math:`\\ell(y - \\hat k_0 * \\hat x_0)` of the module doc."""
-        r = y - circular_blur(x0, k0)
         if self.weighting == "paper":
-            return batch_norm(r)
-        n = r.shape[-1] * r.shape[-2]
-        kernel_hat = kernel_spectrum(k0.detach(), y.shape[-2:])
-        image_hat = torch.fft.fft2(x0.detach())
-        r_hat = torch.fft.fft2(r)
+            return batch_norm(y - circular_blur(x0, k0))
+        n = y.shape[-1] * y.shape[-2]
+        kernel_hat = kernel_spectrum(k0.to(x0.dtype), y.shape[-2:])
+        image_hat = torch.fft.fft2(x0)
+        r_hat = torch.fft.fft2(y) - image_hat * kernel_hat  # the residual's spectrum (circular_blur's product)
         # the covariance of both denoisers' errors through the bilinear model, diagonal in Fourier
+        kernel_hat, image_hat = kernel_hat.detach(), image_hat.detach()
         weight = 1.0 / (noise_var + r2 * kernel_hat.abs() ** 2
-                        + kernel_error_spectrum(kernel_hat, k0.shape[-2:], y.shape[-2:], rk2) * image_hat.abs() ** 2 / n)
+                        + kernel_error_spectrum(kernel_hat, support_hat, rk2) * image_hat.abs() ** 2 / n)
         return 0.5 * (weight * r_hat.abs() ** 2).flatten(1).sum(1) / n
 
     def _run(self, y: Tensor, physics, x_init: Tensor | None, generator, callback: Callable | None) -> Tensor:
@@ -251,6 +251,8 @@ class BlindDPS(DPS):
         self.kernel_prior.to(y.device)
         ks = int(physics.kernel_size)
         kernel_shape = (b, *self.kernel_prior.image_shape[:-2], ks, ks)
+        # the spectrum of the kernel's support, for the kernel's error model (once per run)
+        support_hat = kernel_spectrum(torch.ones(1, 1, ks, ks, dtype=y.real.dtype, device=y.device), y.shape[-2:])
         kind, noise_var = likelihood_variance(physics, y, "gaussian", self.noise_sigma, None)
         scale = self._paper_scale() if self.weighting == "paper" else None
         x = self.initial_noise((b, *self.image_shape), sigmas[0], x_init, generator, y)
@@ -270,7 +272,7 @@ class BlindDPS(DPS):
                 k0 = normalised_kernel(u0)
                 # the kernel denoiser's error on k0 = u0 / sum(u0): its error on u0 over the sum
                 rk2 = r2_kernel / u0.detach().sum(dim=(-2, -1), keepdim=True).abs().clamp_min(1e-3) ** 2
-                data = self._data_term(y, x0c, k0, noise_var, r2, rk2)
+                data = self._data_term(y, x0c, k0, noise_var, r2, rk2, support_hat)
                 if i == 0 and self.weighting == "likelihood":  # lambda relative to the data term's size
                     l1_weight = self.kernel_l1 * data.detach() / y[0].numel()  # per image: batch-independent
                 loss = data + l1_weight * k0.abs().flatten(1).sum(1)
