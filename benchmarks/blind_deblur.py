@@ -32,6 +32,12 @@ from _docs import DOCS, page
 from invdiff import data, operators, priors, samplers
 from invdiff.bench.metrics import kernel_error
 from invdiff.files import atomic_file
+from invdiff.operators.kernels import FAMILIES
+
+
+def label(family: str) -> str:
+    """A kernel family as the tables name it."""
+    return "Gaussian" if family == "gaussian" else family
 
 
 def scores(x_hat: torch.Tensor, x: torch.Tensor) -> tuple[list[float], list[float]]:
@@ -125,7 +131,7 @@ def main() -> None:
         record("BlindDPS", out, f"{blind.last_run.nfe} + {blind.last_run.extra['kernel_nfe']} (kernel)",
                blind.last_run.wall_time, errors)
 
-        order = [["motion", "diffraction", "Gaussian"][s % 3] for s in seeds[:3]]
+        order = [label(physics.family(s)) for s in seeds[:3]]
         print(f"\n{len(x)} held-out phantoms, each blurred by its own held-out kernel (16x16, centred: "
               f"{', '.join(order)} in turn), noise std {sigma:.3g}; "
               f"prior ct-phantom-64, kernel prior {args.kernel_prior}; steps: {args.steps or 'defaults'}.\n")
@@ -144,7 +150,7 @@ def main() -> None:
               f"({'within' if true_p - blind_p <= 2 else 'not within'} 2 dB).")
         per_family = {}
         for i, s in enumerate(seeds):
-            per_family.setdefault(["motion", "diffraction", "Gaussian"][s % 3], []).append(i)
+            per_family.setdefault(label(physics.family(s)), []).append(i)
         print("\nPer kernel family (PSNR dB, BlindDPS / DPS true kernel / DPS Gaussian kernel; BlindDPS kernel error):\n")
         print("| family | images | BlindDPS | DPS, true | DPS, Gaussian | kernel error |\n|---|---|---|---|---|---|")
         for fam, idx in per_family.items():
@@ -159,10 +165,10 @@ def main() -> None:
             def _denoise(self, xt, sigma):
                 return x.to(xt.dtype).expand_as(xt)
 
+        names = [label(f) for f in FAMILIES]
         print("\nThe kernel chain alone (the image prior a point mass at the true image, no translation gauge): "
-              "kernel error by steps and step rule, per family (motion / diffraction / Gaussian):\n")
-        print("| steps | weighting | motion | diffraction | Gaussian |\n|---|---|---|---|---|")
-        families = {fam: idx for fam, idx in per_family.items()}
+              f"kernel error by steps and step rule, per family ({' / '.join(names)}):\n")
+        print(f"| steps | weighting | {' | '.join(names)} |\n|---|---|" + "---|" * len(names))
         for n_steps in (100, 200, 500):
             for weighting, extra in (("likelihood", {}), ("paper", dict(zeta=0.3, zeta_kernel=0.3))):
                 # no translation gauge: the known image fixes the translation (the gauge would roll
@@ -172,8 +178,8 @@ def main() -> None:
                                       center_kernel=False, **extra)
                 alone(y, physics, generator=[torch.Generator().manual_seed(2 + i) for i in range(len(x))])
                 errs = [kernel_error(alone.kernel[i : i + 1], kernels[i : i + 1]) for i in range(len(x))]
-                cols = [f"{statistics.mean(errs[i] for i in families[f]):.3f}" if f in families else ""
-                        for f in ("motion", "diffraction", "Gaussian")]
+                cols = [f"{statistics.mean(errs[i] for i in per_family[f]):.3f}" if f in per_family else ""
+                        for f in names]
                 print(f"| {n_steps} | {weighting} | " + " | ".join(cols) + " |", flush=True)
         if args.docs:
             shown = {n: results[n]["x_hat"] for n in ("Wiener, Gaussian guess", "DPS, Gaussian kernel",

@@ -211,12 +211,20 @@ class BlindBlur(Physics):
         self.seed = int(seed)
         self._device = torch.device(device)
 
-    def kernel(self, seed: int) -> Tensor:
-        """Nature's kernel of the measurement seeded ``seed``: ``(1, 1, k, k)``, non-negative, sum 1."""
-        from .kernels import FAMILIES, kernels
+    @staticmethod
+    def family(seed: int) -> str:
+        """The kernel family (:data:`~invdiff.operators.kernels.FAMILIES`) of the measurement seeded
+        ``seed``: the families in turn."""
+        from .kernels import FAMILIES
 
-        family = FAMILIES[int(seed) % len(FAMILIES)]
-        return kernels(1, self.kernel_size, seed=int(seed), stream=1, families=(family,)).to(self._device)
+        return FAMILIES[int(seed) % len(FAMILIES)]
+
+    def kernel(self, seed: int) -> Tensor:
+        """Nature's kernel of the measurement seeded ``seed``: ``(1, 1, k, k)``, non-negative, sum 1,
+        of family :meth:`family`."""
+        from .kernels import kernels
+
+        return kernels(1, self.kernel_size, seed=int(seed), stream=1, families=(self.family(seed),)).to(self._device)
 
     def known(self, kernel: Tensor) -> WienerBlurFFT:
         """The non-blind operator with ``kernel`` known: a :class:`WienerBlurFFT` with this task's
